@@ -1,0 +1,44 @@
+# pixtral-lora: every target installs what it needs first (see `install`).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+# torch and torchvision are pinned as a pair: the Pixtral image processor needs a torchvision
+# built for the installed torch.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+ARTIFACTS ?= artifacts
+TINY_MODEL = $(ARTIFACTS)/tiny-pixtral
+TINY_DATA  = $(ARTIFACTS)/aid-synthetic
+
+.PHONY: install test lint demo train eval convert bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests scripts train.py
+	$(BIN)/ruff format --check src tests scripts train.py
+
+$(TINY_MODEL)/config.json: | install
+	$(BIN)/pixtral-lora tiny-model --out $(TINY_MODEL)
+
+$(TINY_DATA)/.complete: | install
+	$(BIN)/pixtral-lora data generate --out $(TINY_DATA) --per-class 40 --size 64
+	touch $@
+
+demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
+	$(BIN)/pixtral-lora data validate $(TINY_DATA)
+	$(BIN)/pixtral-lora data preview $(TINY_DATA) --index 0 --processor $(TINY_MODEL)
+
+clean:
+	rm -rf $(ARTIFACTS) runs

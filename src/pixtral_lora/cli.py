@@ -1,0 +1,168 @@
+"""`pixtral-lora` command line: tiny-model, data {generate,validate,preview,export}, train, eval, predict, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("pixtral_lora")
+
+
+def _tiny_model(args) -> int:
+    from pixtral_lora.modeling import build_tiny_model
+
+    out = build_tiny_model(args.out, seed=args.seed)
+    print(f"tiny Pixtral written to {out}")
+    return 0
+
+
+def _data_generate(args) -> int:
+    from pixtral_lora.synth import generate_aid_like
+
+    classes = args.classes.split(",") if args.classes else None
+    root = generate_aid_like(
+        args.out, classes=classes, per_class=args.per_class, size=args.size, seed=args.seed
+    )
+    print(f"synthetic AID-style data written to {root}")
+    return 0
+
+
+def _class_names_arg(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _data_validate(args) -> int:
+    from pixtral_lora.validate import validate
+
+    problems = validate(args.path, class_names=_class_names_arg(args.classes), test_path=args.test)
+    errors = [p for p in problems if p.severity == "error"]
+    for problem in problems:
+        print(problem)
+    print(f"{args.path}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+    return 1 if errors else 0
+
+
+def _conversations(path: str, class_names: list[str] | None, prompt):
+    from pixtral_lora.data import load_any, to_conversations
+
+    dataset, names = load_any(path, class_names)
+    if "image" in dataset.column_names:  # classification folder -> prompts
+        dataset = to_conversations(dataset, prompt, names)
+    return dataset
+
+
+def _data_preview(args) -> int:
+    from pixtral_lora.config import load_config
+    from pixtral_lora.modeling import build_processor, load_processor
+    from pixtral_lora.preview import sample_view
+    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.render import Renderer
+
+    prompt, longest_edge = PromptConfig(), args.image_longest_edge
+    if args.config:
+        config = load_config(args.config)
+        prompt, longest_edge = config.prompt, config.data.image_longest_edge
+    dataset = _conversations(args.path, _class_names_arg(args.classes), prompt)
+    if not 0 <= args.index < len(dataset):
+        print(
+            f"--index {args.index} is out of range: {args.path} has {len(dataset)} samples", file=sys.stderr
+        )
+        return 2
+    processor = load_processor(args.processor) if args.processor else build_processor()
+    view = sample_view(Renderer(processor, longest_edge), dataset[args.index])
+    if args.ids:
+        print(json.dumps({k: view[k] for k in ("id", "label", "input_ids", "labels", "loss_mask")}))
+    else:
+        print(
+            f"sample {args.index} ({view['id']}, label {view['label']!r}): {view['num_tokens']} tokens, "
+            f"{view['num_image_tokens']} image tokens, {view['num_loss_tokens']} with loss (inside ⟦ ⟧)"
+        )
+        print(view["text"])
+    return 0
+
+
+def _data_export(args) -> int:
+    from pixtral_lora.data import export_mistral_jsonl
+    from pixtral_lora.prompt import PromptConfig
+
+    dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig())
+    count = export_mistral_jsonl(dataset, args.out, args.image_longest_edge)
+    print(f"{count} samples written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixtral-lora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("tiny-model", help="write a random-initialised tiny Pixtral checkpoint")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_tiny_model)
+
+    data = commands.add_parser("data", help="generate, validate, preview and export datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    generate = data_commands.add_parser("generate", help="write synthetic AID-style scene folders")
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--per-class", type=int, default=20)
+    generate.add_argument("--size", type=int, default=600)
+    generate.add_argument("--classes", help="comma-separated subset of the synthetic scene classes")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_data_generate)
+
+    validate = data_commands.add_parser("validate", help="report every problem in a folder/JSONL/CSV")
+    validate.add_argument("path")
+    validate.add_argument("--classes", help="class names: comma-separated or a file with one per line")
+    validate.add_argument("--test", help="a test set to check for images shared with PATH")
+    validate.set_defaults(func=_data_validate)
+
+    preview = data_commands.add_parser("preview", help="show one sample exactly as the model sees it")
+    preview.add_argument("path")
+    preview.add_argument("--index", type=int, default=0)
+    preview.add_argument("--ids", action="store_true", help="print token ids, labels and loss mask as JSON")
+    preview.add_argument(
+        "--processor", help="model path or hub id whose processor to use (default: Pixtral's)"
+    )
+    preview.add_argument("--config", help="take prompt and image size from this run config")
+    preview.add_argument("--classes", help="class names for JSONL/CSV data")
+    preview.add_argument("--image-longest-edge", type=int, default=300)
+    preview.set_defaults(func=_data_preview)
+
+    export = data_commands.add_parser("export", help="write a dataset as Mistral fine-tuning JSONL")
+    export.add_argument("path")
+    export.add_argument("--out", required=True)
+    export.add_argument("--classes", help="class names for JSONL/CSV data")
+    export.add_argument("--image-longest-edge", type=int, default=300)
+    export.set_defaults(func=_data_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pixtral-lora` command."""
+    from pixtral_lora.config import ConfigError
+    from pixtral_lora.data import DataError
+    from pixtral_lora.images import ImageError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ImageError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

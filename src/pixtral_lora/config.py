@@ -1,0 +1,210 @@
+"""Run configuration: YAML -> validated, typed objects, with `--set a.b=value` overrides.
+
+Errors name the file, the line and the key, and list what is allowed, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pixtral_lora.modeling import PIXTRAL_12B
+from pixtral_lora.prompt import PromptConfig
+
+LANGUAGE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message says where and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = PIXTRAL_12B
+    # "4bit": bitsandbytes NF4 + double quantisation (QLoRA). null: full precision (dtype).
+    quantization: Literal["4bit"] | None = "4bit"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class DataSection(_Section):
+    # An AID-style folder (<root>/<ClassName>/*.jpg), a Mistral fine-tuning .jsonl or a .csv.
+    path: str
+    # Optional separate test set; otherwise a stratified split of `path`.
+    test_path: str | None = None
+    class_names: list[str] | None = None  # required for .jsonl/.csv classification data
+    test_size: float = Field(0.2, gt=0, lt=1)
+    validation_size: float = Field(0.0, ge=0, lt=1)  # fraction of train held out for validation loss
+    split_seed: int = 42
+    # Longest image side after resizing, rounded to the 16-px patch (AID 600x600 -> 300 -> 304x304).
+    image_longest_edge: int | None = Field(300, ge=16, le=1024)
+    max_length: int = Field(2048, ge=32)
+    limit_train: int | None = Field(None, ge=1)  # use only the first N training samples (smoke tests)
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Projections of the language model (what vLLM can serve as LoRA).
+    target_modules: list[str] = Field(default_factory=lambda: list(LANGUAGE_TARGETS))
+    train_vision_tower: bool = False  # also put LoRA on the vision encoder's attention/MLP
+    train_projector: bool = False  # also put LoRA on the multimodal projector
+
+
+class TrainingSection(_Section):
+    output_dir: str = "runs/aid"
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)  # validation loss every N steps (needs data.validation_size)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int | None = Field(3, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    gradient_checkpointing: bool = True
+    # "auto": paged 8-bit AdamW on CUDA (bitsandbytes), torch AdamW on CPU.
+    optim: str = "auto"
+    seed: int = 42
+    dataloader_num_workers: int = Field(0, ge=0)
+    report_to: list[str] | Literal["auto", "none"] = "auto"  # "auto": tensorboard when installed
+
+
+class EvalSection(_Section):
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    modes: list[Literal["generate", "constrained", "score"]] = Field(default_factory=lambda: ["generate"])
+    strict: bool = False  # no label normalisation when parsing answers
+    output_dir: str | None = None  # default: <run>/eval
+    limit: int | None = Field(None, ge=1)  # evaluate only the first N test images
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.training.eval_steps and self.data.validation_size == 0:
+            raise ValueError("training.eval_steps needs a validation split: set data.validation_size > 0")
+        if self.training.early_stopping_patience and not self.training.eval_steps:
+            raise ValueError("training.early_stopping_patience needs training.eval_steps")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) -> dict[tuple, int]:
+    """Map each key path in a composed YAML document to its 1-based line."""
+    index = {} if index is None else index
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key_path = (*path, key_node.value)
+            index[key_path] = key_node.start_mark.line + 1
+            _line_index(value_node, key_path, index)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            index[(*path, i)] = item.start_mark.line + 1
+            _line_index(item, (*path, i), index)
+    return index
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = (
+            model.model_fields.get(part) if isinstance(part, str) and hasattr(model, "model_fields") else None
+        )
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _format_errors(
+    err: ValidationError, source: str, lines: dict[tuple, int], overrides: dict[tuple, str]
+) -> str:
+    messages = []
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = source
+        if loc in overrides:
+            where = f"--set {overrides[loc]}"
+        else:
+            for depth in range(len(loc), 0, -1):
+                if loc[:depth] in lines:
+                    where = f"{source}:{lines[loc[:depth]]}"
+                    break
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            text = f"unknown key '{loc[-1]}'" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        elif error["type"] == "missing":
+            text = "required key is missing"
+        else:
+            text = f"{error['msg']} (got {error.get('input')!r})"
+        messages.append(f"{where}: {key}: {text}")
+    return "invalid configuration:\n  " + "\n  ".join(messages)
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`training.learning_rate=2e-4` -> (("training", "learning_rate"), 0.0002); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    path = tuple(part for part in key.strip().split(".") if part)
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config; raises `ConfigError` naming file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    lines = _line_index(node) if node is not None else {}
+    override_sources: dict[tuple, str] = {}
+    for override in overrides or []:
+        key_path, value = parse_override(override)
+        target = raw
+        for part in key_path[:-1]:
+            if not isinstance(target.get(part, {}), dict):
+                raise ConfigError(f"--set {override}: '{part}' is not a section")
+            target = target.setdefault(part, {})
+        target[key_path[-1]] = value
+        override_sources[key_path] = override
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path), lines, override_sources)) from None
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

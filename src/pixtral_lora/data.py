@@ -1,0 +1,350 @@
+"""Datasets: the AID folder layout, Mistral's fine-tuning JSONL, a CSV, and the split.
+
+Two shapes of `datasets.Dataset` flow through the project:
+
+- a *classification* dataset (`id`, `image`, `label`), what an AID-style folder loads to, and
+- a *conversation* dataset (`id`, `messages`, `images`, `label`), what training renders. Messages are
+  HF chat messages stored as JSON text, with `{"type": "image"}` placeholders whose pixels are in
+  `images` (in order). `label` is the class of a classification sample, "" when unknown.
+
+Images stay undecoded (`Image(decode=False)`) until `images.load_image` checks them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
+
+from pixtral_lora.images import DATA_URI, ImageError, encode_data_uri, load_image, read_image_bytes
+from pixtral_lora.prompt import PromptConfig, messages_to_json
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+
+CONVERSATION_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "messages": Value("string"),
+        "images": Sequence(Image(decode=False)),
+        "label": Value("string"),
+    }
+)
+
+
+class DataError(ValueError):
+    """A problem in user data, with file/line/field in the message."""
+
+
+@dataclass
+class LoadReport:
+    """What a loader kept and what it skipped, so nothing is dropped silently."""
+
+    kept: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, what: str) -> None:
+        self.skipped.setdefault(reason, []).append(what)
+
+    def summary(self) -> str:
+        parts = [f"{self.kept} kept"] + [f"{len(v)} skipped ({reason})" for reason, v in self.skipped.items()]
+        return ", ".join(parts)
+
+
+def discover_class_names(root: str | Path) -> list[str]:
+    """Class names of an AID-style folder: its sub-folder names, sorted (never filesystem order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected <root>/<ClassName>/<image files>)")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"{root}: no class sub-folders found (expected <root>/<ClassName>/<image files>)")
+    return names
+
+
+def load_aid_folder(root: str | Path, report: LoadReport | None = None) -> Dataset:
+    """Load `<root>/<ClassName>/*.jpg` into a classification dataset (id, image, label: ClassLabel).
+
+    Files that are not images by suffix are skipped and counted in `report`; empty class folders are
+    an error. Ids are paths relative to `root`, so splits can be recorded and reproduced.
+    """
+    root = Path(root)
+    report = report if report is not None else LoadReport()
+    class_names = discover_class_names(root)
+    ids, paths, labels = [], [], []
+    for index, class_name in enumerate(class_names):
+        files = sorted(p for p in (root / class_name).iterdir() if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        for other in files:
+            if other.suffix.lower() not in IMAGE_SUFFIXES:
+                report.skip("not an image file", str(other.relative_to(root)))
+        if not images:
+            raise DataError(f"{root / class_name}: class folder has no image files")
+        for path in images:
+            ids.append(str(path.relative_to(root)))
+            paths.append({"path": str(path.resolve()), "bytes": None})
+            labels.append(index)
+    report.kept += len(ids)
+    if report.skipped:
+        logger.warning("%s: %s", root, report.summary())
+    features = Features(
+        {"id": Value("string"), "image": Image(decode=False), "label": ClassLabel(names=class_names)}
+    )
+    return Dataset.from_dict({"id": ids, "image": paths, "label": labels}, features=features)
+
+
+@dataclass
+class Splits:
+    """Train/validation/test datasets from one deterministic split."""
+
+    train: Dataset
+    test: Dataset
+    validation: Dataset | None = None
+
+    def ids(self) -> dict[str, list[str]]:
+        """Ids per split, as recorded in a run directory."""
+        out = {"train": list(self.train["id"]), "test": list(self.test["id"])}
+        if self.validation is not None:
+            out["validation"] = list(self.validation["id"])
+        return out
+
+
+def split_dataset(
+    dataset: Dataset, test_size: float = 0.2, validation_size: float = 0.0, seed: int = 42
+) -> Splits:
+    """Stratified split by label (80/20 with seed 42 gives AID's 8,000/2,000); validation carved from train."""
+    stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
+    parts = dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
+    train, test = parts["train"], parts["test"]
+    validation = None
+    if validation_size > 0:
+        inner = train.train_test_split(test_size=validation_size, seed=seed, stratify_by_column=stratify)
+        train, validation = inner["train"], inner["test"]
+    return Splits(train=train, test=test, validation=validation)
+
+
+def select_ids(dataset: Dataset, ids: list[str]) -> Dataset:
+    """Rows of `dataset` with these ids, in this order; an unknown id is an error."""
+    position = {row_id: i for i, row_id in enumerate(dataset["id"])}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise DataError(f"{len(missing)} recorded ids are not in the dataset, e.g. {missing[:3]}")
+    return dataset.select([position[i] for i in ids])
+
+
+def class_names_of(dataset: Dataset) -> list[str]:
+    """Class names of a classification dataset."""
+    return list(dataset.features["label"].names)
+
+
+def to_conversations(
+    dataset: Dataset, prompt: PromptConfig, class_names: list[str], with_answer: bool = True
+) -> Dataset:
+    """Classification dataset -> conversation dataset using the task prompt."""
+    names = dataset.features["label"].names
+
+    def convert(row):
+        label = names[row["label"]]
+        messages = prompt.messages(class_names, label if with_answer else None)
+        return {
+            "id": row["id"],
+            "messages": messages_to_json(messages),
+            "images": [row["image"]],
+            "label": label,
+        }
+
+    return dataset.map(
+        convert, remove_columns=dataset.column_names, features=CONVERSATION_FEATURES, desc="building prompts"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mistral fine-tuning JSONL and CSV
+
+
+def _image_ref(url: str, base_dir: Path) -> dict:
+    if DATA_URI.match(url):
+        return {"path": None, "bytes": read_image_bytes(url)}
+    path = Path(url)
+    if not path.is_absolute():
+        path = base_dir / path
+    return {"path": str(path), "bytes": None}
+
+
+def mistral_messages_to_hf(messages: list[dict], base_dir: Path, where: str) -> tuple[list[dict], list[dict]]:
+    """Mistral API messages (text / image_url chunks) -> HF messages with image placeholders + image refs."""
+    out, images = [], []
+    for m_index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: messages[{m_index}] must be an object with 'role' and 'content'")
+        content = message["content"]
+        if isinstance(content, str):
+            chunks = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            chunks = []
+            for c_index, chunk in enumerate(content):
+                field_name = f"messages[{m_index}].content[{c_index}]"
+                kind = chunk.get("type") if isinstance(chunk, dict) else None
+                if kind == "text" and isinstance(chunk.get("text"), str):
+                    chunks.append({"type": "text", "text": chunk["text"]})
+                elif kind == "image_url":
+                    url = chunk.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url:
+                        raise DataError(
+                            f"{where}: {field_name}.image_url must be a URL string or {{'url': ...}}"
+                        )
+                    chunks.append({"type": "image"})
+                    images.append(_image_ref(url, base_dir))
+                else:
+                    raise DataError(
+                        f"{where}: {field_name} must be a 'text' chunk with 'text' or an 'image_url' chunk"
+                    )
+        else:
+            raise DataError(f"{where}: messages[{m_index}].content must be a string or a list of chunks")
+        out.append({"role": message["role"], "content": chunks})
+    return out, images
+
+
+def check_roles(messages: list[dict], where: str) -> None:
+    """Roles must be [system], then user/assistant alternating from user, ending with the assistant."""
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    for index, role in enumerate(body):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            position = index + (len(roles) - len(body))
+            raise DataError(
+                f"{where}: messages[{position}].role is {role!r}, expected {expected!r} (system?, user, assistant, ...)"
+            )
+    if not body or body[-1] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's answer")
+
+
+def _label_of(messages: list[dict], class_names: list[str] | None) -> str:
+    if not class_names:
+        return ""
+    from pixtral_lora.answers import AnswerParser
+
+    answer = "".join(c.get("text", "") for c in messages[-1]["content"])
+    parsed = AnswerParser(class_names).parse(answer)
+    return parsed.label or (parsed.raw_label or "")
+
+
+def load_mistral_jsonl(path: str | Path, class_names: list[str] | None = None) -> Dataset:
+    """Load Mistral's fine-tuning JSONL (one {"messages": [...]} per line) as a conversation dataset.
+
+    Image URLs may be `data:image/...;base64,` URIs or paths (relative to the JSONL file).
+    Raises `DataError` naming the line and field of the first problem; `validate` lists them all.
+    """
+    path = Path(path)
+    rows = {"id": [], "messages": [], "images": [], "label": []}
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                raise DataError(f"{where}: expected an object with a 'messages' list")
+            messages, images = mistral_messages_to_hf(record["messages"], path.parent, where)
+            check_roles(messages, where)
+            rows["id"].append(f"{path.name}:{line_no}")
+            rows["messages"].append(messages_to_json(messages))
+            rows["images"].append(images)
+            rows["label"].append(_label_of(messages, class_names))
+    if not rows["id"]:
+        raise DataError(f"{path}: no samples")
+    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
+
+
+def load_csv(path: str | Path, class_names: list[str] | None = None) -> Dataset:
+    """Load a CSV with columns image_path,prompt,completion as a conversation dataset (user: image+prompt)."""
+    path = Path(path)
+    rows = {"id": [], "messages": [], "images": [], "label": []}
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        required = {"image_path", "prompt", "completion"}
+        if reader.fieldnames is None or not required <= set(reader.fieldnames):
+            raise DataError(f"{path}:1: header must contain {sorted(required)}, got {reader.fieldnames}")
+        for line_no, record in enumerate(reader, start=2):
+            where = f"{path}:{line_no}"
+            if not record["image_path"]:
+                raise DataError(f"{where}: field 'image_path' is empty")
+            user = [{"type": "image"}] + (
+                [{"type": "text", "text": record["prompt"]}] if record["prompt"] else []
+            )
+            messages = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": [{"type": "text", "text": record["completion"]}]},
+            ]
+            rows["id"].append(f"{path.name}:{line_no}")
+            rows["messages"].append(messages_to_json(messages))
+            rows["images"].append([_image_ref(record["image_path"], path.parent)])
+            rows["label"].append(_label_of(messages, class_names))
+    if not rows["id"]:
+        raise DataError(f"{path}: no samples")
+    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
+
+
+def export_mistral_jsonl(conversations: Dataset, out: str | Path, longest_edge: int | None = None) -> int:
+    """Write a conversation dataset as Mistral fine-tuning JSONL with images inlined as data URIs."""
+    from pixtral_lora.images import prepare_image
+    from pixtral_lora.io import atomic_file
+
+    count = 0
+    with atomic_file(out) as handle:
+        for row in conversations:
+            images = iter(row["images"])
+            messages = []
+            for message in json.loads(row["messages"]):
+                content = []
+                for chunk in message["content"]:
+                    if chunk["type"] == "image":
+                        image = prepare_image(load_image(image_source(next(images))), longest_edge)
+                        content.append({"type": "image_url", "image_url": encode_data_uri(image)})
+                    else:
+                        content.append({"type": "text", "text": chunk["text"]})
+                messages.append({"role": message["role"], "content": content})
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def image_source(ref: dict) -> str | bytes:
+    """The loadable source of an undecoded `Image` feature value."""
+    if ref.get("bytes"):
+        return ref["bytes"]
+    if ref.get("path"):
+        return ref["path"]
+    raise ImageError("image reference has neither bytes nor path")
+
+
+def load_any(path: str | Path, class_names: list[str] | None = None) -> tuple[Dataset, list[str] | None]:
+    """Load a folder, .jsonl or .csv; returns the dataset and the class names when the source defines them."""
+    path = Path(path)
+    if path.is_dir():
+        dataset = load_aid_folder(path)
+        return dataset, class_names_of(dataset)
+    if path.suffix == ".jsonl":
+        return load_mistral_jsonl(path, class_names), class_names
+    if path.suffix == ".csv":
+        return load_csv(path, class_names), class_names
+    raise DataError(f"{path}: expected an AID-style folder, a .jsonl or a .csv file")
+
+
+def label_counts(dataset: Dataset) -> Counter:
+    """Samples per label name."""
+    feature = dataset.features["label"]
+    if isinstance(feature, ClassLabel):
+        return Counter(feature.names[i] for i in dataset["label"])
+    return Counter(dataset["label"])

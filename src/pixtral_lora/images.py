@@ -1,0 +1,147 @@
+"""Image loading that never lets a bad file through silently.
+
+Every image that reaches the model goes through `load_image`: EXIF orientation applied, any mode
+(grayscale, RGBA, palette, 16-bit) converted to 8-bit RGB, truncated/corrupt files and decompression
+bombs rejected with an `ImageError` that names the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PATCH_SIZE = 16
+# Pixtral's vision encoder sees at most 1024x1024; anything bigger than this many pixels is not a
+# photo we want to decode (PIL's own default bomb limit is ~89 Mpx and only warns below 2x that).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,(?P<payload>.*)$", re.DOTALL)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the reason and where it came from."""
+
+
+def describe_source(source: str | Path | bytes) -> str:
+    """Short human-readable name of an image source for error messages."""
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    text = str(source)
+    if text.startswith("data:"):
+        return f"<data URI, {len(text)} chars>"
+    return text
+
+
+def read_image_bytes(source: str | Path | bytes) -> bytes:
+    """Raw bytes of an image given as bytes, a data URI or a local path."""
+    if isinstance(source, bytes):
+        return source
+    text = str(source)
+    match = DATA_URI.match(text)
+    if match:
+        try:
+            return base64.b64decode(match.group("payload"), validate=True)
+        except ValueError as err:
+            raise ImageError(f"{describe_source(source)}: invalid base64 payload ({err})") from err
+    if text.startswith("data:"):
+        raise ImageError(f"{describe_source(source)}: data URI is not 'data:image/<type>;base64,...'")
+    if text.startswith(("http://", "https://")):
+        raise ImageError(f"{text}: remote URLs are not fetched; download the image and give a local path")
+    path = Path(text)
+    if not path.is_file():
+        raise ImageError(f"{text}: no such image file")
+    return path.read_bytes()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit integer grayscale: PIL's convert("L") clips instead of scaling.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white: transparent satellite tiles are no-data areas, black would read as water.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image file, data URI or bytes into an upright 8-bit RGB PIL image.
+
+    Raises `ImageError` for missing, truncated, corrupt or oversized images.
+    """
+    name = describe_source(source)
+    data = read_image_bytes(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                    f"{max_pixels} (possible decompression bomb)"
+                )
+            image.load()  # decodes now, so truncation is caught here and not in a dataloader worker
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{name}: rejected as a decompression bomb ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{name}: cannot decode image ({err})") from err
+    image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
+
+
+def patch_aligned_size(width: int, height: int, longest_edge: int | None) -> tuple[int, int]:
+    """Target (width, height): scaled so the longest side is `longest_edge`, both sides multiples of 16.
+
+    The HF Pixtral processor and mistral_common round non-multiples of the patch size differently
+    (ceil vs. their own resize), so images are made patch-aligned before either sees them; then both
+    produce identical image tokens.
+    """
+    if longest_edge is not None:
+        scale = longest_edge / max(width, height)
+        width, height = width * scale, height * scale
+    return (
+        max(PATCH_SIZE, int(round(width / PATCH_SIZE)) * PATCH_SIZE),
+        max(PATCH_SIZE, int(round(height / PATCH_SIZE)) * PATCH_SIZE),
+    )
+
+
+def prepare_image(image: Image.Image, longest_edge: int | None) -> Image.Image:
+    """Resize to patch-aligned sides (see `patch_aligned_size`); a no-op when already aligned."""
+    target = patch_aligned_size(image.width, image.height, longest_edge)
+    if target == image.size:
+        return image
+    return image.resize(target, Image.Resampling.BICUBIC)
+
+
+def image_token_count(width: int, height: int) -> int:
+    """Tokens Pixtral spends on a patch-aligned image: one per patch, one break per row (last is [IMG_END])."""
+    columns, rows = math.ceil(width / PATCH_SIZE), math.ceil(height / PATCH_SIZE)
+    return rows * (columns + 1)
+
+
+def encode_data_uri(image: Image.Image, fmt: str = "JPEG") -> str:
+    """Encode a PIL image as a `data:image/...;base64,` URI (what Mistral's fine-tuning API expects)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=95) if fmt == "JPEG" else image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"

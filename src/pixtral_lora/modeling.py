@@ -1,0 +1,236 @@
+"""The one place models and processors are loaded, and the tiny Pixtral used on CPU.
+
+`load_model` and `load_processor` take a hub id (`mistral-community/pixtral-12b`) or a local
+checkpoint directory, so swapping the tiny model for the real one is a config change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PIXTRAL_12B = "mistral-community/pixtral-12b"
+TEKKEN_FILE = "tekken_240911.json"  # Pixtral-12B's tokenizer, shipped inside mistral_common
+
+# Pixtral-12B's token ids for the image markers; the real config and the tiny one share them.
+IMAGE_TOKEN_ID = 10
+IMAGE_BREAK_TOKEN_ID = 12
+IMAGE_END_TOKEN_ID = 13
+
+
+def tekken_path() -> Path:
+    """Path of Pixtral-12B's tekken tokenizer file in mistral_common's package data."""
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / TEKKEN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: mistral-common is installed without its tokenizer data")
+    return path
+
+
+def chat_template() -> str:
+    """The chat template mistral_common generates for Pixtral's tekken tokenizer.
+
+    The template shipped with `mistral-community/pixtral-12b` drops the system prompt whenever an
+    assistant turn follows, which would silently remove the class list from every training sample;
+    this one renders exactly what `mistral_common.encode_chat_completion` encodes.
+    """
+    from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
+
+    return convert_tokenizer_to_chat_template(str(tekken_path()))
+
+
+@dataclass(frozen=True)
+class TinyPixtralSizes:
+    """Widths and depths of the tiny model; everything else is Pixtral-12B's config."""
+
+    text_hidden_size: int = 64
+    text_intermediate_size: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_head_dim: int = 16
+    vision_hidden_size: int = 64
+    vision_intermediate_size: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+
+
+def pixtral_12b_config_dict() -> dict:
+    """`config.json` of `mistral-community/pixtral-12b` (the fields that define the architecture)."""
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": IMAGE_TOKEN_ID,
+        "image_seq_length": 1,
+        "ignore_index": -100,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "mistral",
+            "hidden_act": "silu",
+            "hidden_size": 5120,
+            "head_dim": 128,
+            "intermediate_size": 14336,
+            "max_position_embeddings": 1024000,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 40,
+            "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000000.0,
+            "sliding_window": None,
+            "vocab_size": 131072,
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "model_type": "pixtral",
+            "hidden_act": "silu",
+            "hidden_size": 1024,
+            "head_dim": 64,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "num_channels": 3,
+            "image_size": 1024,
+            "patch_size": 16,
+            "rope_theta": 10000.0,
+        },
+    }
+
+
+def pixtral_config(sizes: TinyPixtralSizes | None = None):
+    """A `LlavaConfig` with Pixtral-12B's fields; with `sizes`, shrunk to tiny widths and depths."""
+    from transformers import LlavaConfig
+
+    config = pixtral_12b_config_dict()
+    if sizes is not None:
+        config["text_config"].update(
+            hidden_size=sizes.text_hidden_size,
+            intermediate_size=sizes.text_intermediate_size,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=sizes.text_heads,
+            num_key_value_heads=sizes.text_kv_heads,
+            head_dim=sizes.text_head_dim,
+        )
+        config["vision_config"].update(
+            hidden_size=sizes.vision_hidden_size,
+            intermediate_size=sizes.vision_intermediate_size,
+            num_hidden_layers=sizes.vision_layers,
+            num_attention_heads=sizes.vision_heads,
+            head_dim=sizes.vision_hidden_size // sizes.vision_heads,
+        )
+    return LlavaConfig(
+        **{k: v for k, v in config.items() if k != "architectures"}, architectures=config["architectures"]
+    )
+
+
+def build_processor():
+    """A `PixtralProcessor` whose tokenizer is converted from Pixtral-12B's own tekken file."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    template = chat_template()
+    tokenizer = convert_tekken_tokenizer(str(tekken_path()), chat_template=template)
+    image_processor = PixtralImageProcessor(
+        size={"longest_edge": 1024}, patch_size={"height": 16, "width": 16}
+    )
+    return PixtralProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=16,
+        spatial_merge_size=1,
+        chat_template=template,
+    )
+
+
+def build_tiny_model(out: str | Path, sizes: TinyPixtralSizes | None = None, seed: int = 0) -> Path:
+    """Write a random-initialised tiny Pixtral (config, safetensors, processor) as an HF checkpoint."""
+    from transformers import LlavaForConditionalGeneration
+
+    from pixtral_lora.io import atomic_directory
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    config = pixtral_config(sizes or TinyPixtralSizes())
+    model = LlavaForConditionalGeneration(config)
+    processor = build_processor()
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / "tiny_pixtral.json").write_text(
+            json.dumps({"seed": seed, "sizes": vars(sizes or TinyPixtralSizes())})
+        )
+    logger.info("tiny Pixtral written to %s", out)
+    return out
+
+
+def load_processor(model_name_or_path: str | os.PathLike):
+    """Load the processor of a checkpoint, always with the mistral_common-equivalent chat template."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_name_or_path))
+    # The hub checkpoint's own template drops the system prompt in training samples (see chat_template).
+    template = chat_template()
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template
+    return processor
+
+
+def best_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    model_name_or_path: str | os.PathLike,
+    *,
+    quantization: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+):
+    """Load a `LlavaForConditionalGeneration` (Pixtral) from safetensors only.
+
+    quantization: None, or "4bit" for bitsandbytes NF4 with double quantisation (QLoRA).
+    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16" or "float32".
+    """
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    device = device or best_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": False}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype,
+            # The vision tower and projector are small and sensitive; the language model is 95% of the weights.
+            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        )
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    elif quantization is not None:
+        raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_name_or_path), **kwargs)
+    if quantization is None:
+        model.to(device)
+    return model
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """Turn a config dtype name into a torch dtype; "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {dtype!r}") from None

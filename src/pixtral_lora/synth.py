@@ -1,0 +1,165 @@
+"""Procedurally drawn AID-shaped scene folders, for tests and the demo.
+
+Writes `<root>/<ClassName>/<classname>_<n>.jpg` exactly as the AID archive unpacks. Each class is a
+distinct kind of scene (colour palette, texture and layout differ), jittered per image so a model has
+to look at the picture, and every image is a pure function of (seed, class, index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+Painter = Callable[[ImageDraw.ImageDraw, int, random.Random], None]
+
+
+def _jitter(rng: random.Random, colour: tuple[int, int, int], amount: int = 18) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)  # type: ignore[return-value]
+
+
+def _forest(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (24, 64, 28)))
+    for _ in range(size * size // 60):
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 60, size / 25)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=_jitter(rng, (34, 96, 40), 25))
+
+
+def _desert(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (222, 190, 130)))
+    phase, period = rng.uniform(0, math.tau), rng.uniform(size / 6, size / 3)
+    for y0 in range(-size, 2 * size, max(4, size // 10)):
+        points = [
+            (x, y0 + x * 0.4 + size / 20 * math.sin(x / period * math.tau + phase))
+            for x in range(0, size + 1, 4)
+        ]
+        draw.line(points, fill=_jitter(rng, (190, 150, 95)), width=max(1, size // 60))
+
+
+def _farmland(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    cells = rng.randint(3, 5)
+    step = size / cells
+    palette = [(120, 160, 60), (180, 150, 90), (90, 130, 50), (200, 190, 120)]
+    for i in range(cells):
+        for j in range(cells):
+            draw.rectangle(
+                [i * step, j * step, (i + 1) * step, (j + 1) * step], fill=_jitter(rng, rng.choice(palette))
+            )
+            for k in range(0, int(step), max(2, size // 40)):  # furrows
+                draw.line(
+                    [i * step, j * step + k, (i + 1) * step, j * step + k], fill=_jitter(rng, (110, 100, 60))
+                )
+
+
+def _dense_residential(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (150, 150, 150)))
+    block = max(3, size // 12)
+    for x in range(0, size, block):
+        for y in range(0, size, block):
+            roof = rng.choice([(170, 60, 50), (90, 90, 100), (200, 200, 200)])
+            draw.rectangle([x + 1, y + 1, x + block - 2, y + block - 2], fill=_jitter(rng, roof))
+
+
+def _port(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    shore = int(size * rng.uniform(0.3, 0.5))
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (30, 70, 130)))
+    draw.rectangle([0, 0, shore, size], fill=_jitter(rng, (160, 160, 155)))
+    for _ in range(rng.randint(3, 6)):
+        y = rng.uniform(0, size)
+        draw.rectangle([shore, y, shore + size * 0.35, y + size / 30], fill=(190, 190, 185))
+        draw.rectangle(
+            [shore + size * 0.05, y + size / 25, shore + size * 0.25, y + size / 12], fill=(235, 235, 235)
+        )
+
+
+def _beach(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    cut = rng.uniform(0.35, 0.65) * size
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (236, 220, 170)))
+    draw.polygon(
+        [(cut, 0), (size, 0), (size, size), (cut - size * 0.3, size)], fill=_jitter(rng, (40, 140, 180))
+    )
+    for k in range(3):  # surf lines
+        offset = k * size / 40
+        draw.line(
+            [(cut + offset, 0), (cut - size * 0.3 + offset, size)],
+            fill=(245, 245, 245),
+            width=max(1, size // 100),
+        )
+
+
+def _river(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (80, 130, 60)))
+    phase, amplitude = rng.uniform(0, math.tau), rng.uniform(size / 10, size / 5)
+    points = [
+        (size / 2 + amplitude * math.sin(y / size * math.tau + phase), y) for y in range(0, size + 1, 4)
+    ]
+    draw.line(points, fill=_jitter(rng, (50, 90, 150)), width=max(3, size // 8))
+
+
+def _parking(draw: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
+    draw.rectangle([0, 0, size, size], fill=_jitter(rng, (60, 60, 62)))
+    lane = max(4, size // 8)
+    for y in range(lane // 2, size, lane):
+        for x in range(0, size, max(3, size // 20)):
+            draw.line([x, y - lane / 3, x, y + lane / 3], fill=(230, 230, 230))
+            if rng.random() < 0.6:
+                draw.rectangle(
+                    [x + 1, y - lane / 4, x + size / 40 + 1, y + lane / 4],
+                    fill=_jitter(rng, rng.choice([(200, 30, 30), (30, 30, 200), (220, 220, 220)]), 30),
+                )
+
+
+SCENES: dict[str, Painter] = {
+    "Beach": _beach,
+    "DenseResidential": _dense_residential,
+    "Desert": _desert,
+    "Farmland": _farmland,
+    "Forest": _forest,
+    "Parking": _parking,
+    "Port": _port,
+    "River": _river,
+}
+
+
+def _image_seed(seed: int, class_name: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{class_name}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def draw_scene(class_name: str, index: int, size: int = 600, seed: int = 0) -> Image.Image:
+    """One synthetic scene of `class_name`, deterministic in (seed, class_name, index)."""
+    if class_name not in SCENES:
+        raise ValueError(f"unknown synthetic class {class_name!r}; available: {', '.join(SCENES)}")
+    rng = random.Random(_image_seed(seed, class_name, index))
+    image = Image.new("RGB", (size, size))
+    SCENES[class_name](ImageDraw.Draw(image), size, rng)
+    return image
+
+
+def generate_aid_like(
+    root: str | Path,
+    classes: list[str] | None = None,
+    per_class: int = 20,
+    size: int = 600,
+    seed: int = 0,
+) -> Path:
+    """Write an AID-shaped folder of synthetic scenes and return its root."""
+    root = Path(root)
+    classes = classes or sorted(SCENES)
+    for class_name in classes:
+        if class_name not in SCENES:
+            raise ValueError(f"unknown synthetic class {class_name!r}; available: {', '.join(SCENES)}")
+    jobs = [(c, n) for c in classes for n in range(1, per_class + 1)]
+    for class_name, index in tqdm(jobs, desc="drawing scenes", unit="img", disable=len(jobs) < 200):
+        folder = root / class_name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{class_name.lower()}_{index}.jpg"
+        tmp = path.with_suffix(".jpg.tmp")
+        draw_scene(class_name, index, size, seed).save(tmp, format="JPEG", quality=92)
+        tmp.replace(path)
+    return root

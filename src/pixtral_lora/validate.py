@@ -1,0 +1,210 @@
+"""`pixtral-lora data validate`: find every problem in a dataset before GPU time is spent.
+
+Unlike the loaders, which stop at the first error, the validator walks the whole file and reports
+each problem with its file, line and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pixtral_lora.answers import AnswerParser
+from pixtral_lora.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    check_roles,
+    discover_class_names,
+    image_source,
+    mistral_messages_to_hf,
+)
+from pixtral_lora.images import ImageError, load_image
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: `where` is file[:line], `field` the JSON path or column, `severity` error|warning."""
+
+    where: str
+    field: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        field = f" [{self.field}]" if self.field else ""
+        return f"{self.severity}: {self.where}{field}: {self.message}"
+
+
+@dataclass
+class _Sample:
+    where: str
+    images: list[tuple[str, dict]]  # (field, image ref)
+    answer: str | None
+    label: str | None = None
+
+
+def _jsonl_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
+    samples = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(Problem(where, "", f"invalid JSON: {err.msg} at column {err.colno}"))
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                problems.append(Problem(where, "messages", "expected an object with a 'messages' list"))
+                continue
+            try:
+                messages, refs = mistral_messages_to_hf(record["messages"], path.parent, where)
+            except DataError as err:
+                problems.append(Problem(where, "messages", str(err).removeprefix(f"{where}: ")))
+                continue
+            try:
+                check_roles(messages, where)
+            except DataError as err:
+                problems.append(Problem(where, "messages[].role", str(err).removeprefix(f"{where}: ")))
+            fields = [
+                f"messages[{m}].content[{c}].image_url"
+                for m, message in enumerate(messages)
+                for c, chunk in enumerate(message["content"])
+                if chunk["type"] == "image"
+            ]
+            answer = None
+            if messages and messages[-1]["role"] == "assistant":
+                answer = "".join(c.get("text", "") for c in messages[-1]["content"])
+            samples.append(_Sample(where, list(zip(fields, refs, strict=True)), answer))
+    return samples
+
+
+def _csv_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
+    samples = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        required = {"image_path", "prompt", "completion"}
+        if reader.fieldnames is None or not required <= set(reader.fieldnames):
+            problems.append(
+                Problem(f"{path}:1", "header", f"must contain {sorted(required)}, got {reader.fieldnames}")
+            )
+            return samples
+        for line_no, record in enumerate(reader, start=2):
+            where = f"{path}:{line_no}"
+            if not record["image_path"]:
+                problems.append(Problem(where, "image_path", "empty"))
+                continue
+            image_path = Path(record["image_path"])
+            ref = {
+                "path": str(image_path if image_path.is_absolute() else path.parent / image_path),
+                "bytes": None,
+            }
+            if not (record["completion"] or "").strip():
+                problems.append(Problem(where, "completion", "empty answer"))
+            samples.append(_Sample(where, [("image_path", ref)], record["completion"]))
+    return samples
+
+
+def _folder_samples(root: Path, problems: list[Problem]) -> tuple[list[_Sample], list[str]]:
+    class_names = discover_class_names(root)
+    samples = []
+    for class_name in class_names:
+        files = sorted(p for p in (root / class_name).iterdir() if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            problems.append(Problem(str(root / class_name), "", "class folder has no image files"))
+        for other in files:
+            if other.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append(Problem(str(other), "", "not an image file; it will be skipped", "warning"))
+        for image in images:
+            samples.append(
+                _Sample(str(image), [("", {"path": str(image), "bytes": None})], None, label=class_name)
+            )
+    return samples, class_names
+
+
+def _collect(path: Path, problems: list[Problem]) -> tuple[list[_Sample], list[str] | None]:
+    if path.is_dir():
+        return _folder_samples(path, problems)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or directory")
+    if path.suffix == ".jsonl":
+        return _jsonl_samples(path, problems), None
+    if path.suffix == ".csv":
+        return _csv_samples(path, problems), None
+    raise DataError(f"{path}: expected an AID-style folder, a .jsonl or a .csv file")
+
+
+def _check_images(samples: list[_Sample], problems: list[Problem]) -> dict[str, list[str]]:
+    """Decode every image; returns content hash -> where it appears."""
+    hashes: dict[str, list[str]] = {}
+    for sample in tqdm(samples, desc="checking images", unit="sample", disable=len(samples) < 500):
+        for field_name, ref in sample.images:
+            try:
+                source = image_source(ref)
+                load_image(source)
+            except ImageError as err:
+                problems.append(Problem(sample.where, field_name, str(err)))
+                continue
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            hashes.setdefault(hashlib.sha256(data).hexdigest(), []).append(sample.where)
+    return hashes
+
+
+def validate(
+    path: str | Path, class_names: list[str] | None = None, test_path: str | Path | None = None
+) -> list[Problem]:
+    """All problems in a dataset (and, with `test_path`, images shared between it and a test set)."""
+    problems: list[Problem] = []
+    samples, folder_classes = _collect(Path(path), problems)
+    class_names = class_names or folder_classes
+    if not samples and not problems:
+        problems.append(Problem(str(path), "", "no samples"))
+    if class_names:
+        parser = AnswerParser(class_names)
+        for sample in samples:
+            if sample.answer is None:
+                continue
+            parsed = parser.parse(sample.answer)
+            if not parsed.parsed:
+                problems.append(
+                    Problem(
+                        sample.where, "answer", f"no label can be read from the answer {sample.answer[:80]!r}"
+                    )
+                )
+            elif parsed.label is None:
+                problems.append(
+                    Problem(
+                        sample.where,
+                        "answer",
+                        f"label {parsed.raw_label!r} is not one of the {len(class_names)} classes",
+                    )
+                )
+    hashes = _check_images(samples, problems)
+    for where_list in hashes.values():
+        if len(where_list) > 1:
+            problems.append(
+                Problem(
+                    where_list[0],
+                    "",
+                    f"same image content also at {', '.join(where_list[1:4])} (leaks across a random split)",
+                    "warning",
+                )
+            )
+    if test_path is not None:
+        test_problems: list[Problem] = []
+        test_samples, _ = _collect(Path(test_path), test_problems)
+        problems += test_problems
+        test_hashes = _check_images(test_samples, problems)
+        for digest, where_list in hashes.items():
+            if digest in test_hashes:
+                problems.append(
+                    Problem(where_list[0], "", f"image also in the test set at {test_hashes[digest][0]}")
+                )
+    return problems

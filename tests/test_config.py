@@ -1,0 +1,66 @@
+import pytest
+
+from pixtral_lora.config import ConfigError, load_config
+
+GOOD = """\
+# a run
+model:
+  name_or_path: some/model
+data:
+  path: data/aid
+training:
+  learning_rate: 1.0e-4
+  output_dir: runs/x
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_and_dotted_overrides(tmp_path):
+    config = load_config(
+        _write(tmp_path, GOOD), ["training.learning_rate=2e-4", "lora.r=8", "data.image_longest_edge=null"]
+    )
+    assert config.model.name_or_path == "some/model"
+    assert config.training.learning_rate == 2e-4 and config.lora.r == 8
+    assert config.data.image_longest_edge is None
+    assert config.prompt.answer("Port") == '```json\n{"label": "Port"}\n```'
+
+
+def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
+    path = _write(tmp_path, GOOD.replace("  learning_rate:", "  learning_rat:"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:7: training.learning_rat: unknown key 'learning_rat'" in message
+    assert "learning_rate" in message and "lr_scheduler_type" in message
+
+
+def test_wrong_type_and_impossible_value(tmp_path):
+    path = _write(tmp_path, GOOD + "lora:\n  r: many\n  dropout: 1.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:10: lora.r:" in str(err.value) and "'many'" in str(err.value)
+    assert f"{path}:11: lora.dropout:" in str(err.value)
+
+
+def test_bad_override_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set training.epochs=3: training.epochs: unknown key"):
+        load_config(_write(tmp_path, GOOD), ["training.epochs=3"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(_write(tmp_path, GOOD), ["training.epochs"])
+
+
+def test_missing_data_path_and_inconsistent_settings(tmp_path):
+    with pytest.raises(ConfigError, match="data.path: required key is missing"):
+        load_config(_write(tmp_path, "data: {}\n"))
+    with pytest.raises(ConfigError, match="eval_steps needs a validation split"):
+        load_config(_write(tmp_path, GOOD), ["training.eval_steps=5"])
+
+
+def test_answer_template_needs_the_label_placeholder(tmp_path):
+    with pytest.raises(ConfigError, match="prompt.answer_template"):
+        load_config(_write(tmp_path, GOOD + "prompt:\n  answer_template: 'no placeholder'\n"))
