@@ -105,6 +105,11 @@ class Config(_Section):
             raise ValueError("training.eval_steps needs a validation split: set data.validation_size > 0")
         if self.training.early_stopping_patience and not self.training.eval_steps:
             raise ValueError("training.early_stopping_patience needs training.eval_steps")
+        if self.training.eval_steps and self.training.save_steps % self.training.eval_steps:
+            raise ValueError(
+                f"training.save_steps ({self.training.save_steps}) must be a multiple of training.eval_steps "
+                f"({self.training.eval_steps}) so the best checkpoint can be kept"
+            )
         return self
 
 
