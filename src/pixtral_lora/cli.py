@@ -99,6 +99,58 @@ def _data_export(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from pixtral_lora.evaluation import evaluate_run
+
+    models = tuple(args.models.split(","))
+    out = evaluate_run(
+        args.run_dir,
+        modes=args.modes.split(",") if args.modes else None,
+        models=models,
+        limit=args.limit,
+        out_dir=args.out,
+        strict=True if args.strict else None,
+        merged=args.merged,
+    )
+    print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
+    print(f"report, predictions and confusion matrices in {out}")
+    return 0
+
+
+def _predict(args) -> int:
+    import csv
+
+    from pixtral_lora.data import IMAGE_SUFFIXES
+    from pixtral_lora.evaluation import predict_images
+    from pixtral_lora.io import atomic_file
+
+    target = Path(args.images)
+    paths = (
+        sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if target.is_dir()
+        else [target]
+    )
+    if not paths:
+        print(f"error: no images under {target}", file=sys.stderr)
+        return 2
+    results = predict_images(paths, run_dir=args.run, model_path=args.model, mode=args.mode)
+    if args.out:
+        with atomic_file(args.out) as handle:
+            if args.out.endswith(".csv"):
+                writer = csv.DictWriter(handle, fieldnames=list(results[0]))
+                writer.writeheader()
+                writer.writerows(results)
+            else:
+                for result in results:
+                    handle.write(json.dumps(result) + "\n")
+        print(f"{len(results)} predictions written to {args.out}")
+    else:
+        for result in results:
+            confidence = "" if result["confidence"] is None else f"\t{result['confidence']:.3f}"
+            print(f"{result['image']}\t{result['label']}{confidence}\t{result['raw_answer']!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixtral-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -144,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--classes", help="class names for JSONL/CSV data")
     export.add_argument("--image-longest-edge", type=int, default=300)
     export.set_defaults(func=_data_export)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's held-out split, base and fine-tuned")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "--modes", help="comma-separated: generate,constrained,score (default: the config's)"
+    )
+    evaluate.add_argument("--models", default="base,finetuned", help="which of base,finetuned to evaluate")
+    evaluate.add_argument("--merged", help="evaluate this merged HF checkpoint as the fine-tuned model")
+    evaluate.add_argument("--limit", type=int, help="only the first N test images")
+    evaluate.add_argument("--strict", action="store_true", help="no label normalisation when parsing answers")
+    evaluate.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
+    evaluate.set_defaults(func=_eval)
+
+    predict = commands.add_parser("predict", help="classify new images with a trained run")
+    predict.add_argument("images", help="an image file or a folder (searched recursively)")
+    predict.add_argument("--run", required=True, help="run directory (prompt, classes, adapter)")
+    predict.add_argument("--model", help="use this merged/exported HF checkpoint instead of base + adapter")
+    predict.add_argument("--mode", default="score", choices=["generate", "constrained", "score"])
+    predict.add_argument("--out", help="write .csv or .jsonl instead of printing")
+    predict.set_defaults(func=_predict)
     return parser
 
 

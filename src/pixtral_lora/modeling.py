@@ -163,6 +163,7 @@ def build_tiny_model(out: str | Path, sizes: TinyPixtralSizes | None = None, see
     torch.manual_seed(seed)
     config = pixtral_config(sizes or TinyPixtralSizes())
     model = LlavaForConditionalGeneration(config)
+    _match_logit_range(model, config)
     processor = build_processor()
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -172,6 +173,23 @@ def build_tiny_model(out: str | Path, sizes: TinyPixtralSizes | None = None, see
         )
     logger.info("tiny Pixtral written to %s", out)
     return out
+
+
+def _match_logit_range(model, config) -> None:
+    """Give the tiny LM head the logit range of the 12B shape at the same init scale.
+
+    With hidden size 64 and std 0.02 the largest logit any hidden state can produce is ~1.3 against
+    131k near-equal competitors: the tiny model could never put more than ~1e-4 probability on a token
+    (loss stuck near 10.5, flat likelihoods for scoring). The 12B model's random logits have a std of
+    0.02 * sqrt(5120) = 1.4; scaling the tiny head's std by sqrt(5120 / hidden) gives it the same.
+    """
+    text = config.text_config
+    std = (
+        text.initializer_range
+        * (pixtral_12b_config_dict()["text_config"]["hidden_size"] / text.hidden_size) ** 0.5
+    )
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, std)
 
 
 def load_processor(model_name_or_path: str | os.PathLike):

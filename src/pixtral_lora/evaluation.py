@@ -1,0 +1,487 @@
+"""Evaluation: the held-out split of a run, base model and fine-tuned model side by side.
+
+Three modes, each reported separately:
+
+- `generate`: greedy decoding of a free answer, parsed by `answers.AnswerParser` (what the study did).
+- `constrained`: greedy decoding through a prefix tree of the valid answers (HF `generate`'s
+  `prefix_allowed_tokens_fn`), so only a class from the set can come out: zero hallucinations by
+  construction.
+- `score`: every class answer is scored by its log-likelihood given the image (the prompt is encoded
+  once and its KV cache shared by all candidates); the argmax is the prediction and the softmax over
+  classes a calibrated-able confidence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pixtral_lora.answers import AnswerParser
+from pixtral_lora.metrics import classification_report, outcome, plot_confusion, write_confusion_csv
+from pixtral_lora.prompt import PromptConfig
+from pixtral_lora.render import Renderer, pad_batch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("generate", "constrained", "score")
+
+
+@dataclass
+class Prediction:
+    id: str
+    gold: str
+    raw_answer: str
+    raw_label: str | None
+    label: str | None
+    confidence: float | None = None
+
+    def as_dict(self, model: str, mode: str) -> dict:
+        return {
+            "id": self.id,
+            "model": model,
+            "mode": mode,
+            "gold": self.gold,
+            "raw_answer": self.raw_answer,
+            "raw_label": self.raw_label,
+            "label": self.label,
+            "confidence": self.confidence,
+            "outcome": outcome(self.gold, self.label, self.raw_label),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_eval_model(
+    base: str, adapter: str | Path | None = None, quantization: str | None = None, dtype: str = "auto"
+):
+    """The base model, with a LoRA adapter applied when given; in eval mode."""
+    from pixtral_lora.modeling import load_model
+
+    model = load_model(base, quantization=quantization, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.eval()
+    return model
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers as token sequences
+
+
+class AnswerTrie:
+    """Prefix tree over the token ids of every valid answer (answer text + </s>)."""
+
+    def __init__(self, sequences: dict[str, list[int]]):
+        self.sequences = sequences
+        self.root: dict = {}
+        for label, ids in sequences.items():
+            node = self.root
+            for token in ids:
+                node = node.setdefault(token, {})
+            node[None] = label  # leaf marker
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        """Tokens that may follow `generated`; empty when it is a complete answer or left the tree."""
+        node = self.root
+        for token in generated:
+            if token not in node:
+                return []
+            node = node[token]
+        return [token for token in node if token is not None]
+
+
+def answer_token_ids(tokenizer, prompt: PromptConfig, class_names: list[str]) -> dict[str, list[int]]:
+    """Token ids each class's answer is trained as (answer text then </s>), as the renderer produces them."""
+    return {
+        name: tokenizer(prompt.answer(name), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for name in class_names
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched inference
+
+
+def _batch_inputs(renderer: Renderer, rows: list[dict], device) -> tuple[dict, list[int]]:
+    prompts, images = [], []
+    for row in rows:
+        messages = json.loads(row["messages"])
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        loaded = renderer.load_images(row["images"])
+        prompts.append(renderer.prompt_ids(messages, loaded)[0])
+        images.extend(loaded)
+    batch = pad_batch(prompts, renderer.pad_token_id, side="left")
+    if images:
+        pixel_inputs = renderer.processor.image_processor(images, return_tensors="pt")
+        batch["pixel_values"] = pixel_inputs["pixel_values"]
+        batch["image_sizes"] = pixel_inputs["image_sizes"]
+    return {k: v.to(device) for k, v in batch.items()}, [len(p) for p in prompts]
+
+
+def generate_answers(
+    model, renderer: Renderer, rows: list[dict], max_new_tokens: int, trie: AnswerTrie | None = None
+) -> list[str]:
+    """Greedy answers for one batch of conversation rows (prompts left-padded)."""
+    device = _device_of(model)
+    inputs, _ = _batch_inputs(renderer, rows, device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(
+            model.dtype if hasattr(model, "dtype") else torch.float32
+        )
+    width = inputs["input_ids"].shape[1]
+    eos = renderer.tokenizer.eos_token_id
+    kwargs = {}
+    if trie is not None:
+
+        def allowed(batch_id, input_ids):
+            tokens = trie.allowed(input_ids[width:].tolist())
+            return tokens or [eos]
+
+        kwargs["prefix_allowed_tokens_fn"] = allowed
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=renderer.pad_token_id,
+            **kwargs,
+        )
+    return [renderer.tokenizer.decode(seq[width:], skip_special_tokens=True) for seq in output]
+
+
+def score_answers(model, renderer: Renderer, row: dict, candidates: dict[str, list[int]]) -> dict[str, float]:
+    """Log-likelihood of each candidate answer given one image prompt; the prompt is encoded once."""
+    device = _device_of(model)
+    inputs, _ = _batch_inputs(renderer, [row], device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(
+            model.dtype if hasattr(model, "dtype") else torch.float32
+        )
+    names = list(candidates)
+    with torch.inference_mode():
+        prompt_out = model(**inputs, use_cache=True, logits_to_keep=1)
+        first_logprobs = torch.log_softmax(
+            prompt_out.logits[0, -1].float(), -1
+        )  # predicts the 1st answer token
+        cache = prompt_out.past_key_values
+        cache.batch_repeat_interleave(len(names))
+        lengths = [len(candidates[n]) for n in names]
+        longest = max(lengths)
+        ids = torch.full((len(names), longest), renderer.pad_token_id, dtype=torch.long, device=device)
+        for i, name in enumerate(names):
+            ids[i, : lengths[i]] = torch.tensor(candidates[name], device=device)
+        prompt_mask = inputs["attention_mask"].repeat(len(names), 1)
+        cand_mask = (
+            torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        ).long()
+        out = model(
+            input_ids=ids, attention_mask=torch.cat([prompt_mask, cand_mask], 1), cache=cache, use_cache=True
+        )
+        logprobs = torch.log_softmax(out.logits.float(), -1)
+    scores = {}
+    for i, name in enumerate(names):
+        seq = candidates[name]
+        total = first_logprobs[seq[0]].item()
+        for t in range(1, len(seq)):
+            total += logprobs[i, t - 1, seq[t]].item()
+        scores[name] = total
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation of one model in one mode
+
+
+def predict_rows(
+    model,
+    renderer: Renderer,
+    rows,
+    class_names: list[str],
+    prompt: PromptConfig,
+    mode: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    strict: bool = False,
+    desc: str = "",
+) -> tuple[list[Prediction], float]:
+    """Predictions for every row (none dropped) and the throughput in images/s."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    parser = AnswerParser(class_names, strict=strict)
+    candidates = answer_token_ids(renderer.tokenizer, prompt, class_names)
+    trie = AnswerTrie(candidates) if mode == "constrained" else None
+    rows = list(rows)
+    predictions: list[Prediction] = []
+    start = time.perf_counter()
+    step = 1 if mode == "score" else batch_size
+    for begin in tqdm(range(0, len(rows), step), desc=desc or mode, unit="batch" if step > 1 else "img"):
+        chunk = rows[begin : begin + step]
+        if mode == "score":
+            scores = score_answers(model, renderer, chunk[0], candidates)
+            values = torch.tensor(list(scores.values()))
+            probs = torch.softmax(values, 0)
+            best = int(values.argmax())
+            label = list(scores)[best]
+            predictions.append(
+                Prediction(
+                    chunk[0]["id"], chunk[0]["label"], prompt.answer(label), label, label, float(probs[best])
+                )
+            )
+            continue
+        answers = generate_answers(model, renderer, chunk, max_new_tokens, trie)
+        for row, answer in zip(chunk, answers, strict=True):
+            parsed = parser.parse(answer)
+            predictions.append(Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label))
+    elapsed = time.perf_counter() - start
+    if len(predictions) != len(rows):
+        raise AssertionError(f"{len(rows) - len(predictions)} test items lost")
+    return predictions, len(rows) / elapsed if elapsed > 0 else float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports
+
+
+def summarise(predictions: list[Prediction], class_names: list[str]):
+    return classification_report(
+        [p.gold for p in predictions],
+        [p.label for p in predictions],
+        [p.raw_label for p in predictions],
+        class_names,
+    )
+
+
+def write_report(out_dir: Path, results: dict, class_names: list[str], predictions: dict) -> None:
+    """report.json, report.md, predictions.jsonl, confusion_<model>[_<mode>].csv/png."""
+    from pixtral_lora.io import atomic_file, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out_dir / "report.json",
+        {
+            "class_names": class_names,
+            "results": {
+                k: {
+                    m: r["report"].as_dict() | {"images_per_second": r["images_per_second"]}
+                    for m, r in v.items()
+                }
+                for k, v in results.items()
+            },
+        },
+    )
+    with atomic_file(out_dir / "predictions.jsonl") as handle:
+        for (model_name, mode), preds in predictions.items():
+            for p in preds:
+                handle.write(json.dumps(p.as_dict(model_name, mode)) + "\n")
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            stem = f"confusion_{model_name}" + ("" if mode == "generate" else f"_{mode}")
+            write_confusion_csv(result["report"], class_names, out_dir / f"{stem}.csv")
+            plot_confusion(result["report"], class_names, out_dir / f"{stem}.png", f"{model_name} ({mode})")
+    with atomic_file(out_dir / "report.md") as handle:
+        handle.write(markdown_report(results, class_names))
+
+
+def markdown_report(results: dict, class_names: list[str]) -> str:
+    lines = ["# Evaluation report", ""]
+    any_result = next(iter(next(iter(results.values())).values()))["report"]
+    lines.append(
+        f"{any_result.n} test images, {len(class_names)} classes. Every image has exactly one outcome; "
+        "the outcome columns add up to n."
+    )
+    lines += [
+        "",
+        "| model | mode | accuracy (95% CI) | macro-F1 | hallucinated | unparseable | correct | wrong | n | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            r = result["report"]
+            lines.append(
+                f"| {model_name} | {mode} | {r.accuracy:.1%} ({r.accuracy_ci95[0]:.1%}-{r.accuracy_ci95[1]:.1%}) | "
+                f"{r.macro_f1:.3f} | {r.hallucination_rate:.1%} ({r.counts['hallucinated']}) | "
+                f"{r.parse_failure_rate:.1%} ({r.counts['unparseable']}) | {r.counts['correct']} | {r.counts['wrong']} | "
+                f"{r.n} | {result['images_per_second']:.2f} |"
+            )
+    lines += [
+        "",
+        "Modes: `generate` = free greedy answer parsed leniently (the study's setting); `constrained` = "
+        "decoding restricted to valid answers; `score` = class with the highest answer likelihood.",
+        "",
+    ]
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            r = result["report"]
+            lines += [
+                f"## Per class: {model_name}, {mode}",
+                "",
+                "| class | precision | recall | F1 | support |",
+                "|---|---|---|---|---|",
+            ]
+            for name in class_names:
+                c = r.per_class[name]
+                lines.append(
+                    f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    modes: list[str] | None = None,
+    models: tuple[str, ...] = ("base", "finetuned"),
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    strict: bool | None = None,
+    merged: str | Path | None = None,
+) -> Path:
+    """Evaluate a run's held-out split with the base and the fine-tuned model; returns the report dir.
+
+    The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
+    """
+    from pixtral_lora.config import load_config
+    from pixtral_lora.data import select_ids, to_conversations
+    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.training import load_run_data
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    split = json.loads((run_dir / "split.json").read_text())
+    run_data = load_run_data(config)
+    class_names = split["class_names"]
+    test = select_ids(run_data.splits.test, split["ids"]["test"])
+    if limit:
+        test = test.select(range(min(limit, len(test))))
+    rows = list(to_conversations(test, config.prompt, class_names, with_answer=False))
+    modes = modes or list(config.eval.modes)
+    strict = config.eval.strict if strict is None else strict
+    processor = load_processor(
+        run_dir / "adapter" if (run_dir / "adapter").is_dir() else config.model.name_or_path
+    )
+    renderer = Renderer(processor, config.data.image_longest_edge)
+    results: dict = {}
+    predictions: dict = {}
+    for model_name in models:
+        if model_name == "base":
+            model = load_eval_model(
+                config.model.name_or_path, None, config.model.quantization, config.model.dtype
+            )
+        elif merged is not None:
+            model = load_eval_model(str(merged), None, None, config.model.dtype)
+        else:
+            model = load_eval_model(
+                config.model.name_or_path, run_dir / "adapter", config.model.quantization, config.model.dtype
+            )
+        results[model_name] = {}
+        for mode in modes:
+            preds, speed = predict_rows(
+                model,
+                renderer,
+                rows,
+                class_names,
+                config.prompt,
+                mode,
+                batch_size=config.eval.batch_size,
+                max_new_tokens=config.eval.max_new_tokens,
+                strict=strict,
+                desc=f"{model_name}/{mode}",
+            )
+            report = summarise(preds, class_names)
+            results[model_name][mode] = {"report": report, "images_per_second": speed}
+            predictions[(model_name, mode)] = preds
+            logger.info(
+                "%s/%s: accuracy %.3f, hallucinated %.3f, unparseable %.3f (n=%d)",
+                model_name,
+                mode,
+                report.accuracy,
+                report.hallucination_rate,
+                report.parse_failure_rate,
+                report.n,
+            )
+        del model
+    out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
+    write_report(out, results, class_names, predictions)
+    return out
+
+
+def predict_images(
+    paths: list[Path],
+    run_dir: str | Path | None = None,
+    model_path: str | None = None,
+    mode: str = "score",
+    class_names: list[str] | None = None,
+) -> list[dict]:
+    """Classify new images with a run's prompt: label, confidence (score mode) and the raw answer."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    from pixtral_lora.config import load_config
+    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.prompt import messages_to_json
+
+    if run_dir is None:
+        raise ValueError(
+            "--run is required: it carries the prompt, class names and image size the model was trained with"
+        )
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    class_names = class_names or json.loads((run_dir / "split.json").read_text())["class_names"]
+    messages = messages_to_json(config.prompt.messages(class_names))
+    rows = [
+        {"id": str(p), "messages": messages, "images": [{"path": str(p), "bytes": None}], "label": ""}
+        for p in paths
+    ]
+    features = Features(
+        {
+            "id": Value("string"),
+            "messages": Value("string"),
+            "images": Sequence(Image(decode=False)),
+            "label": Value("string"),
+        }
+    )
+    rows = list(Dataset.from_list(rows, features=features))
+    processor = load_processor(
+        run_dir / "adapter" if (run_dir / "adapter").is_dir() else config.model.name_or_path
+    )
+    renderer = Renderer(processor, config.data.image_longest_edge)
+    if model_path:
+        model = load_eval_model(model_path, None, None, config.model.dtype)
+    else:
+        model = load_eval_model(
+            config.model.name_or_path, run_dir / "adapter", config.model.quantization, config.model.dtype
+        )
+    preds, _ = predict_rows(
+        model,
+        renderer,
+        rows,
+        class_names,
+        config.prompt,
+        mode,
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+    )
+    return [
+        {"image": p.id, "label": p.label, "confidence": p.confidence, "raw_answer": p.raw_answer}
+        for p in preds
+    ]

@@ -1,0 +1,162 @@
+"""Classification metrics where every test item has exactly one outcome, and nothing is dropped.
+
+Outcomes: `correct`, `wrong` (a valid class, not the gold one), `hallucinated` (a label was read but
+it names no class) and `unparseable` (no label could be read). Accuracy counts only `correct`;
+per-class metrics use sklearn with `labels=class_names`, so rows are keyed by the right names even
+when a class is never predicted or has no test images.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+OUTCOMES = ("correct", "wrong", "hallucinated", "unparseable")
+HALLUCINATED_COLUMN = "(hallucinated)"
+UNPARSEABLE_COLUMN = "(unparseable)"
+
+
+def outcome(gold: str, label: str | None, raw_label: str | None) -> str:
+    """The one outcome of a prediction (see module docstring)."""
+    if label is not None:
+        return "correct" if label == gold else "wrong"
+    return "hallucinated" if raw_label is not None else "unparseable"
+
+
+@dataclass
+class ClassificationReport:
+    n: int
+    counts: dict[str, int]
+    accuracy: float
+    accuracy_ci95: tuple[float, float]
+    macro_f1: float
+    hallucination_rate: float
+    parse_failure_rate: float
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]  # rows: gold classes; columns: classes + hallucinated + unparseable
+    confusion_columns: list[str]
+
+    def as_dict(self) -> dict:
+        return {
+            "n": self.n,
+            "counts": self.counts,
+            "accuracy": self.accuracy,
+            "accuracy_ci95": list(self.accuracy_ci95),
+            "macro_f1": self.macro_f1,
+            "hallucination_rate": self.hallucination_rate,
+            "parse_failure_rate": self.parse_failure_rate,
+            "per_class": self.per_class,
+            "confusion": self.confusion,
+            "confusion_columns": self.confusion_columns,
+        }
+
+
+def classification_report(
+    gold: list[str], predicted: list[str | None], raw: list[str | None], class_names: list[str]
+) -> ClassificationReport:
+    """Metrics for aligned lists of gold labels, predicted class names (None if invalid) and raw labels."""
+    if not (len(gold) == len(predicted) == len(raw)):
+        raise ValueError("gold, predicted and raw must have the same length")
+    n = len(gold)
+    outcomes = [outcome(g, p, r) for g, p, r in zip(gold, predicted, raw, strict=True)]
+    counts = {name: outcomes.count(name) for name in OUTCOMES}
+    if sum(counts.values()) != n:  # every item has exactly one outcome
+        raise AssertionError("outcome counts do not add up")
+    columns = [*class_names, HALLUCINATED_COLUMN, UNPARSEABLE_COLUMN]
+    predicted_columns = [
+        p if p is not None else (HALLUCINATED_COLUMN if o == "hallucinated" else UNPARSEABLE_COLUMN)
+        for p, o in zip(predicted, outcomes, strict=True)
+    ]
+    matrix = (
+        confusion_matrix(gold, predicted_columns, labels=columns)[: len(class_names)]
+        if n
+        else np.zeros((len(class_names), len(columns)), int)
+    )
+    precision, recall, f1, support = (
+        precision_recall_fscore_support(gold, predicted_columns, labels=class_names, zero_division=0)
+        if n
+        else (np.zeros(len(class_names)),) * 4
+    )
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    present = [i for i, name in enumerate(class_names) if per_class[name]["support"] > 0]
+    macro_f1 = float(np.mean([f1[i] for i in present])) if present else 0.0
+    accuracy = counts["correct"] / n if n else 0.0
+    ci = binomtest(counts["correct"], n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+    return ClassificationReport(
+        n=n,
+        counts=counts,
+        accuracy=accuracy,
+        accuracy_ci95=(float(ci.low), float(ci.high)) if ci else (0.0, 0.0),
+        macro_f1=macro_f1,
+        hallucination_rate=counts["hallucinated"] / n if n else 0.0,
+        parse_failure_rate=counts["unparseable"] / n if n else 0.0,
+        per_class=per_class,
+        confusion=matrix.tolist(),
+        confusion_columns=columns,
+    )
+
+
+def write_confusion_csv(report: ClassificationReport, class_names: list[str], path: Path) -> None:
+    """Confusion matrix as CSV: one row per gold class, one column per predicted class (+ invalid)."""
+    from pixtral_lora.io import atomic_file
+
+    with atomic_file(path) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["gold \\ predicted", *report.confusion_columns])
+        for name, row in zip(class_names, report.confusion, strict=True):
+            writer.writerow([name, *row])
+
+
+def plot_confusion(report: ClassificationReport, class_names: list[str], path: Path, title: str) -> None:
+    """Heatmap of the row-normalised confusion matrix with the class names on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pixtral_lora.io import atomic_file
+
+    matrix = np.asarray(report.confusion, dtype=float)
+    rows = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    size = max(6.0, 0.38 * len(report.confusion_columns) + 3)
+    figure, axes = plt.subplots(figsize=(size + 1.5, size))
+    image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(len(report.confusion_columns)), report.confusion_columns, rotation=90, fontsize=8)
+    axes.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("gold")
+    axes.set_title(
+        f"{title}\naccuracy {report.accuracy:.1%}, hallucinated {report.hallucination_rate:.1%}, n={report.n}"
+    )
+    if len(class_names) <= 40:
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                if matrix[i, j]:
+                    axes.text(
+                        j,
+                        i,
+                        int(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if normalised[i, j] > 0.5 else "black",
+                    )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of gold class")
+    figure.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    plt.close(figure)
