@@ -33,12 +33,24 @@ $(TINY_MODEL)/config.json: | install
 	$(BIN)/pixtral-lora tiny-model --out $(TINY_MODEL)
 
 $(TINY_DATA)/.complete: | install
-	$(BIN)/pixtral-lora data generate --out $(TINY_DATA) --per-class 40 --size 64
+	$(BIN)/pixtral-lora data generate --out $(TINY_DATA) --per-class 40 --size 64 --classes Beach,Desert,Forest,Port
 	touch $@
+
+TINY_RUN = runs/tiny
+
+# Train the tiny config (CPU, ~1 min); a rerun resumes or finds the run complete.
+train: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
+	$(BIN)/python train.py configs/tiny.yaml
+
+# Evaluate the tiny run: base vs fine-tuned, generate/constrained/score.
+eval: train
+	$(BIN)/pixtral-lora eval $(TINY_RUN)
 
 demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 	$(BIN)/pixtral-lora data validate $(TINY_DATA)
-	$(BIN)/pixtral-lora data preview $(TINY_DATA) --index 0 --processor $(TINY_MODEL)
+	$(BIN)/pixtral-lora data preview $(TINY_DATA) --index 0 --config configs/tiny.yaml --processor $(TINY_MODEL)
+	$(BIN)/python train.py configs/tiny.yaml
+	$(BIN)/pixtral-lora eval $(TINY_RUN)
 
 clean:
 	rm -rf $(ARTIFACTS) runs

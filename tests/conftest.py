@@ -42,3 +42,40 @@ def aid_dir(tmp_path_factory):
     return generate_aid_like(
         tmp_path_factory.mktemp("data") / "aid", classes=SYNTH_CLASSES, per_class=10, size=64
     )
+
+
+@pytest.fixture(scope="session")
+def learn_data_dir(tmp_path_factory):
+    """Enough synthetic scenes for the tiny model to learn 4 classes in a CPU minute."""
+    from pixtral_lora.synth import generate_aid_like
+
+    return generate_aid_like(
+        tmp_path_factory.mktemp("data") / "aid-learn", classes=SYNTH_CLASSES, per_class=40, size=64
+    )
+
+
+def tiny_config(model_dir, data_dir, output_dir, *overrides):
+    """configs/tiny.yaml pointed at test fixtures, with extra `section.key=value` overrides."""
+    from pathlib import Path
+
+    from pixtral_lora.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    return load_config(
+        root / "configs" / "tiny.yaml",
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.path={data_dir}",
+            f"training.output_dir={output_dir}",
+            "training.report_to=none",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, learn_data_dir, tmp_path_factory):
+    """One full training run of configs/tiny.yaml (the learning test and the evaluation tests share it)."""
+    from pixtral_lora.training import train
+
+    return train(tiny_config(tiny_model_dir, learn_data_dir, tmp_path_factory.mktemp("runs") / "tiny"))

@@ -64,4 +64,5 @@ def test_tiny_model_runs_forward_and_loss(tiny_model_dir, processor, aid_dir):
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape and out.logits.shape[-1] == 131072
-    assert torch.isfinite(out.loss) and abs(out.loss.item() - torch.log(torch.tensor(131072.0)).item()) < 1.0
+    # an untrained model is near chance: log(131072) = 11.8, plus sigma^2/2 = 1.0 for logits of std 1.4
+    assert torch.isfinite(out.loss) and 11.0 < out.loss.item() < 14.0

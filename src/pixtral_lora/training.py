@@ -252,8 +252,8 @@ def sft_config(config: Config, run_dir: Path, device: str, has_validation: bool)
         load_best_model_at_end=evaluate,
         metric_for_best_model="eval_loss" if evaluate else None,
         greater_is_better=False if evaluate else None,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=on_cuda and config.model.dtype in ("auto", "bfloat16"),
         fp16=on_cuda and config.model.dtype == "float16",
         use_cpu=not on_cuda,
@@ -416,7 +416,8 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     axes.set_ylabel("loss (answer tokens)")
     axes.set_yscale("log")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if train or valid:
+        axes.legend()
     figure.tight_layout()
     with atomic_file(out, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)

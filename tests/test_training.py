@@ -1,0 +1,223 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from pixtral_lora.config import ConfigError
+from pixtral_lora.data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_cli(*args, env=None):
+    return [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "tiny.yaml"), *args]
+
+
+def _sets(model_dir, data_dir, out, *extra):
+    values = [
+        f"model.name_or_path={model_dir}",
+        f"data.path={data_dir}",
+        f"training.output_dir={out}",
+        "training.report_to=none",
+        *extra,
+    ]
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def test_run_directory_has_everything_eval_and_export_need(tiny_run):
+    adapter = tiny_run / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    assert (adapter / "processor_config.json").is_file() and (adapter / "tokenizer.json").is_file()
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert split["class_names"] == ["Beach", "Desert", "Forest", "Port"]
+    assert set(split["ids"]["test"]).isdisjoint(split["ids"]["train"] + split["ids"]["validation"])
+    assert len(split["ids"]["test"]) == 40  # 25% of 160, stratified
+    environment = json.loads((tiny_run / "environment.json").read_text())
+    assert environment["versions"]["transformers"] and environment["seeds"] == {"training": 42, "split": 42}
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in m for m in metrics) and any("loss" in m for m in metrics)
+    assert (tiny_run / "loss_curve.png").stat().st_size > 1000
+    summary = json.loads((tiny_run / "train_summary.json").read_text())
+    assert summary["best_checkpoint"] is not None
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    assert any("language_model" in k and "q_proj.lora_A" in k for k in keys)
+    assert not any("vision_tower" in k for k in keys)  # only when lora.train_vision_tower
+
+
+def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
+    from pixtral_lora.evaluation import evaluate_run
+
+    out = evaluate_run(tiny_run, modes=["generate"])
+    report = json.loads((out / "report.json").read_text())["results"]
+    base, tuned = report["base"]["generate"], report["finetuned"]["generate"]
+    assert tuned["n"] == base["n"] == 40
+    assert tuned["accuracy"] >= 0.9, tuned
+    assert base["accuracy"] <= 0.5, base  # a random model does not know the scenes
+
+
+def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, processor, aid_dir):
+    from pixtral_lora.data import load_aid_folder, to_conversations
+    from pixtral_lora.modeling import load_model
+    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.render import Renderer, TrainingCollator, render_dataset
+    from pixtral_lora.training import _answer_only_trainer_class
+
+    model = load_model(tiny_model_dir, device="cpu")
+    dataset = load_aid_folder(aid_dir).select(range(3))
+    renderer = Renderer(processor, 64)
+    batch = TrainingCollator(renderer)(
+        list(
+            render_dataset(
+                renderer, to_conversations(dataset, PromptConfig(), ["Beach", "Desert", "Forest", "Port"])
+            )
+        )
+    )
+    trainer = object.__new__(_answer_only_trainer_class())  # compute_loss only needs these attributes
+    trainer._metrics = {
+        "train": __import__("collections").defaultdict(list),
+        "eval": __import__("collections").defaultdict(list),
+    }
+    trainer.accelerator = type(
+        "A", (), {"gather_for_metrics": staticmethod(lambda x: x), "num_processes": 1}
+    )()
+    model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, batch)
+        reference = model(**batch).loss  # transformers' own shifted cross-entropy over all label tokens
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_bad_config_and_bad_data_fail_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import pixtral_lora.training as training
+
+    monkeypatch.setattr(training, "load_training_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DataError, match="is not an AID-style folder"):
+        training.train(tiny_config(tiny_model_dir, tmp_path / "nowhere", tmp_path / "run"))
+    with pytest.raises(ConfigError, match="unknown key 'learning_rat'"):
+        tiny_config(tiny_model_dir, tmp_path, tmp_path / "run", "training.learning_rat=1")
+    result = subprocess.run(_train_cli("--set", "lora.r=0"), capture_output=True, text=True, cwd=ROOT)
+    assert (
+        result.returncode == 2 and "lora.r" in result.stderr and "greater than or equal to 1" in result.stderr
+    )
+
+
+def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path):
+    from pixtral_lora.training import train
+
+    run = train(
+        tiny_config(
+            tiny_model_dir,
+            aid_dir,
+            tmp_path / "qlora",
+            "model.quantization=4bit",
+            "training.max_steps=3",
+            "training.eval_steps=null",
+            "data.validation_size=0",
+            "training.gradient_checkpointing=true",
+            "training.logging_steps=1",
+        )
+    )
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(
+        "lora_B" in k and v.abs().sum() > 0 for k, v in weights.items()
+    )  # B starts at zero: it trained
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, aid_dir, tmp_path):
+    common = [
+        "training.max_steps=8",
+        "training.save_steps=4",
+        "training.eval_steps=null",
+        "data.validation_size=0",
+        "training.logging_steps=1",
+        "training.per_device_train_batch_size=4",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight = subprocess.run(
+        _train_cli(*_sets(tiny_model_dir, aid_dir, tmp_path / "straight", *common)),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_cli(*_sets(tiny_model_dir, aid_dir, killed_dir, *common)),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = killed_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), "no checkpoint appeared"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "adapter").exists()  # the run really died before finishing
+
+    resumed = subprocess.run(
+        _train_cli(*_sets(tiny_model_dir, aid_dir, killed_dir, *common)),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_rerun_with_a_different_config_is_refused(tiny_run, tiny_model_dir, learn_data_dir):
+    from pixtral_lora.training import RunDirError, train
+
+    with pytest.raises(RunDirError, match="different config"):
+        train(tiny_config(tiny_model_dir, learn_data_dir, tiny_run, "training.learning_rate=0.5"))
+
+
+def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "train" / "cpu_ddp.yaml"),
+        str(ROOT / "train.py"),
+        str(ROOT / "configs" / "tiny.yaml"),
+        *_sets(
+            tiny_model_dir,
+            aid_dir,
+            out,
+            "training.max_steps=3",
+            "training.eval_steps=null",
+            "data.validation_size=0",
+            "training.logging_steps=1",
+        ),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    # 30 training images, 8 per process: one process needs 4 steps per epoch, two need 2
+    train_ids = json.loads((out / "split.json").read_text())["ids"]["train"]
+    assert len(train_ids) == 30 and state["epoch"] == pytest.approx(1.5)
