@@ -1,0 +1,109 @@
+import csv
+import json
+
+import pytest
+
+from pixtral_lora.cli import main
+from pixtral_lora.data import load_aid_folder, to_conversations
+from pixtral_lora.evaluation import AnswerTrie, answer_token_ids, load_eval_model, predict_rows
+from pixtral_lora.prompt import PromptConfig
+from pixtral_lora.render import Renderer
+
+CLASSES = ["Beach", "Desert", "Forest", "Port"]
+
+
+def test_constrained_mode_never_leaves_the_class_set_even_untrained(tiny_model_dir, processor, aid_dir):
+    model = load_eval_model(str(tiny_model_dir), dtype="float32")
+    rows = list(
+        to_conversations(
+            load_aid_folder(aid_dir).select(range(0, 40, 3)), PromptConfig(), CLASSES, with_answer=False
+        )
+    )
+    renderer = Renderer(processor, 64)
+    free, _ = predict_rows(
+        model, renderer, rows, CLASSES, PromptConfig(), "generate", batch_size=7, max_new_tokens=12
+    )
+    assert all(p.label is None for p in free)  # the random model babbles
+    constrained, _ = predict_rows(
+        model, renderer, rows, CLASSES, PromptConfig(), "constrained", batch_size=7, max_new_tokens=24
+    )
+    valid = {PromptConfig().answer(c) for c in CLASSES}
+    assert all(p.raw_answer in valid and p.label in CLASSES for p in constrained)
+    scored, _ = predict_rows(model, renderer, rows, CLASSES, PromptConfig(), "score")
+    assert all(p.label in CLASSES and 0.25 <= p.confidence <= 1.0 for p in scored)
+
+
+def test_answer_trie_allows_only_valid_continuations(processor):
+    sequences = answer_token_ids(processor.tokenizer, PromptConfig(), CLASSES)
+    trie = AnswerTrie(sequences)
+    forest = sequences["Forest"]
+    common = next(i for i in range(len(forest)) if len({s[i] for s in sequences.values()}) > 1)
+    assert set(trie.allowed(forest[:common])) == {s[common] for s in sequences.values()}
+    assert trie.allowed(forest[:1]) == [forest[1]]  # the shared prefix has one way on
+    assert trie.allowed(forest) == []  # complete
+    assert trie.allowed([forest[0] + 1]) == []  # left the tree
+
+
+def test_eval_command_writes_complete_reports(tiny_run, capsys):
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_run),
+                "--modes",
+                "generate,constrained,score",
+                "--limit",
+                "12",
+                "--out",
+                str(tiny_run / "eval12"),
+            ]
+        )
+        == 0
+    )
+    shown = capsys.readouterr().out
+    assert "| finetuned | score |" in shown and "| base | generate |" in shown
+    out = tiny_run / "eval12"
+    report = json.loads((out / "report.json").read_text())
+    for model in ("base", "finetuned"):
+        for mode in ("generate", "constrained", "score"):
+            result = report["results"][model][mode]
+            assert sum(result["counts"].values()) == result["n"] == 12
+            assert result["images_per_second"] > 0
+    assert report["results"]["finetuned"]["constrained"]["counts"]["hallucinated"] == 0
+    assert (
+        report["results"]["finetuned"]["score"]["accuracy"] >= report["results"]["base"]["score"]["accuracy"]
+    )
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 * 3 * 12
+    assert {p["outcome"] for p in predictions} <= {"correct", "wrong", "hallucinated", "unparseable"}
+    assert all(p["gold"] in CLASSES for p in predictions)
+    for name in (
+        "confusion_base.png",
+        "confusion_finetuned.png",
+        "confusion_finetuned_score.csv",
+        "report.md",
+    ):
+        assert (out / name).stat().st_size > 100
+    with open(out / "confusion_finetuned.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == [*CLASSES, "(hallucinated)", "(unparseable)"]
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == 12
+
+
+def test_predict_command_on_a_folder(tiny_run, learn_data_dir, tmp_path):
+    target = tmp_path / "new"
+    target.mkdir()
+    for name in ("Forest/forest_1.jpg", "Port/port_2.jpg"):
+        (target / name.split("/")[1]).write_bytes((learn_data_dir / name).read_bytes())
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(target), "--run", str(tiny_run), "--out", str(out)]) == 0
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["forest_1.jpg", "port_2.jpg"]
+    assert all(r["label"] in CLASSES and 0 < float(r["confidence"]) <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["bogus"])
+def test_unknown_mode_is_an_error(mode, tiny_model_dir, processor):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        predict_rows(None, Renderer(processor), [], CLASSES, PromptConfig(), mode)
