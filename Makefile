@@ -52,5 +52,9 @@ demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 	$(BIN)/python train.py configs/tiny.yaml
 	$(BIN)/pixtral-lora eval $(TINY_RUN)
 
+# Throughput and memory of the tiny config; results in benchmarks/results-<device>.json
+bench: install
+	$(BIN)/python scripts/bench.py
+
 clean:
 	rm -rf $(ARTIFACTS) runs

@@ -120,12 +120,17 @@ def split_dataset(
 ) -> Splits:
     """Stratified split by label (80/20 with seed 42 gives AID's 8,000/2,000); validation carved from train."""
     stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
-    parts = dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
-    train, test = parts["train"], parts["test"]
-    validation = None
-    if validation_size > 0:
-        inner = train.train_test_split(test_size=validation_size, seed=seed, stratify_by_column=stratify)
-        train, validation = inner["train"], inner["test"]
+    try:
+        parts = dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
+        train, test = parts["train"], parts["test"]
+        validation = None
+        if validation_size > 0:
+            inner = train.train_test_split(test_size=validation_size, seed=seed, stratify_by_column=stratify)
+            train, validation = inner["train"], inner["test"]
+    except ValueError as err:  # e.g. fewer test images than classes: a stratified split is impossible
+        raise DataError(
+            f"cannot split {len(dataset)} samples (test_size={test_size}, validation_size={validation_size}): {err}"
+        ) from err
     return Splits(train=train, test=test, validation=validation)
 
 

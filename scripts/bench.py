@@ -1,0 +1,153 @@
+"""Benchmarks of the tiny config: training throughput and evaluation speed, written to a results file.
+
+    python scripts/bench.py [--out benchmarks/results-cpu.json]      (what `make bench` runs)
+
+Training: samples/s and tokens/s (non-padding tokens) from a run of the real recipe, peak memory
+(CUDA allocator peak on a GPU, max resident set size on a CPU), and the share of padding tokens in
+the batches. Evaluation: images/s for free generation, constrained generation and scoring.
+Figures are from one run on one machine: compare ratios measured in the same run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from pixtral_lora.config import load_config  # noqa: E402
+from pixtral_lora.data import to_conversations  # noqa: E402
+from pixtral_lora.evaluation import load_eval_model, predict_rows  # noqa: E402
+from pixtral_lora.io import write_json  # noqa: E402
+from pixtral_lora.modeling import best_device, build_tiny_model, load_processor  # noqa: E402
+from pixtral_lora.render import Renderer, render_dataset  # noqa: E402
+from pixtral_lora.synth import generate_aid_like  # noqa: E402
+from pixtral_lora.training import load_run_data, train  # noqa: E402
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def padding_share(rendered, batch_size: int) -> float:
+    lengths = [len(ids) for ids in rendered["input_ids"]]
+    padded = real = 0
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start : start + batch_size]
+        padded += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return 1 - real / padded if padded else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / f"results-{best_device()}.json"))
+    parser.add_argument(
+        "--steps", type=int, default=-1, help="optimizer steps (default: the config's epochs)"
+    )
+    parser.add_argument("--eval-images", type=int, default=32)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = build_tiny_model(tmp / "tiny-pixtral")
+        data_dir = generate_aid_like(
+            tmp / "aid", classes=["Beach", "Desert", "Forest", "Port"], per_class=40, size=64
+        )
+        config = load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [
+                f"model.name_or_path={model_dir}",
+                f"data.path={data_dir}",
+                f"training.output_dir={tmp / 'run'}",
+                f"training.max_steps={args.steps}",
+                "training.eval_steps=null",
+                "data.validation_size=0",
+                "training.report_to=none",
+                "training.save_steps=1000",
+            ],
+        )
+        # -- Training --------------------------------------------------------------------------------
+        processor = load_processor(model_dir)
+        renderer = Renderer(processor, config.data.image_longest_edge, config.data.max_length)
+        run_data = load_run_data(config)
+        rendered = render_dataset(
+            renderer, to_conversations(run_data.splits.train, config.prompt, run_data.class_names)
+        )
+        run_dir = train(config, resume="never")
+        final = [
+            json.loads(line)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "train_runtime" in line
+        ][-1]
+        steps = json.loads((run_dir / "train_summary.json").read_text())["global_step"]
+        samples = round(final["epoch"] * len(rendered))
+        mean_tokens = sum(len(ids) for ids in rendered["input_ids"]) / len(rendered)
+        training = {
+            "steps": steps,
+            "samples": samples,
+            "runtime_s": final["train_runtime"],
+            "samples_per_s": samples / final["train_runtime"],
+            "tokens_per_s": samples * mean_tokens / final["train_runtime"],
+            "tokens_per_sample": mean_tokens,
+            "padding_share": padding_share(rendered, config.training.per_device_train_batch_size),
+            "peak_memory_mb": peak_memory_mb(),
+        }
+        # -- Evaluation -------------------------------------------------------------------------------
+        test = run_data.splits.test.select(range(min(args.eval_images, len(run_data.splits.test))))
+        rows = list(to_conversations(test, config.prompt, run_data.class_names, with_answer=False))
+        model = load_eval_model(str(model_dir), run_dir / "adapter", None, config.model.dtype)
+        evaluation = {}
+        for mode in ("generate", "constrained", "score"):
+            start = time.perf_counter()
+            predictions, speed = predict_rows(
+                model,
+                renderer,
+                rows,
+                run_data.class_names,
+                config.prompt,
+                mode,
+                batch_size=config.eval.batch_size,
+                max_new_tokens=config.eval.max_new_tokens,
+            )
+            evaluation[mode] = {
+                "images": len(rows),
+                "images_per_s": speed,
+                "wall_s": time.perf_counter() - start,
+                "accuracy": sum(p.label == p.gold for p in predictions) / len(predictions),
+            }
+    results = {
+        "benchmark": "tiny Pixtral (configs/tiny.yaml), synthetic 64x64 scenes",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "device": best_device(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": {"torch": torch.__version__},
+        "training": training,
+        "evaluation": evaluation,
+        "reproduce": "make bench",
+    }
+    write_json(args.out, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
