@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps mistral-inference==1.6.0
 	touch $(STAMP)
 
 test: install
@@ -46,11 +47,18 @@ train: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 eval: train
 	$(BIN)/pixtral-lora eval $(TINY_RUN)
 
+# Merge the tiny run's adapter and write Mistral's native format (what vLLM serves).
+convert: train
+	$(BIN)/python scripts/convert_to_mistral.py --model $(TINY_MODEL) --adapter $(TINY_RUN)/adapter --out $(TINY_RUN)/mistral
+
+# The whole workflow on the tiny model, in a few CPU minutes.
 demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 	$(BIN)/pixtral-lora data validate $(TINY_DATA)
 	$(BIN)/pixtral-lora data preview $(TINY_DATA) --index 0 --config configs/tiny.yaml --processor $(TINY_MODEL)
 	$(BIN)/python train.py configs/tiny.yaml
 	$(BIN)/pixtral-lora eval $(TINY_RUN)
+	$(BIN)/python scripts/convert_to_mistral.py --model $(TINY_MODEL) --adapter $(TINY_RUN)/adapter --out $(TINY_RUN)/mistral
+	@echo "demo done: run in $(TINY_RUN), report in $(TINY_RUN)/eval/report.md, Mistral-format model in $(TINY_RUN)/mistral"
 
 # Throughput and memory of the tiny config; results in benchmarks/results-<device>.json
 bench: install

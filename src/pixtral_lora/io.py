@@ -24,6 +24,10 @@ def atomic_directory(final: str | Path, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # mkdtemp/mkstemp create owner-only entries; outputs are for servers and colleagues to read too.
+    tmp.chmod(0o755)
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
@@ -44,6 +48,7 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
+        tmp.chmod(0o644)
         tmp.replace(final)
     except BaseException:
         tmp.unlink(missing_ok=True)

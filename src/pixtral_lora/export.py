@@ -1,0 +1,369 @@
+"""Export: merge LoRA adapters into Pixtral and write Mistral's native format (what vLLM serves).
+
+transformers only converts native -> HF (its `convert_pixtral_weights_to_hf`); this is the way back:
+
+- names: HF `model.language_model.layers.N.self_attn.q_proj` -> native `layers.N.attention.wq`, etc.
+  (both HF layouts are read: `model.language_model.*` and the legacy `language_model.model.*`);
+- rotary layout: HF permutes the rows of q and k so that rotary pairs are (i, i + d/2); native keeps
+  interleaved pairs (2i, 2i + 1). `unpermute_rotary` inverts transformers' permutation, for the text
+  model (query heads and key-value heads) and the vision encoder;
+- LoRA: W + (B @ A) * alpha / r, merged in float32 on the HF-layout weight before un-permuting, from
+  the full-precision base (never into 4-bit weights);
+- `params.json` (text fields plus the `vision_encoder` block) and `tekken.json`.
+
+The base is read tensor by tensor from its safetensors files (lazy `safe_open`), so memory stays
+near one copy of the merged weights; the output appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pixtral_lora.io import atomic_directory, write_json
+from pixtral_lora.modeling import IMAGE_BREAK_TOKEN_ID, IMAGE_END_TOKEN_ID, tekken_path
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """The checkpoint or adapter cannot be exported as asked."""
+
+
+# Legacy HF layout (what transformers 4.x wrote, and 5.x still writes to disk) -> current layout.
+_LEGACY_TO_CURRENT = [
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^vision_tower\."), "model.vision_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+]
+
+# Current HF layout -> Mistral native names.
+_HF_TO_NATIVE = [
+    (r"model\.language_model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.language_model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (
+        r"model\.language_model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight",
+        r"layers.\1.attention.w\2.weight",
+    ),
+    (r"model\.language_model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.language_model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.language_model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.language_model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.language_model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.vision_tower\.patch_conv\.weight", "vision_encoder.patch_conv.weight"),
+    (r"model\.vision_tower\.ln_pre\.weight", "vision_encoder.ln_pre.weight"),
+    (
+        r"model\.vision_tower\.transformer\.layers\.(\d+)\.attention\.([qkvo])_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.attention.w\2.weight",
+    ),
+    (
+        r"model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.gate_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w1.weight",
+    ),
+    (
+        r"model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.down_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w2.weight",
+    ),
+    (
+        r"model\.vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.up_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w3.weight",
+    ),
+    (
+        r"model\.vision_tower\.transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.weight",
+        r"vision_encoder.transformer.layers.\1.\2.weight",
+    ),
+    (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
+    (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
+]
+_HF_TO_NATIVE_COMPILED = [(re.compile(f"^{pattern}$"), target) for pattern, target in _HF_TO_NATIVE]
+
+
+def current_hf_name(name: str) -> str:
+    """Normalise a legacy HF key (`language_model.model.*`, ...) to the current layout."""
+    for pattern, replacement in _LEGACY_TO_CURRENT:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def native_name(hf_name: str) -> str:
+    """Mistral native key of an HF Pixtral key (either layout); unknown keys are an error."""
+    name = current_hf_name(hf_name)
+    for pattern, target in _HF_TO_NATIVE_COMPILED:
+        if pattern.match(name):
+            return pattern.sub(target, name)
+    raise ExportError(
+        f"no native name for HF weight {hf_name!r}: not a Pixtral (Llava + Mistral) checkpoint?"
+    )
+
+
+def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Invert transformers' q/k row permutation for rotary embeddings (per head: halves -> interleaved)."""
+    rows, columns = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, 2, head_dim // 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def _rotary_heads(native: str, config: dict) -> int | None:
+    text, vision = config["text_config"], config["vision_config"]
+    if re.fullmatch(r"layers\.\d+\.attention\.wq\.weight", native):
+        return text["num_attention_heads"]
+    if re.fullmatch(r"layers\.\d+\.attention\.wk\.weight", native):
+        return text["num_key_value_heads"]
+    if re.fullmatch(r"vision_encoder\.transformer\.layers\.\d+\.attention\.w[qk]\.weight", native):
+        return vision["num_attention_heads"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """Local directory of an HF checkpoint (downloads config + safetensors for a hub id)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    files = sorted(checkpoint.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("consolidated")]
+    if not files:
+        raise ExportError(f"{checkpoint}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
+    return files
+
+
+class LoraDeltas:
+    """The LoRA updates of a PEFT adapter, keyed by the current-layout HF weight name."""
+
+    def __init__(self, adapter_dir: str | Path):
+        adapter_dir = Path(adapter_dir)
+        config_path, weights_path = (
+            adapter_dir / "adapter_config.json",
+            adapter_dir / "adapter_model.safetensors",
+        )
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ExportError(f"{adapter_dir}: expected adapter_config.json and adapter_model.safetensors")
+        config = json.loads(config_path.read_text())
+        if config.get("peft_type") != "LORA":
+            raise ExportError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+        for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+            if config.get(unsupported):
+                raise ExportError(f"{config_path}: {unsupported} is not supported by the exporter")
+        rank, alpha = config["r"], config["lora_alpha"]
+        self.scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(weights_path, framework="pt") as handle:
+            for key in handle.keys():
+                match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+                if not match:
+                    raise ExportError(f"{weights_path}: unexpected adapter tensor {key!r}")
+                module = current_hf_name(match.group(1)) + ".weight"
+                self.factors.setdefault(module, {})[match.group(2)] = handle.get_tensor(key)
+        self.unused = set(self.factors)
+
+    def delta(self, hf_name: str) -> torch.Tensor | None:
+        """(B @ A) * scale for this weight, float32, or None when the adapter does not touch it."""
+        factors = self.factors.get(current_hf_name(hf_name))
+        if factors is None:
+            return None
+        self.unused.discard(current_hf_name(hf_name))
+        return (factors["B"].float() @ factors["A"].float()) * self.scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# params.json
+
+
+def params_json(config: dict) -> dict:
+    """Mistral's params.json for a Pixtral HF config (text fields + the vision_encoder block)."""
+    text, vision = config["text_config"], config["vision_config"]
+    rope_text = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta"))
+    rope_vision = (vision.get("rope_parameters") or {}).get("rope_theta", vision.get("rope_theta"))
+    params = {
+        "dim": text["hidden_size"],
+        "n_layers": text["num_hidden_layers"],
+        "head_dim": text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
+        "hidden_dim": text["intermediate_size"],
+        "n_heads": text["num_attention_heads"],
+        "n_kv_heads": text["num_key_value_heads"],
+        "rope_theta": rope_text,
+        "norm_eps": text["rms_norm_eps"],
+        "vocab_size": text["vocab_size"],
+        "vision_encoder": {
+            "hidden_size": vision["hidden_size"],
+            "num_channels": vision["num_channels"],
+            "image_size": vision["image_size"],
+            "patch_size": vision["patch_size"],
+            "rope_theta": rope_vision,
+            "intermediate_size": vision["intermediate_size"],
+            "num_hidden_layers": vision["num_hidden_layers"],
+            "num_attention_heads": vision["num_attention_heads"],
+            "image_token_id": config["image_token_index"],
+            "image_break_token_id": IMAGE_BREAK_TOKEN_ID,
+            "image_end_token_id": IMAGE_END_TOKEN_ID,
+            "adapter_bias": config.get("multimodal_projector_bias", True),
+        },
+    }
+    if text.get("sliding_window"):
+        params["sliding_window"] = text["sliding_window"]
+    return params
+
+
+def _check_tokenizer(checkpoint: Path, tekken: Path) -> None:
+    """The HF tokenizer of the checkpoint must be Pixtral's tekken: same ids for a probe text."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+    from transformers import AutoTokenizer
+
+    if not (checkpoint / "tokenizer.json").is_file():
+        return
+    probe = 'Satellite scenes: DenseResidential; Port. {"label": "Forest"} 12,345 ünïcödé'
+    ours = AutoTokenizer.from_pretrained(str(checkpoint)).encode(probe, add_special_tokens=False)
+    theirs = Tekkenizer.from_file(str(tekken)).encode(probe, bos=False, eos=False)
+    if ours != theirs:
+        raise ExportError(
+            f"{checkpoint}: its tokenizer differs from Pixtral's tekken tokenizer; give --tekken"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def export_mistral(
+    model: str,
+    out: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str = "bfloat16",
+    tekken: str | Path | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write consolidated.safetensors (+ index when sharded), params.json and tekken.json to `out`."""
+    checkpoint = resolve_checkpoint(model)
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ExportError(f"{checkpoint}: quantized checkpoint; export from the bf16/fp32 base")
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    deltas = LoraDeltas(adapter) if adapter else None
+    tekken_source = (
+        Path(tekken)
+        if tekken
+        else checkpoint / "tekken.json"
+        if (checkpoint / "tekken.json").is_file()
+        else tekken_path()
+    )
+    _check_tokenizer(checkpoint, tekken_source)
+
+    files = _weight_files(checkpoint)
+    names = []
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            names += [(file, key) for key in handle.keys()]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    with atomic_directory(out) as tmp:
+        for file, key in tqdm(names, desc="converting", unit="tensor"):
+            with safe_open(file, framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+            target = native_name(key)
+            delta = deltas.delta(key) if deltas else None
+            if delta is not None:
+                if delta.shape != tensor.shape:
+                    raise ExportError(
+                        f"adapter delta for {key} has shape {tuple(delta.shape)}, weight {tuple(tensor.shape)}"
+                    )
+                tensor = (tensor.float() + delta).to(torch_dtype)
+            else:
+                tensor = tensor.to(torch_dtype)
+            heads = _rotary_heads(target, config)
+            if heads is not None:
+                tensor = unpermute_rotary(tensor, heads)
+            size = tensor.numel() * tensor.element_size()
+            if max_shard_bytes and shard_bytes + size > max_shard_bytes and shards[-1]:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][target] = tensor.contiguous()
+            shard_bytes += size
+        if deltas and deltas.unused:
+            raise ExportError(f"adapter weights match no base weight: {sorted(deltas.unused)[:3]}")
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "consolidated.safetensors", metadata=metadata)
+        else:
+            weight_map = {}
+            for index, shard in enumerate(shards, start=1):
+                name = f"consolidated-{index:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata=metadata)
+                weight_map.update({key: name for key in shard})
+            total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+            write_json(
+                tmp / "consolidated.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
+        write_json(tmp / "params.json", params_json(config))
+        shutil.copyfile(tekken_source, tmp / "tekken.json")
+    logger.info("Mistral-format checkpoint written to %s", out)
+    return Path(out)
+
+
+def export_hf(model: str, out: str | Path, adapter: str | Path | None, dtype: str = "bfloat16") -> Path:
+    """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor."""
+    from transformers import LlavaForConditionalGeneration
+
+    from pixtral_lora.modeling import load_processor
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    base = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
+    if adapter:
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    processor = load_processor(adapter if adapter and (Path(adapter) / "tokenizer.json").is_file() else model)
+    with atomic_directory(out) as tmp:
+        base.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return Path(out)
+
+
+# Modules vLLM can serve as LoRA on Pixtral: the language model's projections.
+VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def export_adapter_only(adapter: str | Path, out: str | Path) -> Path:
+    """The adapter for vLLM's LoRA serving of an unchanged base: language-model projections only.
+
+    vLLM applies LoRA to the language model's linear layers; vision-tower and projector LoRA cannot
+    be served as LoRA there (merge them instead), so an adapter that has them is refused.
+    """
+    adapter = Path(adapter)
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
+        keys = list(handle.keys())
+        outside = [
+            k for k in keys if "language_model" not in k or not any(f".{m}." in k for m in VLLM_LORA_MODULES)
+        ]
+        if outside:
+            raise ExportError(
+                f"{adapter}: LoRA on modules vLLM cannot serve as LoRA ({outside[0]}, ...); "
+                "export a merged model instead (without --adapter-only)"
+            )
+        tensors = {k: handle.get_tensor(k) for k in keys}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = sorted({re.search(r"\.(\w+_proj)\.lora", k).group(1) for k in keys})
+    with atomic_directory(out) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", config)
+    return Path(out)
