@@ -6,6 +6,7 @@ checkpoint directory, so swapping the tiny model for the real one is a config ch
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ def tekken_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def chat_template() -> str:
     """The chat template mistral_common generates for Pixtral's tekken tokenizer.
 
