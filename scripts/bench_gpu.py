@@ -27,43 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixtral_lora.config import load_config  # noqa: E402
+from pixtral_lora.data import AID_CLASS_NAMES  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.modeling import TinyPixtralSizes, build_processor, pixtral_config  # noqa: E402
 from pixtral_lora.synth import SCENES, draw_scene  # noqa: E402
 from pixtral_lora.training import train  # noqa: E402
-
-AID_CLASSES = [
-    "Airport",
-    "BareLand",
-    "BaseballField",
-    "Beach",
-    "Bridge",
-    "Center",
-    "Church",
-    "Commercial",
-    "DenseResidential",
-    "Desert",
-    "Farmland",
-    "Forest",
-    "Industrial",
-    "Meadow",
-    "MediumResidential",
-    "Mountain",
-    "Park",
-    "Parking",
-    "Playground",
-    "Pond",
-    "Port",
-    "RailwayStation",
-    "Resort",
-    "River",
-    "School",
-    "SparseResidential",
-    "Square",
-    "Stadium",
-    "StorageTanks",
-    "Viaduct",
-]
 
 
 def write_random_checkpoint(out: Path, tiny: bool, device: str) -> None:
@@ -82,7 +50,7 @@ def write_random_checkpoint(out: Path, tiny: bool, device: str) -> None:
 
 def write_aid_sized_data(out: Path, per_class: int, size: int) -> None:
     painters = sorted(SCENES)
-    for index, class_name in enumerate(AID_CLASSES):
+    for index, class_name in enumerate(AID_CLASS_NAMES):
         folder = out / class_name
         folder.mkdir(parents=True, exist_ok=True)
         for n in range(1, per_class + 1):
@@ -117,7 +85,7 @@ def main() -> int:
         aid_config = load_config(ROOT / "configs" / "aid.yaml")
         batch = args.batch or aid_config.training.per_device_train_batch_size
         accumulation = aid_config.training.gradient_accumulation_steps
-        per_class = max(5, -(-args.steps * batch * accumulation // (len(AID_CLASSES) * 0.8)) // 1)
+        per_class = max(5, -(-args.steps * batch * accumulation // (len(AID_CLASS_NAMES) * 0.8)) // 1)
         write_aid_sized_data(tmp / "data", int(per_class) + 1, 600)
         overrides = [
             f"model.name_or_path={tmp / 'model'}",

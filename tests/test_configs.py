@@ -5,41 +5,10 @@ from pathlib import Path
 from PIL import Image
 
 from pixtral_lora.config import load_config
+from pixtral_lora.data import AID_CLASS_NAMES
 from pixtral_lora.render import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]
-AID_CLASSES = [
-    "Airport",
-    "BareLand",
-    "BaseballField",
-    "Beach",
-    "Bridge",
-    "Center",
-    "Church",
-    "Commercial",
-    "DenseResidential",
-    "Desert",
-    "Farmland",
-    "Forest",
-    "Industrial",
-    "Meadow",
-    "MediumResidential",
-    "Mountain",
-    "Park",
-    "Parking",
-    "Playground",
-    "Pond",
-    "Port",
-    "RailwayStation",
-    "Resort",
-    "River",
-    "School",
-    "SparseResidential",
-    "Square",
-    "Stadium",
-    "StorageTanks",
-    "Viaduct",
-]
 
 
 def test_shipped_configs_validate():
@@ -51,7 +20,7 @@ def test_aid_sample_fits_max_length_with_the_study_image_size(processor):
     config = load_config(ROOT / "configs" / "aid.yaml")
     image = Image.new("RGB", (600, 600), (90, 120, 60))
     renderer = Renderer(processor, config.data.image_longest_edge)
-    messages = config.prompt.messages(AID_CLASSES, "MediumResidential")
+    messages = config.prompt.messages(AID_CLASS_NAMES, "MediumResidential")
     sample = renderer.render(messages, [renderer.load_images([{"path": None, "bytes": _jpeg(image)}])[0]])
     image_tokens = sum(1 for t in sample["input_ids"] if t in renderer.image_marker_ids)
     assert image_tokens == 19 * 20  # 304x304

@@ -133,7 +133,7 @@ def _predict(args) -> int:
     if not paths:
         print(f"error: no images under {target}", file=sys.stderr)
         return 2
-    results = predict_images(paths, run_dir=args.run, model_path=args.model, mode=args.mode)
+    results = predict_images(paths, args.run, model_path=args.model, mode=args.mode)
     if args.out:
         with atomic_file(args.out) as handle:
             if args.out.endswith(".csv"):

@@ -348,6 +348,26 @@ def markdown_report(results: dict, class_names: list[str]) -> str:
 # Entry points
 
 
+def _run_renderer(run_dir: Path, config) -> Renderer:
+    """The processor the run saved with its adapter (else the base's), with the run's image size."""
+    from pixtral_lora.modeling import load_processor
+
+    adapter = run_dir / "adapter"
+    processor = load_processor(adapter if adapter.is_dir() else config.model.name_or_path)
+    return Renderer(processor, config.data.image_longest_edge)
+
+
+def _run_model(run_dir: Path, config, which: str, merged: str | Path | None = None):
+    """ "base", or the fine-tuned model: the run's adapter on the base, or a merged checkpoint."""
+    if which == "base":
+        return load_eval_model(config.model.name_or_path, None, config.model.quantization, config.model.dtype)
+    if merged is not None:
+        return load_eval_model(str(merged), None, None, config.model.dtype)
+    return load_eval_model(
+        config.model.name_or_path, run_dir / "adapter", config.model.quantization, config.model.dtype
+    )
+
+
 def evaluate_run(
     run_dir: str | Path,
     modes: list[str] | None = None,
@@ -363,39 +383,24 @@ def evaluate_run(
     """
     from pixtral_lora.config import load_config
     from pixtral_lora.data import select_ids, to_conversations
-    from pixtral_lora.modeling import load_processor
     from pixtral_lora.training import load_run_data
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     split = json.loads((run_dir / "split.json").read_text())
-    run_data = load_run_data(config)
     class_names = split["class_names"]
-    test = select_ids(run_data.splits.test, split["ids"]["test"])
+    test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
     if limit:
         test = test.select(range(min(limit, len(test))))
     rows = list(to_conversations(test, config.prompt, class_names, with_answer=False))
-    modes = modes or list(config.eval.modes)
     strict = config.eval.strict if strict is None else strict
-    processor = load_processor(
-        run_dir / "adapter" if (run_dir / "adapter").is_dir() else config.model.name_or_path
-    )
-    renderer = Renderer(processor, config.data.image_longest_edge)
+    renderer = _run_renderer(run_dir, config)
     results: dict = {}
     predictions: dict = {}
     for model_name in models:
-        if model_name == "base":
-            model = load_eval_model(
-                config.model.name_or_path, None, config.model.quantization, config.model.dtype
-            )
-        elif merged is not None:
-            model = load_eval_model(str(merged), None, None, config.model.dtype)
-        else:
-            model = load_eval_model(
-                config.model.name_or_path, run_dir / "adapter", config.model.quantization, config.model.dtype
-            )
+        model = _run_model(run_dir, config, model_name, merged)
         results[model_name] = {}
-        for mode in modes:
+        for mode in modes or config.eval.modes:
             preds, speed = predict_rows(
                 model,
                 renderer,
@@ -427,53 +432,24 @@ def evaluate_run(
 
 
 def predict_images(
-    paths: list[Path],
-    run_dir: str | Path | None = None,
-    model_path: str | None = None,
-    mode: str = "score",
-    class_names: list[str] | None = None,
+    paths: list[Path], run_dir: str | Path, model_path: str | None = None, mode: str = "score"
 ) -> list[dict]:
     """Classify new images with a run's prompt: label, confidence (score mode) and the raw answer."""
-    from datasets import Dataset, Features, Image, Sequence, Value
-
     from pixtral_lora.config import load_config
-    from pixtral_lora.modeling import load_processor
     from pixtral_lora.prompt import messages_to_json
 
-    if run_dir is None:
-        raise ValueError(
-            "--run is required: it carries the prompt, class names and image size the model was trained with"
-        )
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
-    class_names = class_names or json.loads((run_dir / "split.json").read_text())["class_names"]
+    class_names = json.loads((run_dir / "split.json").read_text())["class_names"]
     messages = messages_to_json(config.prompt.messages(class_names))
     rows = [
         {"id": str(p), "messages": messages, "images": [{"path": str(p), "bytes": None}], "label": ""}
         for p in paths
     ]
-    features = Features(
-        {
-            "id": Value("string"),
-            "messages": Value("string"),
-            "images": Sequence(Image(decode=False)),
-            "label": Value("string"),
-        }
-    )
-    rows = list(Dataset.from_list(rows, features=features))
-    processor = load_processor(
-        run_dir / "adapter" if (run_dir / "adapter").is_dir() else config.model.name_or_path
-    )
-    renderer = Renderer(processor, config.data.image_longest_edge)
-    if model_path:
-        model = load_eval_model(model_path, None, None, config.model.dtype)
-    else:
-        model = load_eval_model(
-            config.model.name_or_path, run_dir / "adapter", config.model.quantization, config.model.dtype
-        )
+    model = _run_model(run_dir, config, "finetuned", model_path)
     preds, _ = predict_rows(
         model,
-        renderer,
+        _run_renderer(run_dir, config),
         rows,
         class_names,
         config.prompt,
