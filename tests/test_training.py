@@ -221,3 +221,31 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
     # 30 training images, 8 per process: one process needs 4 steps per epoch, two need 2
     train_ids = json.loads((out / "split.json").read_text())["ids"]["train"]
     assert len(train_ids) == 30 and state["epoch"] == pytest.approx(1.5)
+
+
+def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):
+    from pixtral_lora.data import export_mistral_jsonl, load_aid_folder, to_conversations
+    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.training import train
+
+    classes = ["Beach", "Desert", "Forest", "Port"]
+    dataset = load_aid_folder(aid_dir)
+    export_mistral_jsonl(to_conversations(dataset, PromptConfig(), classes), tmp_path / "train.jsonl")
+    with pytest.raises(DataError, match="need data.class_names"):
+        train(tiny_config(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "run"))
+    config = tiny_config(
+        tiny_model_dir,
+        tmp_path / "train.jsonl",
+        tmp_path / "run",
+        "data.class_names=[Beach, Desert, Forest, Port]",
+        "training.max_steps=4",
+        "training.eval_steps=null",
+        "data.validation_size=0",
+    )
+    run = train(config)
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["ids"]["test"]) == 10 and all(i.startswith("train.jsonl:") for i in split["ids"]["test"])
+    out = evaluate_run(run, modes=["constrained"], limit=4)
+    report = json.loads((out / "report.json").read_text())["results"]["finetuned"]["constrained"]
+    assert report["n"] == 4 and report["counts"]["hallucinated"] == 0

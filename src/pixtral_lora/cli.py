@@ -51,12 +51,10 @@ def _data_validate(args) -> int:
 
 
 def _conversations(path: str, class_names: list[str] | None, prompt):
-    from pixtral_lora.data import load_any, to_conversations
+    from pixtral_lora.data import as_conversations, load_any
 
     dataset, names = load_any(path, class_names)
-    if "image" in dataset.column_names:  # classification folder -> prompts
-        dataset = to_conversations(dataset, prompt, names)
-    return dataset
+    return as_conversations(dataset, prompt, names or [])
 
 
 def _data_preview(args) -> int:

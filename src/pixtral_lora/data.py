@@ -150,10 +150,27 @@ class Splits:
 
 
 def split_dataset(
-    dataset: Dataset, test_size: float = 0.2, validation_size: float = 0.0, seed: int = 42
+    dataset: Dataset,
+    test_size: float = 0.2,
+    validation_size: float = 0.0,
+    seed: int = 42,
+    class_names: list[str] | None = None,
 ) -> Splits:
-    """Stratified split by label (80/20 with seed 42 gives AID's 8,000/2,000); validation carved from train."""
+    """Stratified split by label (80/20 with seed 42 gives AID's 8,000/2,000); validation carved from train.
+
+    Classification datasets stratify on their ClassLabel; conversation datasets (string labels) do
+    when `class_names` is given, through a temporary ClassLabel column.
+    """
     stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
+    if stratify is None and class_names:
+        unknown = sorted(set(dataset["label"]) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"labels outside data.class_names: {unknown[:5]} (run `pixtral-lora data validate`)"
+            )
+        stratum = [class_names.index(label) for label in dataset["label"]]
+        dataset = dataset.add_column("stratum", stratum).cast_column("stratum", ClassLabel(names=class_names))
+        stratify = "stratum"
     try:
         parts = dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
         train, test = parts["train"], parts["test"]
@@ -165,6 +182,9 @@ def split_dataset(
         raise DataError(
             f"cannot split {len(dataset)} samples (test_size={test_size}, validation_size={validation_size}): {err}"
         ) from err
+    if stratify == "stratum":
+        train, test = train.remove_columns("stratum"), test.remove_columns("stratum")
+        validation = validation.remove_columns("stratum") if validation is not None else None
     return Splits(train=train, test=test, validation=validation)
 
 
@@ -180,6 +200,15 @@ def select_ids(dataset: Dataset, ids: list[str]) -> Dataset:
 def class_names_of(dataset: Dataset) -> list[str]:
     """Class names of a classification dataset."""
     return list(dataset.features["label"].names)
+
+
+def as_conversations(
+    dataset: Dataset, prompt: PromptConfig, class_names: list[str], with_answer: bool = True
+) -> Dataset:
+    """Conversation rows for any loaded dataset: folders get the task prompt, JSONL/CSV keep their own."""
+    if "image" in dataset.column_names:
+        return to_conversations(dataset, prompt, class_names, with_answer)
+    return dataset
 
 
 def to_conversations(

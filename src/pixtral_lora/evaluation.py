@@ -382,7 +382,7 @@ def evaluate_run(
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     """
     from pixtral_lora.config import load_config
-    from pixtral_lora.data import select_ids, to_conversations
+    from pixtral_lora.data import as_conversations, select_ids
     from pixtral_lora.training import load_run_data
 
     run_dir = Path(run_dir)
@@ -392,7 +392,7 @@ def evaluate_run(
     test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
     if limit:
         test = test.select(range(min(limit, len(test))))
-    rows = list(to_conversations(test, config.prompt, class_names, with_answer=False))
+    rows = list(as_conversations(test, config.prompt, class_names, with_answer=False))
     strict = config.eval.strict if strict is None else strict
     renderer = _run_renderer(run_dir, config)
     results: dict = {}

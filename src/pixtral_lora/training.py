@@ -26,10 +26,11 @@ from pixtral_lora.config import Config, dump_config
 from pixtral_lora.data import (
     DataError,
     Splits,
+    as_conversations,
     class_names_of,
     load_aid_folder,
+    load_any,
     split_dataset,
-    to_conversations,
 )
 from pixtral_lora.io import atomic_directory, atomic_file, write_json
 from pixtral_lora.modeling import best_device, load_model, load_processor
@@ -55,22 +56,40 @@ class RunData:
 
 
 def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData:
-    """Load the dataset and split it (or re-select a split recorded in a run directory)."""
+    """Load the dataset and split it (or check it against a split recorded in a run directory).
+
+    An AID-style folder takes its class names from its sub-folders; Mistral JSONL and CSV data need
+    `data.class_names` (the labels are read from the answers and must all be in that list).
+    """
     data = config.data
-    path = Path(data.path)
-    if not path.is_dir():
-        # JSONL/CSV classification data arrive as conversations; only folders are split by class here.
-        raise DataError(f"data.path: {path} is not an AID-style folder (<root>/<ClassName>/*.jpg)")
-    dataset = load_aid_folder(path)
-    class_names = class_names_of(dataset)
-    if data.test_path:
-        test = load_aid_folder(data.test_path)
-        if class_names_of(test) != class_names:
+
+    def load(path: str):
+        if Path(path).is_dir():
+            dataset = load_aid_folder(path)
+            return dataset, class_names_of(dataset)
+        if Path(path).suffix not in (".jsonl", ".csv"):
             raise DataError(
-                f"data.test_path: classes {class_names_of(test)} differ from data.path's {class_names}"
+                f"{path}: is not an AID-style folder (<root>/<ClassName>/*.jpg), a .jsonl or a .csv"
             )
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no such file")
+        if not data.class_names:
+            raise DataError(f"{path}: JSONL/CSV data need data.class_names (the class set of the answers)")
+        dataset, _ = load_any(path, data.class_names)
+        unknown = sorted(set(dataset["label"]) - set(data.class_names))
+        if unknown:
+            raise DataError(
+                f"{path}: answers with labels outside data.class_names: {unknown[:5]} (see `pixtral-lora data validate`)"
+            )
+        return dataset, list(data.class_names)
+
+    dataset, class_names = load(data.path)
+    if data.test_path:
+        test, test_classes = load(data.test_path)
+        if test_classes != class_names:
+            raise DataError(f"data.test_path: classes {test_classes} differ from data.path's {class_names}")
         inner = (
-            split_dataset(dataset, data.validation_size, 0.0, data.split_seed)
+            split_dataset(dataset, data.validation_size, 0.0, data.split_seed, class_names)
             if data.validation_size
             else None
         )
@@ -78,7 +97,7 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
             train=inner.train if inner else dataset, test=test, validation=inner.test if inner else None
         )
     else:
-        splits = split_dataset(dataset, data.test_size, data.validation_size, data.split_seed)
+        splits = split_dataset(dataset, data.test_size, data.validation_size, data.split_seed, class_names)
     if recorded_split is not None:
         if recorded_split["class_names"] != class_names:
             raise RunDirError(
@@ -325,14 +344,14 @@ def train(config: Config, resume: str = "auto") -> Path:
     reports = {"train": RenderReport(), "validation": RenderReport()}
     train_set = render_dataset(
         renderer,
-        to_conversations(run_data.splits.train, config.prompt, run_data.class_names),
+        as_conversations(run_data.splits.train, config.prompt, run_data.class_names),
         reports["train"],
     )
     eval_set = None
     if run_data.splits.validation is not None:
         eval_set = render_dataset(
             renderer,
-            to_conversations(run_data.splits.validation, config.prompt, run_data.class_names),
+            as_conversations(run_data.splits.validation, config.prompt, run_data.class_names),
             reports["validation"],
         )
     if len(train_set) == 0:
