@@ -237,11 +237,13 @@ def load_model(
             # The vision tower and projector are small and sensitive; the language model is 95% of the weights.
             llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
         )
-        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     elif quantization is not None:
         raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
+    if quantization or device.startswith("cuda"):
+        # Straight onto the device (the current one: each data-parallel process has its own GPU).
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
     model = LlavaForConditionalGeneration.from_pretrained(str(model_name_or_path), **kwargs)
-    if quantization is None:
+    if "device_map" not in kwargs:
         model.to(device)
     return model
 
