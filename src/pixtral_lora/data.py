@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,11 +407,3 @@ def load_any(path: str | Path, class_names: list[str] | None = None) -> tuple[Da
     if path.suffix == ".csv":
         return load_csv(path, class_names), class_names
     raise DataError(f"{path}: expected an AID-style folder, a .jsonl or a .csv file")
-
-
-def label_counts(dataset: Dataset) -> Counter:
-    """Samples per label name."""
-    feature = dataset.features["label"]
-    if isinstance(feature, ClassLabel):
-        return Counter(feature.names[i] for i in dataset["label"])
-    return Counter(dataset["label"])
