@@ -107,3 +107,34 @@ def test_predict_command_on_a_folder(tiny_run, learn_data_dir, tmp_path):
 def test_unknown_mode_is_an_error(mode, tiny_model_dir, processor):
     with pytest.raises(ValueError, match="mode must be one of"):
         predict_rows(None, Renderer(processor), [], CLASSES, PromptConfig(), mode)
+
+
+def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_tokenizer):
+    """What the vLLM backend sends, encoded by mistral_common (as vLLM does), is our prompt, token for token."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    from pixtral_lora.evaluation import openai_messages
+
+    renderer = Renderer(processor, 64)
+    rows = to_conversations(
+        load_aid_folder(aid_dir).select([0, 17]), PromptConfig(user_text="Which scene?"), CLASSES
+    )
+    for row in rows:
+        request = ChatCompletionRequest.from_openai(openai_messages(row, renderer))
+        theirs = mistral_tokenizer.encode_chat_completion(request).tokens
+        messages = json.loads(row["messages"])[:-1]
+        ours, _ = renderer.prompt_ids(messages, renderer.load_images(row["images"]))
+        assert theirs == ours
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
+    from pixtral_lora.evaluation import vllm_generate
+
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="needs vllm"):
+        vllm_generate(tmp_path, [{"images": []}], None, 8)

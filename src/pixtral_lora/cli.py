@@ -98,8 +98,18 @@ def _data_export(args) -> int:
 
 
 def _eval(args) -> int:
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation import evaluate_run, evaluate_run_vllm
 
+    if args.backend == "vllm":
+        if not args.merged:
+            print(
+                "error: --backend vllm needs --merged DIR (a convert_to_mistral.py output)", file=sys.stderr
+            )
+            return 2
+        models = {"finetuned": args.merged, **({"base": args.vllm_base} if args.vllm_base else {})}
+        out = evaluate_run_vllm(args.run_dir, models, limit=args.limit, out_dir=args.out)
+        print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
+        return 0
     models = tuple(args.models.split(","))
     out = evaluate_run(
         args.run_dir,
@@ -205,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N test images")
     evaluate.add_argument("--strict", action="store_true", help="no label normalisation when parsing answers")
     evaluate.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
+    evaluate.add_argument(
+        "--backend",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="vllm: fast free generation with vLLM on a GPU (pip install vllm); "
+        "--merged is then a Mistral-format export",
+    )
+    evaluate.add_argument(
+        "--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)"
+    )
     evaluate.set_defaults(func=_eval)
 
     predict = commands.add_parser("predict", help="classify new images with a trained run")

@@ -461,3 +461,88 @@ def predict_images(
         {"image": p.id, "label": p.label, "confidence": p.confidence, "raw_answer": p.raw_answer}
         for p in preds
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optional vLLM backend (pip install vllm; a CUDA GPU): fast free generation on large test sets
+
+
+def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
+    """A conversation row as OpenAI chat messages, what vLLM's chat API takes.
+
+    Images are resized exactly as in training and inlined as lossless PNG data URIs, so vLLM (which
+    encodes with mistral_common under `--tokenizer-mode mistral`) sees the prompt the model was
+    trained on; `tests/test_evaluation.py` checks the token ids against our renderer's.
+    """
+    from pixtral_lora.images import encode_data_uri
+
+    messages = json.loads(row["messages"])
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    images = iter(renderer.load_images(row["images"]))
+    out = []
+    for message in messages:
+        content = [
+            {"type": "image_url", "image_url": {"url": encode_data_uri(next(images), fmt="PNG")}}
+            if chunk["type"] == "image"
+            else {"type": "text", "text": chunk["text"]}
+            for chunk in message["content"]
+        ]
+        if message["role"] != "user":
+            content = "".join(chunk["text"] for chunk in content)
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def vllm_generate(
+    model_dir: str | Path, rows: list[dict], renderer: Renderer, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output)."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        raise RuntimeError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
+    llm = LLM(
+        model=str(model_dir),
+        tokenizer_mode="mistral",
+        config_format="mistral",
+        load_format="mistral",
+        limit_mm_per_prompt={"image": max(len(row["images"]) for row in rows)},
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    outputs = llm.chat([openai_messages(row, renderer) for row in rows], params, use_tqdm=True)
+    return [output.outputs[0].text for output in outputs]
+
+
+def evaluate_run_vllm(
+    run_dir: str | Path, models: dict[str, str], limit: int | None = None, out_dir: str | Path | None = None
+) -> Path:
+    """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
+    from pixtral_lora.config import load_config
+    from pixtral_lora.data import as_conversations, select_ids
+    from pixtral_lora.training import load_run_data
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    split = json.loads((run_dir / "split.json").read_text())
+    class_names = split["class_names"]
+    test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
+    if limit:
+        test = test.select(range(min(limit, len(test))))
+    rows = list(as_conversations(test, config.prompt, class_names, with_answer=False))
+    renderer = _run_renderer(run_dir, config)
+    parser = AnswerParser(class_names, strict=config.eval.strict)
+    results, predictions = {}, {}
+    for name, model_dir in models.items():
+        start = time.perf_counter()
+        answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens)
+        speed = len(rows) / (time.perf_counter() - start)
+        preds = []
+        for row, answer in zip(rows, answers, strict=True):
+            parsed = parser.parse(answer)
+            preds.append(Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label))
+        results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
+        predictions[(name, "generate")] = preds
+    out = Path(out_dir or run_dir / "eval-vllm")
+    write_report(out, results, class_names, predictions)
+    return out
