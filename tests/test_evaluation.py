@@ -70,6 +70,10 @@ def test_eval_command_writes_complete_reports(tiny_run, capsys):
             assert sum(result["counts"].values()) == result["n"] == 12
             assert result["images_per_second"] > 0
     assert report["results"]["finetuned"]["constrained"]["counts"]["hallucinated"] == 0
+    score = report["results"]["finetuned"]["score"]
+    assert 0 <= score["calibration_ece"] <= 1 and 0.25 <= score["mean_confidence"] <= 1
+    assert report["results"]["finetuned"]["generate"]["calibration_ece"] is None  # no confidence there
+    assert "expected calibration error" in (out / "report.md").read_text()
     assert (
         report["results"]["finetuned"]["score"]["accuracy"] >= report["results"]["base"]["score"]["accuracy"]
     )

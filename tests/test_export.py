@@ -347,3 +347,24 @@ def test_convert_script_formats(tiny_run, tiny_model_dir, tmp_path):
         "up_proj",
         "v_proj",
     ]
+
+
+def test_large_exports_are_sharded_with_an_index(tiny_model_dir, exported, tiny_run, tmp_path):
+    out = export_mistral(
+        str(tiny_model_dir),
+        tmp_path / "sharded",
+        adapter=tiny_run / "adapter",
+        dtype="float32",
+        max_shard_bytes=20 * 2**20,
+    )
+    index = json.loads((out / "consolidated.safetensors.index.json").read_text())
+    shards = sorted({name for name in index["weight_map"].values()})
+    assert len(shards) >= 3 and all(
+        re.fullmatch(r"consolidated-\d{5}-of-\d{5}\.safetensors", s) for s in shards
+    )
+    assert not (out / "consolidated.safetensors").exists()
+    single = load_file(exported / "consolidated.safetensors")
+    joined = {k: v for shard in shards for k, v in load_file(out / shard).items()}
+    assert joined.keys() == single.keys() == index["weight_map"].keys()
+    assert all(torch.equal(joined[k], single[k]) for k in single)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in single.values())

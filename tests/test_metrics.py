@@ -50,3 +50,13 @@ def test_accuracy_interval_is_wilson():
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     assert (low, high) == pytest.approx((centre - half, centre + half), abs=1e-9)
+
+
+def test_expected_calibration_error_by_hand():
+    from pixtral_lora.metrics import expected_calibration_error
+
+    # bin (0.5, 0.6]: confidences 0.55, 0.55, accuracy 1/2 -> |0.5 - 0.55| = 0.05, weight 2/4
+    # bin (0.9, 1.0]: confidences 0.95, 1.0, accuracy 2/2 -> |1 - 0.975| = 0.025, weight 2/4
+    ece = expected_calibration_error([0.55, 0.55, 0.95, 1.0], [True, False, True, True])
+    assert ece == pytest.approx(0.5 * 0.05 + 0.5 * 0.025)
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0

@@ -249,3 +249,24 @@ def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_pa
     out = evaluate_run(run, modes=["constrained"], limit=4)
     report = json.loads((out / "report.json").read_text())["results"]["finetuned"]["constrained"]
     assert report["n"] == 4 and report["counts"]["hallucinated"] == 0
+
+
+def test_lora_targets_follow_the_config(tiny_model_dir, tmp_path):
+    from peft import get_peft_model
+
+    from pixtral_lora.modeling import load_model
+    from pixtral_lora.training import peft_config
+
+    def wrapped(*overrides):
+        config = tiny_config(tiny_model_dir, tmp_path, tmp_path / "run", *overrides)
+        model = get_peft_model(
+            load_model(tiny_model_dir, quantization=None, device="cpu"), peft_config(config)
+        )
+        return {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+
+    language_only = wrapped("lora.train_projector=false")
+    assert len(language_only) == 2 * 7 and all("language_model" in n for n in language_only)
+    everything = wrapped("lora.train_projector=true", "lora.train_vision_tower=true")
+    assert sum("vision_tower" in n for n in everything) == 2 * 7  # q,k,v,o + gate,up,down in 2 vision layers
+    assert sum("multi_modal_projector" in n for n in everything) == 2
+    assert len(everything) == 2 * 7 + 2 * 7 + 2

@@ -8,7 +8,7 @@ Three modes, each reported separately:
   construction.
 - `score`: every class answer is scored by its log-likelihood given the image (the prompt is encoded
   once and its KV cache shared by all candidates); the argmax is the prediction and the softmax over
-  classes a calibrated-able confidence.
+  classes a confidence per image (its calibration, ECE, is in the report).
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ import torch
 from tqdm import tqdm
 
 from pixtral_lora.answers import AnswerParser
-from pixtral_lora.metrics import classification_report, outcome, plot_confusion, write_confusion_csv
+from pixtral_lora.metrics import (
+    classification_report,
+    expected_calibration_error,
+    outcome,
+    plot_confusion,
+    write_confusion_csv,
+)
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, pad_batch
 
@@ -260,12 +266,19 @@ def predict_rows(
 
 
 def summarise(predictions: list[Prediction], class_names: list[str]):
-    return classification_report(
+    report = classification_report(
         [p.gold for p in predictions],
         [p.label for p in predictions],
         [p.raw_label for p in predictions],
         class_names,
     )
+    if predictions and all(p.confidence is not None for p in predictions):
+        confidences = [p.confidence for p in predictions]
+        report.mean_confidence = float(sum(confidences) / len(confidences))
+        report.calibration_ece = expected_calibration_error(
+            confidences, [p.label == p.gold for p in predictions]
+        )
+    return report
 
 
 def write_report(out_dir: Path, results: dict, class_names: list[str], predictions: dict) -> None:
@@ -320,6 +333,19 @@ def markdown_report(results: dict, class_names: list[str]) -> str:
                 f"{r.parse_failure_rate:.1%} ({r.counts['unparseable']}) | {r.counts['correct']} | {r.counts['wrong']} | "
                 f"{r.n} | {result['images_per_second']:.2f} |"
             )
+    calibrated = [
+        f"- {model_name}: mean confidence {r['report'].mean_confidence:.3f}, expected calibration error "
+        f"{r['report'].calibration_ece:.3f} (10 bins)"
+        for model_name, by_mode in results.items()
+        for r in by_mode.values()
+        if r["report"].calibration_ece is not None
+    ]
+    if calibrated:
+        lines += [
+            "",
+            "Confidence of the `score` mode (softmax over the classes' answer likelihoods):",
+            *calibrated,
+        ]
     lines += [
         "",
         "Modes: `generate` = free greedy answer parsed leniently (the study's setting); `constrained` = "

@@ -322,12 +322,11 @@ def export_mistral(
 
 def export_hf(model: str, out: str | Path, adapter: str | Path | None, dtype: str = "bfloat16") -> Path:
     """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor."""
-    from transformers import LlavaForConditionalGeneration
+    from pixtral_lora.modeling import load_model, load_processor
 
-    from pixtral_lora.modeling import load_processor
-
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
-    base = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype, use_safetensors=True)
+    base = load_model(
+        model, quantization=None, dtype=dtype, device="cpu"
+    )  # full precision: never merge into 4-bit
     if adapter:
         from peft import PeftModel
 

@@ -40,9 +40,14 @@ class ClassificationReport:
     per_class: dict[str, dict[str, float]]
     confusion: list[list[int]]  # rows: gold classes; columns: classes + hallucinated + unparseable
     confusion_columns: list[str]
+    # Score mode only: mean confidence and expected calibration error of the confidences.
+    mean_confidence: float | None = None
+    calibration_ece: float | None = None
 
     def as_dict(self) -> dict:
         return {
+            "mean_confidence": self.mean_confidence,
+            "calibration_ece": self.calibration_ece,
             "n": self.n,
             "counts": self.counts,
             "accuracy": self.accuracy,
@@ -107,6 +112,23 @@ def classification_report(
         confusion=matrix.tolist(),
         confusion_columns=columns,
     )
+
+
+def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 10) -> float:
+    """ECE: |accuracy - mean confidence| per equal-width confidence bin, weighted by the bin's share."""
+    confidence = np.asarray(confidences, dtype=float)
+    hits = np.asarray(correct, dtype=float)
+    if confidence.size == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 goes to the first bin
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            total += members.mean() * abs(hits[members].mean() - confidence[members].mean())
+    return float(total)
 
 
 def write_confusion_csv(report: ClassificationReport, class_names: list[str], path: Path) -> None:
