@@ -270,3 +270,26 @@ def test_lora_targets_follow_the_config(tiny_model_dir, tmp_path):
     assert sum("vision_tower" in n for n in everything) == 2 * 7  # q,k,v,o + gate,up,down in 2 vision layers
     assert sum("multi_modal_projector" in n for n in everything) == 2
     assert len(everything) == 2 * 7 + 2 * 7 + 2
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(tiny_model_dir, aid_dir, tmp_path):
+    from pixtral_lora.training import train
+
+    # a learning rate of ~0 cannot improve the validation loss: patience 1 stops after the 2nd evaluation
+    run = train(
+        tiny_config(
+            tiny_model_dir,
+            aid_dir,
+            tmp_path / "stop",
+            "training.learning_rate=1e-12",
+            "training.max_steps=20",
+            "training.eval_steps=2",
+            "training.save_steps=2",
+            "training.early_stopping_patience=1",
+            "training.per_device_train_batch_size=4",
+            "data.validation_size=0.15",
+        )
+    )
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["global_step"] == 4
+    assert summary["best_checkpoint"].endswith("checkpoint-2")
