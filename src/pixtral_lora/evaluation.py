@@ -394,6 +394,21 @@ def _run_model(run_dir: Path, config, which: str, merged: str | Path | None = No
     )
 
 
+def _held_out_rows(run_dir: Path, limit: int | None):
+    """The run's config, class names and its recorded test split as prompt rows (first `limit`)."""
+    from pixtral_lora.config import load_config
+    from pixtral_lora.data import as_conversations, select_ids
+    from pixtral_lora.training import load_run_data
+
+    config = load_config(run_dir / "config.yaml")
+    split = json.loads((run_dir / "split.json").read_text())
+    class_names = split["class_names"]
+    test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
+    if limit:
+        test = test.select(range(min(limit, len(test))))
+    return config, class_names, list(as_conversations(test, config.prompt, class_names, with_answer=False))
+
+
 def evaluate_run(
     run_dir: str | Path,
     modes: list[str] | None = None,
@@ -407,18 +422,8 @@ def evaluate_run(
 
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     """
-    from pixtral_lora.config import load_config
-    from pixtral_lora.data import as_conversations, select_ids
-    from pixtral_lora.training import load_run_data
-
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    split = json.loads((run_dir / "split.json").read_text())
-    class_names = split["class_names"]
-    test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
-    if limit:
-        test = test.select(range(min(limit, len(test))))
-    rows = list(as_conversations(test, config.prompt, class_names, with_answer=False))
+    config, class_names, rows = _held_out_rows(run_dir, limit)
     strict = config.eval.strict if strict is None else strict
     renderer = _run_renderer(run_dir, config)
     results: dict = {}
@@ -544,18 +549,8 @@ def evaluate_run_vllm(
     run_dir: str | Path, models: dict[str, str], limit: int | None = None, out_dir: str | Path | None = None
 ) -> Path:
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
-    from pixtral_lora.config import load_config
-    from pixtral_lora.data import as_conversations, select_ids
-    from pixtral_lora.training import load_run_data
-
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    split = json.loads((run_dir / "split.json").read_text())
-    class_names = split["class_names"]
-    test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
-    if limit:
-        test = test.select(range(min(limit, len(test))))
-    rows = list(as_conversations(test, config.prompt, class_names, with_answer=False))
+    config, class_names, rows = _held_out_rows(run_dir, limit)
     renderer = _run_renderer(run_dir, config)
     parser = AnswerParser(class_names, strict=config.eval.strict)
     results, predictions = {}, {}
