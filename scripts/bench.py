@@ -50,6 +50,58 @@ def padding_share(rendered, batch_size: int) -> float:
     return 1 - real / padded if padded else 0.0
 
 
+def export_memory(tmp: Path) -> list[dict]:
+    """Peak RSS of the exporter (a fresh process each) on two checkpoint sizes that differ only in depth.
+
+    If the exporter streams, the peak grows with the largest tensor (the 131k x 512 embeddings here),
+    not with the number of layers: the two peaks should be close although one model is ~2x the other.
+    """
+    import subprocess
+
+    from pixtral_lora.modeling import TinyPixtralSizes
+
+    results = []
+    for layers in (8, 48):
+        sizes = TinyPixtralSizes(
+            text_hidden_size=512,
+            text_intermediate_size=1536,
+            text_layers=layers,
+            text_heads=8,
+            text_kv_heads=2,
+            text_head_dim=64,
+        )
+        model_dir = build_tiny_model(tmp / f"pixtral-{layers}", sizes=sizes)
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        # RSS is sampled in the converting process (ru_maxrss would be dominated by the CUDA
+        # libraries torch maps at import).
+        probe = (
+            "import threading, time, psutil, transformers, mistral_common\n"
+            "from pixtral_lora.export import export_mistral\n"
+            "process = psutil.Process(); base = process.memory_info().rss; peak = [base]; done = []\n"
+            "def watch():\n"
+            "    while not done:\n"
+            "        peak[0] = max(peak[0], process.memory_info().rss); time.sleep(0.005)\n"
+            "thread = threading.Thread(target=watch); thread.start()\n"
+            f"export_mistral({str(model_dir)!r}, {str(tmp / f'mistral-{layers}')!r}, dtype='float32')\n"
+            "done.append(1); thread.join(); print(base, peak[0])\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout.split()
+        base, peak = int(out[-2]), int(out[-1])
+        results.append(
+            {
+                "text_layers": layers,
+                "checkpoint_mb": weights / 2**20,
+                "largest_tensor_mb": 131072 * 512 * 4 / 2**20,
+                "rss_after_imports_mb": base / 2**20,
+                "peak_rss_mb": peak / 2**20,
+                "export_memory_mb": (peak - base) / 2**20,
+            }
+        )
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +181,8 @@ def main() -> int:
                 "wall_s": time.perf_counter() - start,
                 "accuracy": sum(p.label == p.gold for p in predictions) / len(predictions),
             }
+        # -- Export: peak memory against the size of the weights -------------------------------------
+        export = export_memory(tmp)
     results = {
         "benchmark": "tiny Pixtral (configs/tiny.yaml), synthetic 64x64 scenes",
         "date": time.strftime("%Y-%m-%d"),
@@ -142,6 +196,7 @@ def main() -> int:
         "versions": {"torch": torch.__version__},
         "training": training,
         "evaluation": evaluation,
+        "export": export,
         "reproduce": "make bench",
     }
     write_json(args.out, results)

@@ -271,13 +271,19 @@ def test_both_hf_key_layouts_are_accepted(tiny_model_dir, tmp_path, exported, ti
 def test_a_crash_mid_write_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
     import pixtral_lora.export as export
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    calls = []
+    real = export.unpermute_rotary
 
-    monkeypatch.setattr(export, "save_file", crash)
+    def crash_on_the_third_rotary_weight(weight, heads):
+        calls.append(1)
+        if len(calls) == 3:  # consolidated.safetensors is half written by now
+            raise OSError("disk full")
+        return real(weight, heads)
+
+    monkeypatch.setattr(export, "unpermute_rotary", crash_on_the_third_rotary_weight)
     with pytest.raises(OSError, match="disk full"):
         export_mistral(str(tiny_model_dir), tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
 
 
 def test_unknown_weights_and_bad_adapters_are_errors(tmp_path):
