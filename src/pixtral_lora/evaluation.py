@@ -31,7 +31,7 @@ from pixtral_lora.metrics import (
     write_confusion_csv,
 )
 from pixtral_lora.prompt import PromptConfig
-from pixtral_lora.render import Renderer, pad_batch
+from pixtral_lora.render import Renderer, pad_batch, prompt_messages
 
 logger = logging.getLogger(__name__)
 
@@ -122,33 +122,27 @@ def answer_token_ids(tokenizer, prompt: PromptConfig, class_names: list[str]) ->
 # Batched inference
 
 
-def _batch_inputs(renderer: Renderer, rows: list[dict], device) -> tuple[dict, list[int]]:
+def _batch_inputs(model, renderer: Renderer, rows: list[dict]) -> dict:
+    """Left-padded prompt ids of the rows and their images, on the model's device and dtype."""
     prompts, images = [], []
     for row in rows:
-        messages = json.loads(row["messages"])
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
         loaded = renderer.load_images(row["images"])
-        prompts.append(renderer.prompt_ids(messages, loaded)[0])
+        prompts.append(renderer.prompt_ids(prompt_messages(row), loaded)[0])
         images.extend(loaded)
     batch = pad_batch(prompts, renderer.pad_token_id, side="left")
     if images:
         pixel_inputs = renderer.processor.image_processor(images, return_tensors="pt")
-        batch["pixel_values"] = pixel_inputs["pixel_values"]
+        batch["pixel_values"] = pixel_inputs["pixel_values"].to(getattr(model, "dtype", torch.float32))
         batch["image_sizes"] = pixel_inputs["image_sizes"]
-    return {k: v.to(device) for k, v in batch.items()}, [len(p) for p in prompts]
+    device = _device_of(model)
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def generate_answers(
     model, renderer: Renderer, rows: list[dict], max_new_tokens: int, trie: AnswerTrie | None = None
 ) -> list[str]:
     """Greedy answers for one batch of conversation rows (prompts left-padded)."""
-    device = _device_of(model)
-    inputs, _ = _batch_inputs(renderer, rows, device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(
-            model.dtype if hasattr(model, "dtype") else torch.float32
-        )
+    inputs = _batch_inputs(model, renderer, rows)
     width = inputs["input_ids"].shape[1]
     eos = renderer.tokenizer.eos_token_id
     kwargs = {}
@@ -175,11 +169,7 @@ def generate_answers(
 def score_answers(model, renderer: Renderer, row: dict, candidates: dict[str, list[int]]) -> dict[str, float]:
     """Log-likelihood of each candidate answer given one image prompt; the prompt is encoded once."""
     device = _device_of(model)
-    inputs, _ = _batch_inputs(renderer, [row], device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(
-            model.dtype if hasattr(model, "dtype") else torch.float32
-        )
+    inputs = _batch_inputs(model, renderer, [row])
     names = list(candidates)
     with torch.inference_mode():
         prompt_out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -507,12 +497,9 @@ def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
     """
     from pixtral_lora.images import encode_data_uri
 
-    messages = json.loads(row["messages"])
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
     images = iter(renderer.load_images(row["images"]))
     out = []
-    for message in messages:
+    for message in prompt_messages(row):
         content = [
             {"type": "image_url", "image_url": {"url": encode_data_uri(next(images), fmt="PNG")}}
             if chunk["type"] == "image"

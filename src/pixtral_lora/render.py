@@ -89,16 +89,15 @@ class Renderer:
             **image_inputs,
         }
 
-    def render_row(self, row: dict, with_answer: bool = True) -> dict:
-        """Render a conversation-dataset row (messages JSON + image refs)."""
-        messages = json.loads(row["messages"])
-        images = self.load_images(row["images"])
-        if with_answer:
-            return self.render(messages, images)
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        ids, image_inputs = self.prompt_ids(messages, images)
-        return {"input_ids": ids, **image_inputs}
+    def render_row(self, row: dict) -> dict:
+        """Render a conversation-dataset row (messages JSON + image refs) as a training sample."""
+        return self.render(json.loads(row["messages"]), self.load_images(row["images"]))
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """The messages of a conversation row without its final answer: what the model is asked."""
+    messages = json.loads(row["messages"])
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
 
 
 def render_dataset(renderer: Renderer, conversations: Dataset, report: RenderReport | None = None) -> Dataset:
