@@ -105,3 +105,17 @@ def test_preview_text_collapses_image_and_marks_loss(tiny_model_dir, aid_dir, ca
     text = capsys.readouterr().out
     assert "<image: 4x4 patches, 20 tokens = 16 [IMG] + 3 [IMG_BREAK] + 1 [IMG_END]>[/INST]" in text
     assert '⟦```json\n{"label": "Beach"}\n```</s>⟧' in text
+
+
+def test_collator_refuses_rows_whose_image_tokens_do_not_fit_their_images(processor, aid_dir):
+    import pytest
+
+    from pixtral_lora.render import RenderError
+
+    renderer = Renderer(processor, 64)
+    row = dict(next(iter(render_dataset(renderer, _conversations(aid_dir).select(range(1))))))
+    position = row["input_ids"].index(processor.image_break_token_id)
+    row["input_ids"] = row["input_ids"][:position] + row["input_ids"][position + 1 :]  # one [IMG_BREAK] lost
+    row["labels"] = row["labels"][:position] + row["labels"][position + 1 :]
+    with pytest.raises(RenderError, match="19 image tokens .* need 20"):
+        TrainingCollator(renderer)([row])

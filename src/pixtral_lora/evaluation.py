@@ -205,6 +205,15 @@ def score_answers(model, renderer: Renderer, row: dict, candidates: dict[str, li
 # Evaluation of one model in one mode
 
 
+def parsed_predictions(rows: list[dict], answers: list[str], parser: AnswerParser) -> list[Prediction]:
+    """One Prediction per (row, free answer), the label read by `parser`."""
+    predictions = []
+    for row, answer in zip(rows, answers, strict=True):
+        parsed = parser.parse(answer)
+        predictions.append(Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label))
+    return predictions
+
+
 def predict_rows(
     model,
     renderer: Renderer,
@@ -242,9 +251,7 @@ def predict_rows(
             )
             continue
         answers = generate_answers(model, renderer, chunk, max_new_tokens, trie)
-        for row, answer in zip(chunk, answers, strict=True):
-            parsed = parser.parse(answer)
-            predictions.append(Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label))
+        predictions += parsed_predictions(chunk, answers, parser)
     elapsed = time.perf_counter() - start
     if len(predictions) != len(rows):
         raise AssertionError(f"{len(rows) - len(predictions)} test items lost")
@@ -399,6 +406,22 @@ def _held_out_rows(run_dir: Path, limit: int | None):
     return config, class_names, list(as_conversations(test, config.prompt, class_names, with_answer=False))
 
 
+def _predict_for_run(model, renderer: Renderer, rows, class_names, config, mode, strict=None, desc=""):
+    """`predict_rows` with the run config's eval settings (batch size, answer length, strictness)."""
+    return predict_rows(
+        model,
+        renderer,
+        rows,
+        class_names,
+        config.prompt,
+        mode,
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        strict=config.eval.strict if strict is None else strict,
+        desc=desc,
+    )
+
+
 def evaluate_run(
     run_dir: str | Path,
     modes: list[str] | None = None,
@@ -414,7 +437,6 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     config, class_names, rows = _held_out_rows(run_dir, limit)
-    strict = config.eval.strict if strict is None else strict
     renderer = _run_renderer(run_dir, config)
     results: dict = {}
     predictions: dict = {}
@@ -422,17 +444,8 @@ def evaluate_run(
         model = _run_model(run_dir, config, model_name, merged)
         results[model_name] = {}
         for mode in modes or config.eval.modes:
-            preds, speed = predict_rows(
-                model,
-                renderer,
-                rows,
-                class_names,
-                config.prompt,
-                mode,
-                batch_size=config.eval.batch_size,
-                max_new_tokens=config.eval.max_new_tokens,
-                strict=strict,
-                desc=f"{model_name}/{mode}",
+            preds, speed = _predict_for_run(
+                model, renderer, rows, class_names, config, mode, strict=strict, desc=f"{model_name}/{mode}"
             )
             report = summarise(preds, class_names)
             results[model_name][mode] = {"report": report, "images_per_second": speed}
@@ -468,16 +481,7 @@ def predict_images(
         for p in paths
     ]
     model = _run_model(run_dir, config, "finetuned", model_path)
-    preds, _ = predict_rows(
-        model,
-        _run_renderer(run_dir, config),
-        rows,
-        class_names,
-        config.prompt,
-        mode,
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
-    )
+    preds, _ = _predict_for_run(model, _run_renderer(run_dir, config), rows, class_names, config, mode)
     return [
         {"image": p.id, "label": p.label, "confidence": p.confidence, "raw_answer": p.raw_answer}
         for p in preds
@@ -545,10 +549,7 @@ def evaluate_run_vllm(
         start = time.perf_counter()
         answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens)
         speed = len(rows) / (time.perf_counter() - start)
-        preds = []
-        for row, answer in zip(rows, answers, strict=True):
-            parsed = parser.parse(answer)
-            preds.append(Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label))
+        preds = parsed_predictions(rows, answers, parser)
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
         predictions[(name, "generate")] = preds
     out = Path(out_dir or run_dir / "eval-vllm")

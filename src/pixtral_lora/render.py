@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 from pixtral_lora.data import image_source
-from pixtral_lora.images import load_image, prepare_image
+from pixtral_lora.images import image_token_count, load_image, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ class Renderer:
         self.image_longest_edge = image_longest_edge
         self.max_length = max_length
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.image_token_id = processor.image_token_id
         self.image_marker_ids = {
             processor.image_token_id,
             processor.image_break_token_id,
@@ -152,17 +151,15 @@ class TrainingCollator:
             pixel_inputs = self.renderer.processor.image_processor(images, return_tensors="pt")
             batch["pixel_values"] = pixel_inputs["pixel_values"]
             batch["image_sizes"] = pixel_inputs["image_sizes"]
-            expected = sum(_image_token_count(h, w) for h, w in pixel_inputs["image_sizes"].tolist())
-            found = int((batch["input_ids"] == self.renderer.image_token_id).sum())
+            expected = sum(image_token_count(w, h) for h, w in pixel_inputs["image_sizes"].tolist())
+            markers = torch.tensor(sorted(self.renderer.image_marker_ids))
+            found = int(torch.isin(batch["input_ids"], markers).sum())
             if expected != found:
                 raise RenderError(
-                    f"batch has {found} [IMG] tokens but its images need {expected}; re-render the dataset"
+                    f"batch has {found} image tokens ([IMG], [IMG_BREAK], [IMG_END]) but its images need "
+                    f"{expected}; re-render the dataset"
                 )
         return batch
-
-
-def _image_token_count(height: int, width: int, patch: int = 16) -> int:
-    return ((height + patch - 1) // patch) * ((width + patch - 1) // patch)
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int, side: str = "right") -> dict[str, torch.Tensor]:
