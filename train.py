@@ -12,10 +12,9 @@ import argparse
 import logging
 import sys
 
-from pixtral_lora.config import ConfigError, load_config
-from pixtral_lora.data import DataError
-from pixtral_lora.images import ImageError
-from pixtral_lora.training import RunDirError, train
+from pixtral_lora.config import load_config
+from pixtral_lora.errors import user_errors
+from pixtral_lora.training import train
 
 
 def main() -> int:
@@ -42,7 +41,7 @@ def main() -> int:
     try:
         config = load_config(args.config, args.overrides)
         run_dir = train(config, resume=args.resume)
-    except (ConfigError, DataError, ImageError, RunDirError) as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir} (adapter in {run_dir / 'adapter'})")

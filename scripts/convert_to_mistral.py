@@ -5,7 +5,13 @@
     vllm serve runs/aid/mistral --tokenizer-mode mistral --config-format mistral --load-format mistral
 
     --format hf        a merged HF checkpoint instead (transformers / vLLM HF format)
-    --adapter-only     only the adapter, for vLLM's LoRA serving of the unchanged base
+    --adapter-only     only the adapter, for vLLM's LoRA serving of the Mistral-format base:
+        vllm serve mistralai/Pixtral-12B-2409 --tokenizer-mode mistral --config-format mistral \
+            --load-format mistral --enable-lora --max-lora-rank 16 --lora-modules aid=OUT
+
+--out is replaced only when it holds a previous export of the same kind (else --overwrite); an
+adapter is merged only into the base it was trained on (name and, when local, a fingerprint of its
+files), else --force.
 
 The base (hub id or local HF checkpoint, either key layout) is read tensor by tensor from
 safetensors; LoRA is merged in float32 into the full-precision weights, never into 4-bit ones.
@@ -16,7 +22,8 @@ import argparse
 import logging
 import sys
 
-from pixtral_lora.export import ExportError, export_adapter_only, export_hf, export_mistral
+from pixtral_lora.errors import user_errors
+from pixtral_lora.export import export_adapter_only, export_hf, export_mistral
 
 
 def main() -> int:
@@ -38,6 +45,12 @@ def main() -> int:
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not a previous export"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="merge into a base other than the one the adapter was trained on"
+    )
+    parser.add_argument(
         "--tekken", help="tekken.json to ship (default: the base's, else Pixtral-12B's from mistral-common)"
     )
     parser.add_argument(
@@ -49,15 +62,17 @@ def main() -> int:
         if args.adapter_only:
             if not args.adapter:
                 parser.error("--adapter-only needs --adapter")
-            out = export_adapter_only(args.adapter, args.out)
+            out = export_adapter_only(args.adapter, args.out, args.overwrite)
         elif not args.model:
             parser.error("--model is required")
         elif args.format == "hf":
-            out = export_hf(args.model, args.out, args.adapter, args.dtype)
+            out = export_hf(args.model, args.out, args.adapter, args.dtype, args.overwrite, args.force)
         else:
             shard = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
-            out = export_mistral(args.model, args.out, args.adapter, args.dtype, args.tekken, shard)
-    except (ExportError, FileNotFoundError) as err:
+            out = export_mistral(
+                args.model, args.out, args.adapter, args.dtype, args.tekken, shard, args.overwrite, args.force
+            )
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"written: {out}")

@@ -52,5 +52,5 @@ def test_strict_mode_accepts_only_exact_json_labels():
 
 
 def test_ambiguous_class_names_are_refused():
-    with pytest.raises(ValueError, match="normalise to the same key"):
+    with pytest.raises(ValueError, match="differ only in case, spaces or punctuation"):
         AnswerParser(["Dense Residential", "DenseResidential"])

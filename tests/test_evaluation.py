@@ -90,7 +90,7 @@ def test_eval_command_writes_complete_reports(tiny_run, capsys):
         assert (out / name).stat().st_size > 100
     with open(out / "confusion_finetuned.csv") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][1:] == [*CLASSES, "(hallucinated)", "(unparseable)"]
+    assert rows[0][1:] == [*CLASSES, "(hallucinated)", "(unparseable)", "(unreadable)"]
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == 12
 
 

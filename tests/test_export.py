@@ -263,7 +263,10 @@ def test_both_hf_key_layouts_are_accepted(tiny_model_dir, tmp_path, exported, ti
     renamed = {current_hf_name(k): v for k, v in state.items()}
     assert any(k.startswith("model.language_model.") for k in renamed)
     save_file(renamed, current / "model.safetensors", metadata={"format": "pt"})
-    out = export_mistral(str(current), tmp_path / "out", adapter=tiny_run / "adapter", dtype="float32")
+    # a re-saved base is other files than the one the adapter was trained on: --force says it is the same
+    out = export_mistral(
+        str(current), tmp_path / "out", adapter=tiny_run / "adapter", dtype="float32", force=True
+    )
     a, b = load_file(out / "consolidated.safetensors"), load_file(exported / "consolidated.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -321,38 +324,65 @@ def test_convert_script_formats(tiny_run, tiny_model_dir, tmp_path):
     written = load_file(tmp_path / "hf" / "model.safetensors")
     assert all(torch.allclose(written[k], merged[k]) for k in merged)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
-    # the tiny run trains the projector too, which vLLM cannot serve as LoRA: refused, with the reason
+    # --adapter-only: what vLLM's Mistral-format Pixtral loads with --enable-lora. The tiny run has
+    # language-model and projector LoRA; both are served there.
     result = subprocess.run(
         [*script, "--adapter", str(tiny_run / "adapter"), "--adapter-only", "--out", str(tmp_path / "lora")],
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and "vLLM cannot serve as LoRA" in result.stderr
-    language_only = tmp_path / "language-only"
-    language_only.mkdir()
-    tensors = {
-        k: v
-        for k, v in load_file(tiny_run / "adapter" / "adapter_model.safetensors").items()
-        if "language_model" in k
-    }
-    save_file(tensors, language_only / "adapter_model.safetensors")
-    shutil.copy(tiny_run / "adapter" / "adapter_config.json", language_only)
-    result = subprocess.run(
-        [*script, "--adapter", str(language_only), "--adapter-only", "--out", str(tmp_path / "lora")],
-        capture_output=True,
-        text=True,
-    )
     assert result.returncode == 0, result.stderr[-2000:]
+    written = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    source = load_file(tiny_run / "adapter" / "adapter_model.safetensors")
+    assert len(written) == len(source)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["target_modules"] == [
         "down_proj",
         "gate_proj",
         "k_proj",
+        "linear_1",
+        "linear_2",
         "o_proj",
         "q_proj",
         "up_proj",
         "v_proj",
     ]
+    # vLLM's hf_to_vllm_mapper for this class (prefixes and substrings, as its source declares them)
+    # must turn every key into a module of its model: language_model.model.* or vision_language_adapter.*
+    prefixes = {
+        "model.language_model.": "language_model.model.",
+        "model.multi_modal_projector.": "vision_language_adapter.",
+    }
+    for key in written:
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        prefix = next(p for p in prefixes if module.startswith(p))
+        mapped = prefixes[prefix] + module[len(prefix) :]
+        mapped = mapped.replace(".linear_1", ".w_in").replace(".linear_2", ".w_out")
+        assert re.fullmatch(
+            r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+            r"|vision_language_adapter\.w_(in|out)",
+            mapped,
+        ), key
+    # vision-tower LoRA is refused, with the reason
+    with_vision = tmp_path / "with-vision"
+    with_vision.mkdir()
+    vision = "base_model.model.model.vision_tower.transformer.layers.0.attention.q_proj"
+    save_file(
+        {
+            **source,
+            f"{vision}.lora_A.weight": torch.zeros(16, 64),
+            f"{vision}.lora_B.weight": torch.zeros(64, 16),
+        },
+        with_vision / "adapter_model.safetensors",
+    )
+    shutil.copy(tiny_run / "adapter" / "adapter_config.json", with_vision)
+    result = subprocess.run(
+        [*script, "--adapter", str(with_vision), "--adapter-only", "--out", str(tmp_path / "lora2")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "vision tower" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "lora2").exists()
 
 
 def test_large_exports_are_sharded_with_an_index(tiny_model_dir, exported, tiny_run, tmp_path):

@@ -99,8 +99,9 @@ def test_bad_config_and_bad_data_fail_before_the_model_loads(tiny_model_dir, tmp
     import pixtral_lora.training as training
 
     monkeypatch.setattr(training, "load_training_model", lambda *a, **k: pytest.fail("model loaded"))
-    with pytest.raises(DataError, match="is not an AID-style folder"):
+    with pytest.raises(DataError, match="data.path: .*nowhere does not exist"):
         training.train(tiny_config(tiny_model_dir, tmp_path / "nowhere", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
     with pytest.raises(ConfigError, match="unknown key 'learning_rat'"):
         tiny_config(tiny_model_dir, tmp_path, tmp_path / "run", "training.learning_rat=1")
     result = subprocess.run(_train_cli("--set", "lora.r=0"), capture_output=True, text=True, cwd=ROOT)
@@ -187,7 +188,8 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, aid_dir, tmp_pat
 
 
 def test_rerun_with_a_different_config_is_refused(tiny_run, tiny_model_dir, learn_data_dir):
-    from pixtral_lora.training import RunDirError, train
+    from pixtral_lora.rundir import RunDirError
+    from pixtral_lora.training import train
 
     with pytest.raises(RunDirError, match="different config"):
         train(tiny_config(tiny_model_dir, learn_data_dir, tiny_run, "training.learning_rate=0.5"))

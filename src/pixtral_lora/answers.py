@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
@@ -19,8 +20,32 @@ _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 
 
 def canonical_key(name: str) -> str:
-    """Case- and separator-insensitive key of a label: letters and digits only, lower case."""
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+    """Case- and separator-insensitive key of a label: its letters and digits (any script), case-folded.
+
+    Non-ASCII letters are kept (森林 and 沙漠 stay apart); a name without letters or digits has the
+    empty key, which never matches anything.
+    """
+    return "".join(ch for ch in unicodedata.normalize("NFKC", name).casefold() if ch.isalnum())
+
+
+def class_name_problem(class_names: list[str]) -> str | None:
+    """Why these class names cannot be told apart in answers, or None when they can (one line)."""
+    seen: dict[str, str] = {}
+    for name in class_names:
+        if not name.strip():
+            return "an empty class name"
+        key = canonical_key(name)
+        if not key:
+            return f"class name {name!r} has no letters or digits, so no answer can be matched to it"
+        if key in seen:
+            if seen[key] == name:
+                return f"class name {name!r} is listed twice"
+            return (
+                f"class names {seen[key]!r} and {name!r} differ only in case, spaces or punctuation, "
+                "so answers cannot tell them apart; rename one"
+            )
+        seen[key] = name
+    return None
 
 
 @dataclass(frozen=True)
@@ -79,8 +104,8 @@ class AnswerParser:
         self.class_names = list(class_names)
         self.strict = strict
         self._by_key = {canonical_key(name): name for name in self.class_names}
-        if len(self._by_key) != len(self.class_names):
-            raise ValueError("two class names normalise to the same key; use --strict or rename them")
+        if not strict and (problem := class_name_problem(self.class_names)):
+            raise ValueError(problem)
 
     def parse(self, answer: str) -> ParsedAnswer:
         """Parse one answer; see the module docstring for what is accepted."""
@@ -93,4 +118,5 @@ class AnswerParser:
             return ParsedAnswer(label=None, raw_label=None)
         if self.strict:
             return ParsedAnswer(label=raw if raw in self.class_names else None, raw_label=raw)
-        return ParsedAnswer(label=self._by_key.get(canonical_key(raw)), raw_label=raw)
+        key = canonical_key(raw)
+        return ParsedAnswer(label=self._by_key.get(key) if key else None, raw_label=raw)

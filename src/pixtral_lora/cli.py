@@ -42,7 +42,12 @@ def _class_names_arg(value: str | None) -> list[str] | None:
 def _data_validate(args) -> int:
     from pixtral_lora.validate import validate
 
-    problems = validate(args.path, class_names=_class_names_arg(args.classes), test_path=args.test)
+    problems = validate(
+        args.path,
+        class_names=_class_names_arg(args.classes),
+        test_path=args.test,
+        allowed_roots=args.allow_path,
+    )
     errors = [p for p in problems if p.severity == "error"]
     for problem in problems:
         print(problem)
@@ -50,10 +55,10 @@ def _data_validate(args) -> int:
     return 1 if errors else 0
 
 
-def _conversations(path: str, class_names: list[str] | None, prompt):
+def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roots: list[str] | None = None):
     from pixtral_lora.data import as_conversations, load_any
 
-    dataset, names = load_any(path, class_names)
+    dataset, names = load_any(path, class_names, allowed_roots)
     return as_conversations(dataset, prompt, names or [])
 
 
@@ -64,11 +69,12 @@ def _data_preview(args) -> int:
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
 
-    prompt, longest_edge = PromptConfig(), args.image_longest_edge
+    prompt, longest_edge, allowed = PromptConfig(), args.image_longest_edge, list(args.allow_path)
     if args.config:
         config = load_config(args.config)
         prompt, longest_edge = config.prompt, config.data.image_longest_edge
-    dataset = _conversations(args.path, _class_names_arg(args.classes), prompt)
+        allowed += config.data.allow_paths_outside
+    dataset = _conversations(args.path, _class_names_arg(args.classes), prompt, allowed)
     if not 0 <= args.index < len(dataset):
         print(
             f"--index {args.index} is out of range: {args.path} has {len(dataset)} samples", file=sys.stderr
@@ -91,8 +97,8 @@ def _data_export(args) -> int:
     from pixtral_lora.data import export_mistral_jsonl
     from pixtral_lora.prompt import PromptConfig
 
-    dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig())
-    count = export_mistral_jsonl(dataset, args.out, args.image_longest_edge)
+    dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig(), args.allow_path)
+    count = export_mistral_jsonl(dataset, args.out, args.image_longest_edge, overwrite=args.overwrite)
     print(f"{count} samples written to {args.out}")
     return 0
 
@@ -107,7 +113,9 @@ def _eval(args) -> int:
             )
             return 2
         models = {"finetuned": args.merged, **({"base": args.vllm_base} if args.vllm_base else {})}
-        out = evaluate_run_vllm(args.run_dir, models, limit=args.limit, out_dir=args.out)
+        out = evaluate_run_vllm(
+            args.run_dir, models, limit=args.limit, out_dir=args.out, overwrite=args.overwrite
+        )
         print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
         return 0
     models = tuple(args.models.split(","))
@@ -119,10 +127,26 @@ def _eval(args) -> int:
         out_dir=args.out,
         strict=True if args.strict else None,
         merged=args.merged,
+        overwrite=args.overwrite,
     )
     print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     print(f"report, predictions and confusion matrices in {out}")
     return 0
+
+
+PREDICTION_SUFFIXES = (".csv", ".jsonl")
+
+
+def _is_prediction_file(path: Path) -> bool:
+    """A file an earlier `predict --out` wrote (so a rerun may replace it)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline(4096)
+    if path.suffix == ".csv":
+        return first.startswith("image,label,")
+    try:
+        return {"image", "label"} <= set(json.loads(first))
+    except (ValueError, TypeError):
+        return False
 
 
 def _predict(args) -> int:
@@ -130,9 +154,18 @@ def _predict(args) -> int:
 
     from pixtral_lora.data import IMAGE_SUFFIXES
     from pixtral_lora.evaluation import predict_images
-    from pixtral_lora.io import atomic_file
+    from pixtral_lora.io import atomic_file, check_replaceable_file
 
+    if args.out:
+        if Path(args.out).suffix not in PREDICTION_SUFFIXES:
+            print(f"error: --out {args.out}: use a .csv or .jsonl file name", file=sys.stderr)
+            return 2
+        check_replaceable_file(args.out, _is_prediction_file, args.overwrite)
     target = Path(args.images)
+    if not target.exists():
+        print(f"error: {target}: no such file or folder", file=sys.stderr)
+        return 2
+    # Everything with an image suffix, files or not: a directory named x.jpg is reported as unreadable.
     paths = (
         sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if target.is_dir()
@@ -142,8 +175,9 @@ def _predict(args) -> int:
         print(f"error: no images under {target}", file=sys.stderr)
         return 2
     results = predict_images(paths, args.run, model_path=args.model, mode=args.mode)
+    unreadable = [r for r in results if r["error"]]
     if args.out:
-        with atomic_file(args.out) as handle:
+        with atomic_file(args.out, recognise=_is_prediction_file, overwrite=args.overwrite) as handle:
             if args.out.endswith(".csv"):
                 writer = csv.DictWriter(handle, fieldnames=list(results[0]))
                 writer.writeheader()
@@ -151,12 +185,20 @@ def _predict(args) -> int:
             else:
                 for result in results:
                     handle.write(json.dumps(result) + "\n")
-        print(f"{len(results)} predictions written to {args.out}")
+        print(f"{len(results)} predictions written to {args.out} ({len(unreadable)} unreadable)")
     else:
         for result in results:
+            if result["error"]:
+                print(f"{result['image']}\tunreadable\t{result['error']}")
+                continue
             confidence = "" if result["confidence"] is None else f"\t{result['confidence']:.3f}"
             print(f"{result['image']}\t{result['label']}{confidence}\t{result['raw_answer']!r}")
+    for result in unreadable[:10]:
+        print(f"unreadable: {result['error']}", file=sys.stderr)
     return 0
+
+
+_ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise stay in the data folder)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("path")
     validate.add_argument("--classes", help="class names: comma-separated or a file with one per line")
     validate.add_argument("--test", help="a test set to check for images shared with PATH")
+    validate.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
     validate.set_defaults(func=_data_validate)
 
     preview = data_commands.add_parser("preview", help="show one sample exactly as the model sees it")
@@ -196,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--config", help="take prompt and image size from this run config")
     preview.add_argument("--classes", help="class names for JSONL/CSV data")
     preview.add_argument("--image-longest-edge", type=int, default=300)
+    preview.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
     preview.set_defaults(func=_data_preview)
 
     export = data_commands.add_parser("export", help="write a dataset as Mistral fine-tuning JSONL")
@@ -203,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--classes", help="class names for JSONL/CSV data")
     export.add_argument("--image-longest-edge", type=int, default=300)
+    export.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
+    export.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an export")
     export.set_defaults(func=_data_export)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's held-out split, base and fine-tuned")
@@ -215,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N test images")
     evaluate.add_argument("--strict", action="store_true", help="no label normalisation when parsing answers")
     evaluate.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
+    evaluate.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it holds files other than a report"
+    )
     evaluate.add_argument(
         "--backend",
         choices=["transformers", "vllm"],
@@ -233,15 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="use this merged/exported HF checkpoint instead of base + adapter")
     predict.add_argument("--mode", default="score", choices=["generate", "constrained", "score"])
     predict.add_argument("--out", help="write .csv or .jsonl instead of printing")
+    predict.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"
+    )
     predict.set_defaults(func=_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pixtral-lora` command."""
-    from pixtral_lora.config import ConfigError
-    from pixtral_lora.data import DataError
-    from pixtral_lora.images import ImageError
+    from pixtral_lora.errors import user_errors
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -249,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DataError, ImageError, FileNotFoundError) as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pixtral_lora.answers import class_name_problem
 from pixtral_lora.modeling import PIXTRAL_12B
 from pixtral_lora.prompt import PromptConfig
 
@@ -38,6 +39,8 @@ class DataSection(_Section):
     # Optional separate test set; otherwise a stratified split of `path`.
     test_path: str | None = None
     class_names: list[str] | None = None  # required for .jsonl/.csv classification data
+    # Image paths in JSONL/CSV must resolve inside the data file's folder; list other folders to allow.
+    allow_paths_outside: list[str] = Field(default_factory=list)
     test_size: float = Field(0.2, gt=0, lt=1)
     validation_size: float = Field(0.0, ge=0, lt=1)  # fraction of train held out for validation loss
     split_seed: int = 42
@@ -45,6 +48,13 @@ class DataSection(_Section):
     image_longest_edge: int | None = Field(300, ge=16, le=1024)
     max_length: int = Field(2048, ge=32)
     limit_train: int | None = Field(None, ge=1)  # use only the first N training samples (smoke tests)
+
+    @field_validator("class_names")
+    @classmethod
+    def _distinct_class_names(cls, value: list[str] | None) -> list[str] | None:
+        if value and (problem := class_name_problem(value)):
+            raise ValueError(problem)
+        return value
 
 
 class LoraSection(_Section):
@@ -143,6 +153,12 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields) if hasattr(model, "model_fields") else []
 
 
+def _same_branch(a: tuple, b: tuple) -> bool:
+    """One key path lies on the other (an override of `foo.bar` explains an error at `foo`)."""
+    depth = min(len(a), len(b))
+    return depth > 0 and tuple(a[:depth]) == tuple(b[:depth])
+
+
 def _format_errors(
     err: ValidationError, source: str, lines: dict[tuple, int], overrides: dict[tuple, str]
 ) -> str:
@@ -151,8 +167,9 @@ def _format_errors(
         loc = tuple(error["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = source
-        if loc in overrides:
-            where = f"--set {overrides[loc]}"
+        blamed = [text for key_path, text in overrides.items() if _same_branch(key_path, loc)]
+        if blamed:
+            where = f"--set {blamed[-1]}"
         else:
             for depth in range(len(loc), 0, -1):
                 if loc[:depth] in lines:

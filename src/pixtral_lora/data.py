@@ -20,6 +20,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
 
+from pixtral_lora.answers import class_name_problem
 from pixtral_lora.images import DATA_URI, ImageError, encode_data_uri, load_image, read_image_bytes
 from pixtral_lora.prompt import PromptConfig, messages_to_json
 
@@ -60,6 +61,9 @@ AID_CLASS_NAMES = [
 ]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+# Longest JSONL/CSV line read (a sample with inlined images is ~0.5 MB; a line is never read whole
+# past this, so a file without newlines cannot exhaust memory).
+MAX_LINE_BYTES = 64 * 1024 * 1024
 
 CONVERSATION_FEATURES = Features(
     {
@@ -98,21 +102,49 @@ def discover_class_names(root: str | Path) -> list[str]:
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise DataError(f"{root}: no class sub-folders found (expected <root>/<ClassName>/<image files>)")
+    if problem := class_name_problem(names):
+        raise DataError(f"{root}: {problem}")
     return names
 
 
-def load_aid_folder(root: str | Path, report: LoadReport | None = None) -> Dataset:
+def inside(path: str | Path, roots: list[Path]) -> bool:
+    """Whether `path`, with every symlink resolved, lies inside one of `roots` (themselves resolved)."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def read_lines(handle, path: Path):
+    """(line number, line) of a text file, refusing a line longer than MAX_LINE_BYTES before reading it all."""
+    line_no = 0
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        line_no += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{line_no}: line longer than {MAX_LINE_BYTES // 2**20} MiB")
+        yield line_no, line
+
+
+def load_aid_folder(
+    root: str | Path, report: LoadReport | None = None, allowed_roots: list[str] | None = None
+) -> Dataset:
     """Load `<root>/<ClassName>/*.jpg` into a classification dataset (id, image, label: ClassLabel).
 
-    Files that are not images by suffix are skipped and counted in `report`; empty class folders are
-    an error. Ids are paths relative to `root`, so splits can be recorded and reproduced.
+    Files that are not images by suffix, and symlinks that lead outside `root` (and `allowed_roots`),
+    are skipped and counted in `report`; empty class folders are an error. Ids are paths relative to
+    `root`, so splits can be recorded and reproduced.
     """
     root = Path(root)
     report = report if report is not None else LoadReport()
     class_names = discover_class_names(root)
+    roots = [root, *map(Path, allowed_roots or [])]
     ids, paths, labels = [], [], []
     for index, class_name in enumerate(class_names):
         files = sorted(p for p in (root / class_name).iterdir() if p.is_file() and not p.name.startswith("."))
+        for outside in [p for p in files if not inside(p, roots)]:
+            report.skip("links outside the dataset folder", str(outside.relative_to(root)))
+            files.remove(outside)
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         for other in files:
             if other.suffix.lower() not in IMAGE_SUFFIXES:
@@ -235,16 +267,36 @@ def to_conversations(
 # Mistral fine-tuning JSONL and CSV
 
 
-def _image_ref(url: str, base_dir: Path) -> dict:
-    if DATA_URI.match(url):
-        return {"path": None, "bytes": read_image_bytes(url)}
+def image_ref(
+    url: str, base_dir: Path, where: str, field_name: str, allowed_roots: list[str] | None = None
+) -> dict:
+    """An image reference of a JSONL/CSV sample: data-URI bytes, or a path that must resolve inside
+    `base_dir` (the data file's folder) or one of `allowed_roots`; raises `DataError` naming the field."""
+    if DATA_URI.match(url) or url.startswith("data:"):
+        try:
+            return {"path": None, "bytes": read_image_bytes(url)}
+        except ImageError as err:
+            raise DataError(f"{where}: {field_name}: {err}") from None
+    if url.startswith(("http://", "https://")):
+        raise DataError(
+            f"{where}: {field_name}: remote URLs are not fetched; give a local path or a data URI"
+        )
     path = Path(url)
     if not path.is_absolute():
         path = base_dir / path
+    roots = [base_dir, *map(Path, allowed_roots or [])]
+    if not inside(path, roots):
+        raise DataError(
+            f"{where}: {field_name}: {url!r} resolves to {path.resolve()}, outside the dataset folder "
+            f"{base_dir.resolve()}; to allow it list its folder in data.allow_paths_outside "
+            "(or --allow-path on the command line)"
+        )
     return {"path": str(path), "bytes": None}
 
 
-def mistral_messages_to_hf(messages: list[dict], base_dir: Path, where: str) -> tuple[list[dict], list[dict]]:
+def mistral_messages_to_hf(
+    messages: list[dict], base_dir: Path, where: str, allowed_roots: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Mistral API messages (text / image_url chunks) -> HF messages with image placeholders + image refs."""
     out, images = [], []
     for m_index, message in enumerate(messages):
@@ -268,7 +320,7 @@ def mistral_messages_to_hf(messages: list[dict], base_dir: Path, where: str) -> 
                             f"{where}: {field_name}.image_url must be a URL string or {{'url': ...}}"
                         )
                     chunks.append({"type": "image"})
-                    images.append(_image_ref(url, base_dir))
+                    images.append(image_ref(url, base_dir, where, f"{field_name}.image_url", allowed_roots))
                 else:
                     raise DataError(
                         f"{where}: {field_name} must be a 'text' chunk with 'text' or an 'image_url' chunk"
@@ -304,7 +356,9 @@ def _label_of(messages: list[dict], class_names: list[str] | None) -> str:
     return parsed.label or (parsed.raw_label or "")
 
 
-def load_mistral_jsonl(path: str | Path, class_names: list[str] | None = None) -> Dataset:
+def load_mistral_jsonl(
+    path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
+) -> Dataset:
     """Load Mistral's fine-tuning JSONL (one {"messages": [...]} per line) as a conversation dataset.
 
     Image URLs may be `data:image/...;base64,` URIs or paths (relative to the JSONL file).
@@ -313,7 +367,7 @@ def load_mistral_jsonl(path: str | Path, class_names: list[str] | None = None) -
     path = Path(path)
     rows = {"id": [], "messages": [], "images": [], "label": []}
     with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, line in read_lines(handle, path):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
@@ -323,7 +377,7 @@ def load_mistral_jsonl(path: str | Path, class_names: list[str] | None = None) -
                 raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
             if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
                 raise DataError(f"{where}: expected an object with a 'messages' list")
-            messages, images = mistral_messages_to_hf(record["messages"], path.parent, where)
+            messages, images = mistral_messages_to_hf(record["messages"], path.parent, where, allowed_roots)
             check_roles(messages, where)
             rows["id"].append(f"{path.name}:{line_no}")
             rows["messages"].append(messages_to_json(messages))
@@ -334,7 +388,9 @@ def load_mistral_jsonl(path: str | Path, class_names: list[str] | None = None) -
     return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
 
 
-def load_csv(path: str | Path, class_names: list[str] | None = None) -> Dataset:
+def load_csv(
+    path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
+) -> Dataset:
     """Load a CSV with columns image_path,prompt,completion as a conversation dataset (user: image+prompt)."""
     path = Path(path)
     rows = {"id": [], "messages": [], "images": [], "label": []}
@@ -356,20 +412,37 @@ def load_csv(path: str | Path, class_names: list[str] | None = None) -> Dataset:
             ]
             rows["id"].append(f"{path.name}:{line_no}")
             rows["messages"].append(messages_to_json(messages))
-            rows["images"].append([_image_ref(record["image_path"], path.parent)])
+            rows["images"].append(
+                [image_ref(record["image_path"], path.parent, where, "image_path", allowed_roots)]
+            )
             rows["label"].append(_label_of(messages, class_names))
     if not rows["id"]:
         raise DataError(f"{path}: no samples")
     return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
 
 
-def export_mistral_jsonl(conversations: Dataset, out: str | Path, longest_edge: int | None = None) -> int:
-    """Write a conversation dataset as Mistral fine-tuning JSONL with images inlined as data URIs."""
+def _is_mistral_jsonl(path: Path) -> bool:
+    """A file whose first line is a {"messages": [...]} record (what `export_mistral_jsonl` writes)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline(MAX_LINE_BYTES)
+    try:
+        return isinstance(json.loads(first).get("messages"), list)
+    except (ValueError, AttributeError):
+        return False
+
+
+def export_mistral_jsonl(
+    conversations: Dataset, out: str | Path, longest_edge: int | None = None, overwrite: bool = False
+) -> int:
+    """Write a conversation dataset as Mistral fine-tuning JSONL with images inlined as data URIs.
+
+    An existing `out` is replaced only if it is such a JSONL file (or with `overwrite`).
+    """
     from pixtral_lora.images import prepare_image
     from pixtral_lora.io import atomic_file
 
     count = 0
-    with atomic_file(out) as handle:
+    with atomic_file(out, recognise=_is_mistral_jsonl, overwrite=overwrite) as handle:
         for row in conversations:
             images = iter(row["images"])
             messages = []
@@ -396,14 +469,29 @@ def image_source(ref: dict) -> str | bytes:
     raise ImageError("image reference has neither bytes nor path")
 
 
-def load_any(path: str | Path, class_names: list[str] | None = None) -> tuple[Dataset, list[str] | None]:
-    """Load a folder, .jsonl or .csv; returns the dataset and the class names when the source defines them."""
+def check_data_path(path: str | Path, field_name: str = "data.path") -> Path:
+    """The data source must exist: a folder, or a .jsonl/.csv file; a one-line `DataError` otherwise."""
     path = Path(path)
+    if not path.exists():
+        hint = ""
+        if "synthetic" in path.name:
+            hint = f" (`make train` or `pixtral-lora data generate --out {path}` makes it)"
+        raise DataError(f"{field_name}: {path} does not exist{hint}")
+    if not path.is_dir() and path.suffix not in (".jsonl", ".csv"):
+        raise DataError(
+            f"{field_name}: {path} is not an AID-style folder (<root>/<ClassName>/*.jpg), a .jsonl or a .csv"
+        )
+    return path
+
+
+def load_any(
+    path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
+) -> tuple[Dataset, list[str] | None]:
+    """Load a folder, .jsonl or .csv; returns the dataset and the class names when the source defines them."""
+    path = check_data_path(path, "data")
     if path.is_dir():
-        dataset = load_aid_folder(path)
+        dataset = load_aid_folder(path, allowed_roots=allowed_roots)
         return dataset, class_names_of(dataset)
     if path.suffix == ".jsonl":
-        return load_mistral_jsonl(path, class_names), class_names
-    if path.suffix == ".csv":
-        return load_csv(path, class_names), class_names
-    raise DataError(f"{path}: expected an AID-style folder, a .jsonl or a .csv file")
+        return load_mistral_jsonl(path, class_names, allowed_roots), class_names
+    return load_csv(path, class_names, allowed_roots), class_names

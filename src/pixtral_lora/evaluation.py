@@ -23,15 +23,10 @@ import torch
 from tqdm import tqdm
 
 from pixtral_lora.answers import AnswerParser
-from pixtral_lora.metrics import (
-    classification_report,
-    expected_calibration_error,
-    outcome,
-    plot_confusion,
-    write_confusion_csv,
-)
+from pixtral_lora.metrics import classification_report, expected_calibration_error, outcome
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, pad_batch, prompt_messages
+from pixtral_lora.reports import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +41,11 @@ class Prediction:
     raw_label: str | None
     label: str | None
     confidence: float | None = None
+    error: str | None = None  # why the image could not be read (outcome `unreadable`)
+
+    @property
+    def outcome(self) -> str:
+        return outcome(self.gold, self.label, self.raw_label, unreadable=self.error is not None)
 
     def as_dict(self, model: str, mode: str) -> dict:
         return {
@@ -57,7 +57,8 @@ class Prediction:
             "raw_label": self.raw_label,
             "label": self.label,
             "confidence": self.confidence,
-            "outcome": outcome(self.gold, self.label, self.raw_label),
+            "outcome": self.outcome,
+            "error": self.error,
         }
 
 
@@ -122,11 +123,14 @@ def answer_token_ids(tokenizer, prompt: PromptConfig, class_names: list[str]) ->
 # Batched inference
 
 
-def _batch_inputs(model, renderer: Renderer, rows: list[dict]) -> dict:
+def _batch_inputs(
+    model, renderer: Renderer, rows: list[dict], loaded_images: list[list] | None = None
+) -> dict:
     """Left-padded prompt ids of the rows and their images, on the model's device and dtype."""
     prompts, images = [], []
-    for row in rows:
-        loaded = renderer.load_images(row["images"])
+    if loaded_images is None:
+        loaded_images = [renderer.load_images(row["images"]) for row in rows]
+    for row, loaded in zip(rows, loaded_images, strict=True):
         prompts.append(renderer.prompt_ids(prompt_messages(row), loaded)[0])
         images.extend(loaded)
     batch = pad_batch(prompts, renderer.pad_token_id, side="left")
@@ -139,10 +143,15 @@ def _batch_inputs(model, renderer: Renderer, rows: list[dict]) -> dict:
 
 
 def generate_answers(
-    model, renderer: Renderer, rows: list[dict], max_new_tokens: int, trie: AnswerTrie | None = None
+    model,
+    renderer: Renderer,
+    rows: list[dict],
+    max_new_tokens: int,
+    trie: AnswerTrie | None = None,
+    loaded_images: list[list] | None = None,
 ) -> list[str]:
     """Greedy answers for one batch of conversation rows (prompts left-padded)."""
-    inputs = _batch_inputs(model, renderer, rows)
+    inputs = _batch_inputs(model, renderer, rows, loaded_images)
     width = inputs["input_ids"].shape[1]
     eos = renderer.tokenizer.eos_token_id
     kwargs = {}
@@ -166,10 +175,12 @@ def generate_answers(
     return [renderer.tokenizer.decode(seq[width:], skip_special_tokens=True) for seq in output]
 
 
-def score_answers(model, renderer: Renderer, row: dict, candidates: dict[str, list[int]]) -> dict[str, float]:
+def score_answers(
+    model, renderer: Renderer, row: dict, candidates: dict[str, list[int]], images: list | None = None
+) -> dict[str, float]:
     """Log-likelihood of each candidate answer given one image prompt; the prompt is encoded once."""
     device = _device_of(model)
-    inputs = _batch_inputs(model, renderer, [row])
+    inputs = _batch_inputs(model, renderer, [row], None if images is None else [images])
     names = list(candidates)
     with torch.inference_mode():
         prompt_out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -225,8 +236,15 @@ def predict_rows(
     max_new_tokens: int = 32,
     strict: bool = False,
     desc: str = "",
+    unreadable: dict[str, str] | None = None,
 ) -> tuple[list[Prediction], float]:
-    """Predictions for every row (none dropped) and the throughput in images/s."""
+    """Predictions for every row (none dropped) and the throughput in images/s.
+
+    A row whose image cannot be decoded (or is listed in `unreadable`, id -> reason) gets the outcome
+    `unreadable`; the others in its batch go on.
+    """
+    from pixtral_lora.images import ImageError
+
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     parser = AnswerParser(class_names, strict=strict)
@@ -235,23 +253,38 @@ def predict_rows(
     rows = list(rows)
     predictions: list[Prediction] = []
     start = time.perf_counter()
-    step = 1 if mode == "score" else batch_size
-    for begin in tqdm(range(0, len(rows), step), desc=desc or mode, unit="batch" if step > 1 else "img"):
-        chunk = rows[begin : begin + step]
+    unreadable = unreadable or {}
+    for begin in tqdm(range(0, len(rows), batch_size), desc=desc or mode, unit="batch"):
+        chunk = rows[begin : begin + batch_size]
+        slots: list[Prediction | None] = [None] * len(chunk)
+        ready, loaded = [], []
+        for index, row in enumerate(chunk):
+            error = unreadable.get(row["id"])
+            if error is None:
+                try:
+                    loaded.append(renderer.load_images(row["images"]))
+                    ready.append(index)
+                    continue
+                except ImageError as err:
+                    error = str(err)
+            slots[index] = Prediction(row["id"], row["label"], "", None, None, error=error)
         if mode == "score":
-            scores = score_answers(model, renderer, chunk[0], candidates)
-            values = torch.tensor(list(scores.values()))
-            probs = torch.softmax(values, 0)
-            best = int(values.argmax())
-            label = list(scores)[best]
-            predictions.append(
-                Prediction(
-                    chunk[0]["id"], chunk[0]["label"], prompt.answer(label), label, label, float(probs[best])
+            for index, images in zip(ready, loaded, strict=True):
+                row = chunk[index]
+                scores = score_answers(model, renderer, row, candidates, images)
+                values = torch.tensor(list(scores.values()))
+                probs = torch.softmax(values, 0)
+                best = int(values.argmax())
+                label = list(scores)[best]
+                slots[index] = Prediction(
+                    row["id"], row["label"], prompt.answer(label), label, label, float(probs[best])
                 )
-            )
-            continue
-        answers = generate_answers(model, renderer, chunk, max_new_tokens, trie)
-        predictions += parsed_predictions(chunk, answers, parser)
+        elif ready:
+            ready_rows = [chunk[i] for i in ready]
+            answers = generate_answers(model, renderer, ready_rows, max_new_tokens, trie, loaded)
+            for index, prediction in zip(ready, parsed_predictions(ready_rows, answers, parser), strict=True):
+                slots[index] = prediction
+        predictions += slots
     elapsed = time.perf_counter() - start
     if len(predictions) != len(rows):
         raise AssertionError(f"{len(rows) - len(predictions)} test items lost")
@@ -268,103 +301,14 @@ def summarise(predictions: list[Prediction], class_names: list[str]):
         [p.label for p in predictions],
         [p.raw_label for p in predictions],
         class_names,
+        [p.error is not None for p in predictions],
     )
-    if predictions and all(p.confidence is not None for p in predictions):
-        confidences = [p.confidence for p in predictions]
+    scored = [p for p in predictions if p.error is None]
+    if scored and all(p.confidence is not None for p in scored):
+        confidences = [p.confidence for p in scored]
         report.mean_confidence = float(sum(confidences) / len(confidences))
-        report.calibration_ece = expected_calibration_error(
-            confidences, [p.label == p.gold for p in predictions]
-        )
+        report.calibration_ece = expected_calibration_error(confidences, [p.label == p.gold for p in scored])
     return report
-
-
-def write_report(out_dir: Path, results: dict, class_names: list[str], predictions: dict) -> None:
-    """report.json, report.md, predictions.jsonl, confusion_<model>[_<mode>].csv/png."""
-    from pixtral_lora.io import atomic_file, write_json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        out_dir / "report.json",
-        {
-            "class_names": class_names,
-            "results": {
-                k: {
-                    m: r["report"].as_dict() | {"images_per_second": r["images_per_second"]}
-                    for m, r in v.items()
-                }
-                for k, v in results.items()
-            },
-        },
-    )
-    with atomic_file(out_dir / "predictions.jsonl") as handle:
-        for (model_name, mode), preds in predictions.items():
-            for p in preds:
-                handle.write(json.dumps(p.as_dict(model_name, mode)) + "\n")
-    for model_name, by_mode in results.items():
-        for mode, result in by_mode.items():
-            stem = f"confusion_{model_name}" + ("" if mode == "generate" else f"_{mode}")
-            write_confusion_csv(result["report"], class_names, out_dir / f"{stem}.csv")
-            plot_confusion(result["report"], class_names, out_dir / f"{stem}.png", f"{model_name} ({mode})")
-    with atomic_file(out_dir / "report.md") as handle:
-        handle.write(markdown_report(results, class_names))
-
-
-def markdown_report(results: dict, class_names: list[str]) -> str:
-    lines = ["# Evaluation report", ""]
-    any_result = next(iter(next(iter(results.values())).values()))["report"]
-    lines.append(
-        f"{any_result.n} test images, {len(class_names)} classes. Every image has exactly one outcome; "
-        "the outcome columns add up to n."
-    )
-    lines += [
-        "",
-        "| model | mode | accuracy (95% CI) | macro-F1 | hallucinated | unparseable | correct | wrong | n | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for model_name, by_mode in results.items():
-        for mode, result in by_mode.items():
-            r = result["report"]
-            lines.append(
-                f"| {model_name} | {mode} | {r.accuracy:.1%} ({r.accuracy_ci95[0]:.1%}-{r.accuracy_ci95[1]:.1%}) | "
-                f"{r.macro_f1:.3f} | {r.hallucination_rate:.1%} ({r.counts['hallucinated']}) | "
-                f"{r.parse_failure_rate:.1%} ({r.counts['unparseable']}) | {r.counts['correct']} | {r.counts['wrong']} | "
-                f"{r.n} | {result['images_per_second']:.2f} |"
-            )
-    calibrated = [
-        f"- {model_name}: mean confidence {r['report'].mean_confidence:.3f}, expected calibration error "
-        f"{r['report'].calibration_ece:.3f} (10 bins)"
-        for model_name, by_mode in results.items()
-        for r in by_mode.values()
-        if r["report"].calibration_ece is not None
-    ]
-    if calibrated:
-        lines += [
-            "",
-            "Confidence of the `score` mode (softmax over the classes' answer likelihoods):",
-            *calibrated,
-        ]
-    lines += [
-        "",
-        "Modes: `generate` = free greedy answer parsed leniently (the study's setting); `constrained` = "
-        "decoding restricted to valid answers; `score` = class with the highest answer likelihood.",
-        "",
-    ]
-    for model_name, by_mode in results.items():
-        for mode, result in by_mode.items():
-            r = result["report"]
-            lines += [
-                f"## Per class: {model_name}, {mode}",
-                "",
-                "| class | precision | recall | F1 | support |",
-                "|---|---|---|---|---|",
-            ]
-            for name in class_names:
-                c = r.per_class[name]
-                lines.append(
-                    f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
-                )
-            lines.append("")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,8 +335,27 @@ def _run_model(run_dir: Path, config, which: str, merged: str | Path | None = No
     )
 
 
+def check_run_dir(run_dir: Path, needs_adapter: bool = True) -> None:
+    """A run directory eval/predict can use: config, split and (unless a merged model is given) adapter."""
+    from pixtral_lora.rundir import RunDirError
+
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    for name in ("config.yaml", "split.json"):
+        if not (run_dir / name).is_file():
+            raise RunDirError(f"{run_dir}: no {name}; is this a run directory written by train.py?")
+    if needs_adapter and not (run_dir / "adapter" / "adapter_config.json").is_file():
+        checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+        progress = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
+        raise RunDirError(
+            f"{run_dir}: no adapter/ yet: training has not finished{progress} (rerun train.py to resume, "
+            "or evaluate a merged model with --merged)"
+        )
+
+
 def _held_out_rows(run_dir: Path, limit: int | None):
-    """The run's config, class names and its recorded test split as prompt rows (first `limit`)."""
+    """The run's config, class names, its recorded test split as prompt rows (first `limit`) and the
+    test images training found unreadable (id -> reason)."""
     from pixtral_lora.config import load_config
     from pixtral_lora.data import as_conversations, select_ids
     from pixtral_lora.training import load_run_data
@@ -403,10 +366,16 @@ def _held_out_rows(run_dir: Path, limit: int | None):
     test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
     if limit:
         test = test.select(range(min(limit, len(test))))
-    return config, class_names, list(as_conversations(test, config.prompt, class_names, with_answer=False))
+    rows = list(as_conversations(test, config.prompt, class_names, with_answer=False))
+    unreadable = {
+        i: "unreadable when the run was trained" for i in split.get("unreadable", {}).get("test", [])
+    }
+    return config, class_names, rows, unreadable
 
 
-def _predict_for_run(model, renderer: Renderer, rows, class_names, config, mode, strict=None, desc=""):
+def _predict_for_run(
+    model, renderer: Renderer, rows, class_names, config, mode, strict=None, desc="", unreadable=None
+):
     """`predict_rows` with the run config's eval settings (batch size, answer length, strictness)."""
     return predict_rows(
         model,
@@ -419,6 +388,7 @@ def _predict_for_run(model, renderer: Renderer, rows, class_names, config, mode,
         max_new_tokens=config.eval.max_new_tokens,
         strict=config.eval.strict if strict is None else strict,
         desc=desc,
+        unreadable=unreadable,
     )
 
 
@@ -430,13 +400,20 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     strict: bool | None = None,
     merged: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Evaluate a run's held-out split with the base and the fine-tuned model; returns the report dir.
 
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
+    The report directory replaces a previous report only (anything else needs `overwrite`).
     """
+    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
+
     run_dir = Path(run_dir)
-    config, class_names, rows = _held_out_rows(run_dir, limit)
+    check_run_dir(run_dir, needs_adapter="finetuned" in models and merged is None)
+    config, class_names, rows, unreadable = _held_out_rows(run_dir, limit)
+    out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
+    check_replaceable(out, EVAL_REPORT_FILES, overwrite)
     renderer = _run_renderer(run_dir, config)
     results: dict = {}
     predictions: dict = {}
@@ -445,7 +422,15 @@ def evaluate_run(
         results[model_name] = {}
         for mode in modes or config.eval.modes:
             preds, speed = _predict_for_run(
-                model, renderer, rows, class_names, config, mode, strict=strict, desc=f"{model_name}/{mode}"
+                model,
+                renderer,
+                rows,
+                class_names,
+                config,
+                mode,
+                strict=strict,
+                desc=f"{model_name}/{mode}",
+                unreadable=unreadable,
             )
             report = summarise(preds, class_names)
             results[model_name][mode] = {"report": report, "images_per_second": speed}
@@ -460,19 +445,20 @@ def evaluate_run(
                 report.n,
             )
         del model
-    out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
-    write_report(out, results, class_names, predictions)
+    write_report(out, results, class_names, predictions, overwrite)
     return out
 
 
 def predict_images(
     paths: list[Path], run_dir: str | Path, model_path: str | None = None, mode: str = "score"
 ) -> list[dict]:
-    """Classify new images with a run's prompt: label, confidence (score mode) and the raw answer."""
+    """Classify new images with a run's prompt: label, confidence (score mode), the raw answer, and
+    for an image that cannot be read the outcome `unreadable` with the reason in `error` (never fatal)."""
     from pixtral_lora.config import load_config
     from pixtral_lora.prompt import messages_to_json
 
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, needs_adapter=model_path is None)
     config = load_config(run_dir / "config.yaml")
     class_names = json.loads((run_dir / "split.json").read_text())["class_names"]
     messages = messages_to_json(config.prompt.messages(class_names))
@@ -483,7 +469,14 @@ def predict_images(
     model = _run_model(run_dir, config, "finetuned", model_path)
     preds, _ = _predict_for_run(model, _run_renderer(run_dir, config), rows, class_names, config, mode)
     return [
-        {"image": p.id, "label": p.label, "confidence": p.confidence, "raw_answer": p.raw_answer}
+        {
+            "image": p.id,
+            "label": p.label,
+            "confidence": p.confidence,
+            "raw_answer": p.raw_answer,
+            "outcome": "unreadable" if p.error else ("valid" if p.label else p.outcome),
+            "error": p.error,
+        }
         for p in preds
     ]
 
@@ -537,11 +530,16 @@ def vllm_generate(
 
 
 def evaluate_run_vllm(
-    run_dir: str | Path, models: dict[str, str], limit: int | None = None, out_dir: str | Path | None = None
+    run_dir: str | Path,
+    models: dict[str, str],
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
     run_dir = Path(run_dir)
-    config, class_names, rows = _held_out_rows(run_dir, limit)
+    check_run_dir(run_dir, needs_adapter=False)
+    config, class_names, rows, _ = _held_out_rows(run_dir, limit)
     renderer = _run_renderer(run_dir, config)
     parser = AnswerParser(class_names, strict=config.eval.strict)
     results, predictions = {}, {}
@@ -553,5 +551,5 @@ def evaluate_run_vllm(
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
         predictions[(name, "generate")] = preds
     out = Path(out_dir or run_dir / "eval-vllm")
-    write_report(out, results, class_names, predictions)
+    write_report(out, results, class_names, predictions, overwrite)
     return out

@@ -31,8 +31,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pixtral_lora.io import atomic_directory, write_json
-from pixtral_lora.modeling import IMAGE_BREAK_TOKEN_ID, IMAGE_END_TOKEN_ID, tekken_path
+from pixtral_lora.io import (
+    ADAPTER_FILES,
+    HF_CHECKPOINT_FILES,
+    MISTRAL_EXPORT_FILES,
+    atomic_directory,
+    write_json,
+)
+from pixtral_lora.modeling import (
+    IMAGE_BREAK_TOKEN_ID,
+    IMAGE_END_TOKEN_ID,
+    check_model_source,
+    checkpoint_fingerprint,
+    tekken_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +146,8 @@ def _rotary_heads(native: str, config: dict) -> int | None:
 
 def resolve_checkpoint(model: str) -> Path:
     """Local directory of an HF checkpoint (downloads config + safetensors for a hub id)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
+    if check_model_source(model, "--model") == "local":
+        return Path(model)
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
@@ -186,6 +197,55 @@ class LoraDeltas:
             return None
         self.unused.discard(current_hf_name(hf_name))
         return (factors["B"].float() @ factors["A"].float()) * self.scale
+
+
+def _base_shapes(checkpoint: Path) -> dict[str, list[int]]:
+    """Current-layout HF name -> shape of every base weight, from the safetensors headers alone."""
+    shapes = {}
+    for file in _weight_files(checkpoint):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                shapes[current_hf_name(key)] = handle.get_slice(key).get_shape()
+    return shapes
+
+
+def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool = False) -> None:
+    """Refuse, in one line, an adapter that does not fit this base or was trained on another one.
+
+    Shapes: every LoRA pair must give a delta of its base weight's shape. Identity: the base named in
+    adapter_config.json, and (when the run recorded one and the base is local) the fingerprint of the
+    base's files, must match `model`; `force` accepts a different base of the same shape.
+    """
+    adapter = Path(adapter)
+    deltas = LoraDeltas(adapter)
+    shapes = _base_shapes(checkpoint)
+    for module, factors in deltas.factors.items():
+        if module not in shapes:
+            raise ExportError(f"{adapter}: adapter weight {module} has no counterpart in {checkpoint}")
+        wanted = [factors["B"].shape[0], factors["A"].shape[1]]
+        if list(shapes[module]) != wanted:
+            raise ExportError(
+                f"{adapter} does not fit {model}: {module} is {list(shapes[module])} in the base but "
+                f"{wanted} in the adapter (trained on a base of another shape?)"
+            )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    recorded = {}
+    if (adapter / "base_model.json").is_file():
+        recorded = json.loads((adapter / "base_model.json").read_text())
+    trained_on = recorded.get("name_or_path") or config.get("base_model_name_or_path")
+    fingerprint = recorded.get("fingerprint")
+    if fingerprint and Path(model).is_dir():
+        if checkpoint_fingerprint(model) == fingerprint:
+            return
+        problem = f"its files differ from those of the base the adapter was trained on ({trained_on})"
+    elif trained_on and str(trained_on) != str(model):
+        problem = f"the adapter was trained on {trained_on}"
+    else:
+        return
+    if force:
+        logger.warning("merging into %s although %s (--force)", model, problem)
+        return
+    raise ExportError(f"{adapter} -> {model}: {problem}; pass --force to merge into this base anyway")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,13 +359,24 @@ def export_mistral(
     dtype: str = "bfloat16",
     tekken: str | Path | None = None,
     max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
-    """Write consolidated.safetensors (+ index when sharded), params.json and tekken.json to `out`."""
+    """Write consolidated.safetensors (+ index when sharded), params.json and tekken.json to `out`.
+
+    `out` may replace a previous Mistral-format export only (else `overwrite`); `force` merges an
+    adapter into a base other than the one it was trained on (same shapes).
+    """
+    from pixtral_lora.io import check_replaceable
+
+    check_replaceable(out, MISTRAL_EXPORT_FILES, overwrite)
     checkpoint = resolve_checkpoint(model)
     config = json.loads((checkpoint / "config.json").read_text())
     if config.get("quantization_config"):
         raise ExportError(f"{checkpoint}: quantized checkpoint; export from the bf16/fp32 base")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    if adapter:
+        check_adapter(checkpoint, model, adapter, force)
     deltas = LoraDeltas(adapter) if adapter else None
     tekken_source = (
         Path(tekken)
@@ -349,7 +420,11 @@ def export_mistral(
         heads = _rotary_heads(target, config)
         return unpermute_rotary(tensor, heads) if heads is not None else tensor
 
-    with atomic_directory(out) as tmp, tqdm(total=len(plan), desc="converting", unit="tensor") as progress:
+    total_bytes = sum(math.prod(entry[3]) * itemsize for entry in plan)
+    with (
+        atomic_directory(out, MISTRAL_EXPORT_FILES, overwrite, needed_bytes=total_bytes) as tmp,
+        tqdm(total=len(plan), desc="converting", unit="tensor") as progress,
+    ):
         names = (
             ["consolidated.safetensors"]
             if len(shards) == 1
@@ -369,10 +444,9 @@ def export_mistral(
             weight_map = {
                 entry[0]: name for name, shard in zip(names, shards, strict=True) for entry in shard
             }
-            total = sum(math.prod(entry[3]) * itemsize for entry in plan)
             write_json(
                 tmp / "consolidated.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map},
+                {"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
             )
         write_json(tmp / "params.json", params_json(config))
         shutil.copyfile(tekken_source, tmp / "tekken.json")
@@ -380,9 +454,22 @@ def export_mistral(
     return Path(out)
 
 
-def export_hf(model: str, out: str | Path, adapter: str | Path | None, dtype: str = "bfloat16") -> Path:
+def export_hf(
+    model: str,
+    out: str | Path,
+    adapter: str | Path | None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    force: bool = False,
+) -> Path:
     """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor."""
+    from pixtral_lora.io import check_replaceable
     from pixtral_lora.modeling import load_model, load_processor
+
+    check_replaceable(out, HF_CHECKPOINT_FILES, overwrite)
+    checkpoint = resolve_checkpoint(model)
+    if adapter:
+        check_adapter(checkpoint, model, adapter, force)
 
     base = load_model(
         model, quantization=None, dtype=dtype, device="cpu"
@@ -392,37 +479,52 @@ def export_hf(model: str, out: str | Path, adapter: str | Path | None, dtype: st
 
         base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     processor = load_processor(adapter if adapter and (Path(adapter) / "tokenizer.json").is_file() else model)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, HF_CHECKPOINT_FILES, overwrite) as tmp:
         base.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return Path(out)
 
 
-# Modules vLLM can serve as LoRA on Pixtral: the language model's projections.
-VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
+# as LoRA: PEFT keys in transformers' current layout, mapped by its `hf_to_vllm_mapper`
+# (model.language_model. -> language_model.model., model.multi_modal_projector. ->
+# vision_language_adapter., .linear_1./.linear_2. -> .w_in./.w_out.), q/k/v and gate/up packed into its
+# qkv_proj/gate_up_proj. Text q/k LoRA stays in HF's rotary row order: vLLM permutes Mistral-format
+# wq/wk into that order when it loads them.
+_VLLM_LORA_KEY = re.compile(
+    r"base_model\.model\.("
+    r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+    r"|model\.multi_modal_projector\.linear_[12]"
+    r")\.lora_[AB]\.weight"
+)
 
 
-def export_adapter_only(adapter: str | Path, out: str | Path) -> Path:
-    """The adapter for vLLM's LoRA serving of an unchanged base: language-model projections only.
+def export_adapter_only(adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """The adapter as vLLM's LoRA serving of the Mistral-format base loads it (`--enable-lora`).
 
-    vLLM applies LoRA to the language model's linear layers; vision-tower and projector LoRA cannot
-    be served as LoRA there (merge them instead), so an adapter that has them is refused.
+    Keys are normalised to transformers' current layout (what vLLM's weight mapper expects), the
+    language model's projections and the projector are kept; vision-tower LoRA is refused: vLLM's
+    native vision encoder keeps Mistral's interleaved rotary rows, in which HF-layout q/k LoRA would be
+    wrong (merge such adapters instead).
     """
     adapter = Path(adapter)
+    LoraDeltas(adapter)  # the adapter's own checks (LoRA, no DoRA/patterns, key shapes)
+    tensors = {}
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
-        keys = list(handle.keys())
-        outside = [
-            k for k in keys if "language_model" not in k or not any(f".{m}." in k for m in VLLM_LORA_MODULES)
-        ]
-        if outside:
-            raise ExportError(
-                f"{adapter}: LoRA on modules vLLM cannot serve as LoRA ({outside[0]}, ...); "
-                "export a merged model instead (without --adapter-only)"
+        for key in handle.keys():
+            module, factor = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB]\.weight)", key).groups()
+            normalised = (
+                f"base_model.model.{current_hf_name(module + '.weight').removesuffix('.weight')}.{factor}"
             )
-        tensors = {k: handle.get_tensor(k) for k in keys}
+            if not _VLLM_LORA_KEY.fullmatch(normalised):
+                raise ExportError(
+                    f"{adapter}: LoRA on {module}, which vLLM does not serve as LoRA on Pixtral "
+                    "(vision tower); export a merged model instead (without --adapter-only)"
+                )
+            tensors[normalised] = handle.get_tensor(key)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    config["target_modules"] = sorted({re.search(r"\.(\w+_proj)\.lora", k).group(1) for k in keys})
-    with atomic_directory(out) as tmp:
+    config["target_modules"] = sorted({re.search(r"\.(\w+)\.lora_", k).group(1) for k in tensors})
+    with atomic_directory(out, ADAPTER_FILES, overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", config)
     return Path(out)

@@ -21,6 +21,10 @@ PATCH_SIZE = 16
 # Pixtral's vision encoder sees at most 1024x1024; anything bigger than this many pixels is not a
 # photo we want to decode (PIL's own default bomb limit is ~89 Mpx and only warns below 2x that).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Largest image file (or data-URI payload) read at all: checked on disk before reading, so a reference
+# to a huge file is an error, not a MemoryError. AID JPEGs are ~0.1 MB; a 13-band 16-bit 1024x1024
+# GeoTIFF tile is ~27 MB.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,(?P<payload>.*)$", re.DOTALL)
 
@@ -39,15 +43,23 @@ def describe_source(source: str | Path | bytes) -> str:
     return text
 
 
-def read_image_bytes(source: str | Path | bytes) -> bytes:
-    """Raw bytes of an image given as bytes, a data URI or a local path."""
+def read_image_bytes(source: str | Path | bytes, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """Raw bytes of an image given as bytes, a data URI or a local path; sizes checked before reading."""
     if isinstance(source, bytes):
+        if len(source) > max_bytes:
+            raise ImageError(f"{describe_source(source)}: larger than the {_mib(max_bytes)} image limit")
         return source
     text = str(source)
     match = DATA_URI.match(text)
     if match:
+        payload = match.group("payload")
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ImageError(
+                f"{describe_source(source)}: payload of ~{_mib(len(payload) * 3 // 4)} exceeds the "
+                f"{_mib(max_bytes)} image limit"
+            )
         try:
-            return base64.b64decode(match.group("payload"), validate=True)
+            return base64.b64decode(payload, validate=True)
         except ValueError as err:
             raise ImageError(f"{describe_source(source)}: invalid base64 payload ({err})") from err
     if text.startswith("data:"):
@@ -55,9 +67,21 @@ def read_image_bytes(source: str | Path | bytes) -> bytes:
     if text.startswith(("http://", "https://")):
         raise ImageError(f"{text}: remote URLs are not fetched; download the image and give a local path")
     path = Path(text)
+    if path.is_dir():
+        raise ImageError(f"{text}: is a directory, not an image file")
     if not path.is_file():
         raise ImageError(f"{text}: no such image file")
-    return path.read_bytes()
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"{text}: {_mib(size)} on disk exceeds the {_mib(max_bytes)} image limit")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{text}: cannot read ({err.strerror})") from err
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -1,26 +1,223 @@
-"""Crash-safe writes: outputs appear under their final name only once complete."""
+"""Crash-safe outputs: written under a temporary name, renamed when complete, never over foreign files.
+
+- `atomic_directory` / `atomic_file`: the output appears under its final name only once complete. An
+  existing output is replaced only when it is recognisably a previous output of the same kind (its
+  entries match the kind's file patterns); anything else is refused unless `overwrite=True`. A
+  temporary left by a killed writer (`.NAME.partial-PID-*`) is removed by the next writer to that path.
+- A full disk becomes an `OutputError` saying how much space was needed and where, not a traceback.
+- `run_lock`: an OS-level lock on a run directory, held for the life of the process that trains in it
+  (the kernel releases it when that process dies, however it dies).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import fnmatch
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+# Entries a previous output of each kind may hold; a directory holding anything else is not replaced.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MISTRAL_EXPORT_FILES = (
+    "consolidated.safetensors",
+    "consolidated-*-of-*.safetensors",
+    "consolidated.safetensors.index.json",
+    "params.json",
+    "tekken.json",
+)
+HF_CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tiny_pixtral.json",
+    *PROCESSOR_FILES,
+)
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    "base_model.json",
+    *PROCESSOR_FILES,
+)
+EVAL_REPORT_FILES = (
+    "report.json",
+    "report.md",
+    "report.html",
+    "predictions.jsonl",
+    "confusion_*.csv",
+    "confusion_*.png",
+)
+
+
+class OutputError(ValueError):
+    """An output that cannot be written as asked (exists and is not ours, disk full, not writable)."""
+
+
+class RunLockedError(OutputError):
+    """Another process holds the run directory."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks before writing
+
+
+def _foreign_entries(directory: Path, owned: Iterable[str]) -> list[str]:
+    patterns = tuple(owned)
+    return sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
+        or (entry.is_dir() and not entry.is_symlink())  # our outputs are flat
+    )
+
+
+def check_replaceable(final: str | Path, owned: Iterable[str] = (), overwrite: bool = False) -> None:
+    """Raise `OutputError` unless `final` is absent, empty, or a previous output of this kind.
+
+    `owned` are the file-name patterns of this kind of output; with `overwrite` anything is replaced.
+    """
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if overwrite:
+        return
+    if not final.is_dir() or final.is_symlink():
+        raise OutputError(
+            f"{final} exists and is not an output directory; choose another path or pass --overwrite"
+        )
+    foreign = _foreign_entries(final, owned)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(
+            f"{final} exists and holds files that are not a previous output of this command ({shown}); "
+            "choose another path or pass --overwrite"
+        )
+
+
+def check_replaceable_file(
+    final: str | Path, recognise: Callable[[Path], bool] | None = None, overwrite: bool = False
+) -> None:
+    """Raise `OutputError` unless the file `final` is absent or `recognise(final)` says it is ours."""
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_dir():
+        raise OutputError(f"{final} is a directory; give a file path")
+    if overwrite or (recognise is not None and recognise(final)):
+        return
+    raise OutputError(
+        f"{final} exists and is not a previous output of this command; choose another path or pass --overwrite"
+    )
+
+
+def check_writable(directory: str | Path, what: str = "output directory") -> None:
+    """Raise `OutputError` unless `directory` exists as a writable directory or can be created."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{what} {directory} is a file, not a directory")
+    probe_in = directory
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise OutputError(f"{what} {directory}: {probe_in} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe_in):
+            pass
+    except OSError as err:
+        raise OutputError(f"{what} {directory}: cannot write in {probe_in} ({err.strerror})") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """Remove `.NAME.partial-PID-*` temporaries whose writer is no longer running."""
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        pid_text = stale.name[len(f".{final.name}.partial-") :].split("-", 1)[0]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _disk_full(final: Path, written: int, needed: int | None) -> OutputError:
+    free = shutil.disk_usage(final.parent).free
+    need = f"about {_size(needed)} needed" if needed else f"{_size(written)} written before the disk filled"
+    return OutputError(
+        f"no space left on the device of {final.parent} while writing {final.name}: {need}, "
+        f"{_size(free)} free; nothing was written (free some space and run again)"
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic writers
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `final` only if the block succeeds."""
+def atomic_directory(
+    final: str | Path, owned: Iterable[str] = (), overwrite: bool = False, needed_bytes: int | None = None
+) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `final` only if the block succeeds.
+
+    An existing `final` is replaced only if `check_replaceable(final, owned, overwrite)` allows it.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; remove it or choose another output path")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    check_replaceable(final, owned, overwrite)
+    _remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
+    except OSError as err:
+        written = _tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise _disk_full(final, written, needed_bytes) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -28,21 +225,33 @@ def atomic_directory(final: str | Path, overwrite: bool = True) -> Iterator[Path
     tmp.chmod(0o755)
     for path in tmp.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists() or final.is_symlink():
+        check_replaceable(final, owned, overwrite)  # again: it may have changed while we wrote
+        old = final.with_name(f".{final.name}.partial-{os.getpid()}-old")
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         tmp.rename(final)
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
-    """Open a temporary sibling file for writing; rename it to `final` only if the block succeeds."""
+def atomic_file(
+    final: str | Path,
+    mode: str = "w",
+    recognise: Callable[[Path], bool] | None = None,
+    overwrite: bool = True,
+    needed_bytes: int | None = None,
+) -> Iterator:
+    """Open a temporary sibling file for writing; rename it to `final` only if the block succeeds.
+
+    With `overwrite=False` an existing `final` is replaced only when `recognise(final)` is true.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    check_replaceable_file(final, recognise, overwrite)
+    _remove_stale_partials(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,6 +259,12 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
             yield handle
         tmp.chmod(0o644)
         tmp.replace(final)
+    except OSError as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise _disk_full(final, written, needed_bytes) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -60,3 +275,39 @@ def write_json(path: str | Path, payload) -> None:
     with atomic_file(path) as handle:
         json.dump(payload, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directory lock
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive `flock` on RUN_DIR/.lock for the block; raise `RunLockedError` naming the holder.
+
+    An OS-level lock, not a PID file: the kernel releases it when the holder exits or is killed.
+    """
+    lock_path = Path(run_dir) / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (
+                Path(lock_path).read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
+            )
+            raise RunLockedError(
+                f"{run_dir} is in use by another run ({holder}); wait for it to finish or choose another "
+                "training.output_dir"
+            ) from None
+        info = (
+            f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            + " ".join(sys.argv)[:300]
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode("utf-8"), 0)
+        yield lock_path
+    finally:
+        os.close(fd)

@@ -1,7 +1,8 @@
 """Classification metrics where every test item has exactly one outcome, and nothing is dropped.
 
 Outcomes: `correct`, `wrong` (a valid class, not the gold one), `hallucinated` (a label was read but
-it names no class) and `unparseable` (no label could be read). Accuracy counts only `correct`;
+it names no class), `unparseable` (no label could be read) and `unreadable` (the image itself could
+not be decoded: the model was never asked). Accuracy counts only `correct`, over all n items;
 per-class metrics use sklearn with `labels=class_names`, so rows are keyed by the right names even
 when a class is never predicted or has no test images.
 """
@@ -16,13 +17,21 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-OUTCOMES = ("correct", "wrong", "hallucinated", "unparseable")
+OUTCOMES = ("correct", "wrong", "hallucinated", "unparseable", "unreadable")
 HALLUCINATED_COLUMN = "(hallucinated)"
 UNPARSEABLE_COLUMN = "(unparseable)"
+UNREADABLE_COLUMN = "(unreadable)"
+_INVALID_COLUMNS = {
+    "hallucinated": HALLUCINATED_COLUMN,
+    "unparseable": UNPARSEABLE_COLUMN,
+    "unreadable": UNREADABLE_COLUMN,
+}
 
 
-def outcome(gold: str, label: str | None, raw_label: str | None) -> str:
+def outcome(gold: str, label: str | None, raw_label: str | None, unreadable: bool = False) -> str:
     """The one outcome of a prediction (see module docstring)."""
+    if unreadable:
+        return "unreadable"
     if label is not None:
         return "correct" if label == gold else "wrong"
     return "hallucinated" if raw_label is not None else "unparseable"
@@ -37,6 +46,7 @@ class ClassificationReport:
     macro_f1: float
     hallucination_rate: float
     parse_failure_rate: float
+    unreadable_rate: float
     per_class: dict[str, dict[str, float]]
     confusion: list[list[int]]  # rows: gold classes; columns: classes + hallucinated + unparseable
     confusion_columns: list[str]
@@ -55,6 +65,7 @@ class ClassificationReport:
             "macro_f1": self.macro_f1,
             "hallucination_rate": self.hallucination_rate,
             "parse_failure_rate": self.parse_failure_rate,
+            "unreadable_rate": self.unreadable_rate,
             "per_class": self.per_class,
             "confusion": self.confusion,
             "confusion_columns": self.confusion_columns,
@@ -62,20 +73,25 @@ class ClassificationReport:
 
 
 def classification_report(
-    gold: list[str], predicted: list[str | None], raw: list[str | None], class_names: list[str]
+    gold: list[str],
+    predicted: list[str | None],
+    raw: list[str | None],
+    class_names: list[str],
+    unreadable: list[bool] | None = None,
 ) -> ClassificationReport:
-    """Metrics for aligned lists of gold labels, predicted class names (None if invalid) and raw labels."""
-    if not (len(gold) == len(predicted) == len(raw)):
-        raise ValueError("gold, predicted and raw must have the same length")
+    """Metrics for aligned lists of gold labels, predicted class names (None if invalid), raw labels and
+    (optionally) whether each image was unreadable."""
+    unreadable = unreadable if unreadable is not None else [False] * len(gold)
+    if not (len(gold) == len(predicted) == len(raw) == len(unreadable)):
+        raise ValueError("gold, predicted, raw and unreadable must have the same length")
     n = len(gold)
-    outcomes = [outcome(g, p, r) for g, p, r in zip(gold, predicted, raw, strict=True)]
+    outcomes = [outcome(g, p, r, u) for g, p, r, u in zip(gold, predicted, raw, unreadable, strict=True)]
     counts = {name: outcomes.count(name) for name in OUTCOMES}
     if sum(counts.values()) != n:  # every item has exactly one outcome
         raise AssertionError("outcome counts do not add up")
-    columns = [*class_names, HALLUCINATED_COLUMN, UNPARSEABLE_COLUMN]
+    columns = [*class_names, HALLUCINATED_COLUMN, UNPARSEABLE_COLUMN, UNREADABLE_COLUMN]
     predicted_columns = [
-        p if p is not None else (HALLUCINATED_COLUMN if o == "hallucinated" else UNPARSEABLE_COLUMN)
-        for p, o in zip(predicted, outcomes, strict=True)
+        _INVALID_COLUMNS[o] if o in _INVALID_COLUMNS else p for p, o in zip(predicted, outcomes, strict=True)
     ]
     matrix = (
         confusion_matrix(gold, predicted_columns, labels=columns)[: len(class_names)]
@@ -108,6 +124,7 @@ def classification_report(
         macro_f1=macro_f1,
         hallucination_rate=counts["hallucinated"] / n if n else 0.0,
         parse_failure_rate=counts["unparseable"] / n if n else 0.0,
+        unreadable_rate=counts["unreadable"] / n if n else 0.0,
         per_class=per_class,
         confusion=matrix.tolist(),
         confusion_columns=columns,

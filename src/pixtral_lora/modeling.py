@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,82 @@ def load_processor(model_name_or_path: str | os.PathLike):
     processor.chat_template = template
     processor.tokenizer.chat_template = template
     return processor
+
+
+class ModelSourceError(ValueError):
+    """A model reference that is neither a local checkpoint nor a reachable hub model."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model_source(name: str, field_name: str = "model") -> str:
+    """Say where `name` is ("local", "hub cache" or "hub"), or raise `ModelSourceError` in one line.
+
+    A local path must be a directory with config.json; otherwise `name` must be a hub id that is in
+    the HF cache, or (online) that the hub knows.
+    """
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{field_name}: {name} exists but is not a checkpoint directory (no config.json)"
+            )
+        return "local"
+    hint = (
+        " (`make train` or `pixtral-lora tiny-model --out DIR` builds the tiny model)"
+        if "tiny" in name
+        else ""
+    )
+    if not _HUB_ID.fullmatch(name):
+        raise ModelSourceError(
+            f"{field_name}: {name} is not a local directory nor a hub id (owner/name){hint}"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return "hub cache"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelSourceError(
+            f"{field_name}: {name} is not a local directory, and as a hub id it is not in the HF cache "
+            f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set{hint}"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=15)
+    except RepositoryNotFoundError:
+        raise ModelSourceError(
+            f"{field_name}: {name} is not a local directory nor a model on the hub{hint}"
+        ) from None
+    except Exception as err:  # network errors come in many types; all mean the same here
+        raise ModelSourceError(
+            f"{field_name}: {name} is not a local directory, not in the HF cache ({constants.HF_HUB_CACHE}), "
+            f"and the hub cannot be reached ({type(err).__name__}){hint}"
+        ) from None
+    return "hub"
+
+
+def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -> str:
+    """A cheap identity of a local checkpoint: config.json, and per safetensors file its size, header
+    and the first and last `sample_bytes` of its data (seconds even for 25 GB; differs between two
+    random initialisations of the same shape)."""
+    import hashlib
+    import struct
+
+    directory = Path(directory)
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            header_length = struct.unpack("<Q", handle.read(8))[0]
+            digest.update(handle.read(header_length))
+            digest.update(handle.read(sample_bytes))
+            handle.seek(max(8 + header_length, size - sample_bytes))
+            digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()
 
 
 def best_device() -> str:

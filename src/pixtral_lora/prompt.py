@@ -44,7 +44,14 @@ class PromptConfig(BaseModel):
         return self.system_prompt.replace("{class_list}", self.class_separator.join(class_names))
 
     def answer(self, label: str) -> str:
-        """The assistant's target text for `label`."""
+        """The assistant's target text for `label`.
+
+        Where the template quotes the label as a JSON string (`"{label}"`, the default), the label is
+        JSON-escaped, so a class name with a quote or a backslash still gives valid JSON that parses
+        back to that name (non-ASCII stays as it is: the tokens are the same as before).
+        """
+        if '"{label}"' in self.answer_template:
+            return self.answer_template.replace("{label}", json.dumps(label, ensure_ascii=False)[1:-1])
         return self.answer_template.replace("{label}", label)
 
     def answer_prefix(self) -> str:

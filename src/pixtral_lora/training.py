@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,22 +26,28 @@ from pixtral_lora.data import (
     DataError,
     Splits,
     as_conversations,
-    class_names_of,
-    load_aid_folder,
+    check_data_path,
     load_any,
     split_dataset,
 )
-from pixtral_lora.io import atomic_directory, atomic_file, write_json
+from pixtral_lora.io import ADAPTER_FILES, atomic_directory, atomic_file, write_json
 from pixtral_lora.modeling import best_device, load_model, load_processor
 from pixtral_lora.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
+from pixtral_lora.rundir import (
+    RunDirError,
+    base_identity,
+    drop_metrics_after,
+    environment,
+    is_main_process,
+    preflight,
+    recorded_split,
+    resume_checkpoint,
+    run_directory,
+)
 
 logger = logging.getLogger(__name__)
 
 VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class RunDirError(ValueError):
-    """The run directory holds a different run."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,19 +68,12 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
     """
     data = config.data
 
-    def load(path: str):
-        if Path(path).is_dir():
-            dataset = load_aid_folder(path)
-            return dataset, class_names_of(dataset)
-        if Path(path).suffix not in (".jsonl", ".csv"):
-            raise DataError(
-                f"{path}: is not an AID-style folder (<root>/<ClassName>/*.jpg), a .jsonl or a .csv"
-            )
-        if not Path(path).is_file():
-            raise DataError(f"{path}: no such file")
+    def load(path: str, field_name: str):
+        if check_data_path(path, field_name).is_dir():
+            return load_any(path, allowed_roots=data.allow_paths_outside)
         if not data.class_names:
             raise DataError(f"{path}: JSONL/CSV data need data.class_names (the class set of the answers)")
-        dataset, _ = load_any(path, data.class_names)
+        dataset, _ = load_any(path, data.class_names, data.allow_paths_outside)
         unknown = sorted(set(dataset["label"]) - set(data.class_names))
         if unknown:
             raise DataError(
@@ -83,9 +81,9 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
             )
         return dataset, list(data.class_names)
 
-    dataset, class_names = load(data.path)
+    dataset, class_names = load(data.path, "data.path")
     if data.test_path:
-        test, test_classes = load(data.test_path)
+        test, test_classes = load(data.test_path, "data.test_path")
         if test_classes != class_names:
             raise DataError(f"data.test_path: classes {test_classes} differ from data.path's {class_names}")
         inner = (
@@ -154,66 +152,6 @@ def load_training_model(config: Config, device: str):
             model, use_gradient_checkpointing=config.training.gradient_checkpointing
         )
     return model
-
-
-# ---------------------------------------------------------------------------------------------------
-# Run directory
-
-
-def _environment(config: Config, device: str) -> dict:
-    import importlib.metadata as md
-
-    packages = [
-        "torch",
-        "transformers",
-        "peft",
-        "trl",
-        "bitsandbytes",
-        "accelerate",
-        "datasets",
-        "mistral-common",
-        "pixtral-lora",
-    ]
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": versions,
-        "seeds": {"training": config.training.seed, "split": config.data.split_seed},
-    }
-
-
-def prepare_run_dir(config: Config) -> tuple[Path, dict | None]:
-    """Create the run directory, or check that an existing one holds this same config (then resume)."""
-    run_dir = Path(config.training.output_dir)
-    saved_config = run_dir / "config.yaml"
-    recorded = None
-    if saved_config.exists():
-        if saved_config.read_text(encoding="utf-8") != dump_config(config):
-            raise RunDirError(
-                f"{run_dir} holds a run with a different config ({saved_config}); "
-                "choose another training.output_dir or delete that directory"
-            )
-        split_file = run_dir / "split.json"
-        recorded = json.loads(split_file.read_text()) if split_file.exists() else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, recorded
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint in a run directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoints = run_dir / "checkpoints"
-    return Path(found) if checkpoints.is_dir() and (found := get_last_checkpoint(str(checkpoints))) else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,16 +267,26 @@ def _answer_only_trainer_class():
 
 
 def train(config: Config, resume: str = "auto") -> Path:
-    """Run the recipe; returns the run directory. resume: "auto" (last checkpoint if any), "never", or a path."""
+    """Run the recipe; returns the run directory. resume: "auto" (last checkpoint if any), "never", or a path.
+
+    One run per directory: a second process on the same output_dir fails at once naming the holder.
+    """
+    preflight(config, resume)
+    with run_directory(config) as run_dir:
+        return _train_in(config, run_dir, resume)
+
+
+def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
     from transformers import EarlyStoppingCallback, set_seed
 
-    # -- Config and run directory ------------------------------------------------------------------
-    run_dir, recorded_split = prepare_run_dir(config)
+    # -- Config and run directory (locked: no second run writes here) -------------------------------
+    recorded = recorded_split(config)
     set_seed(config.training.seed)
     device = best_device()
+    main_process = is_main_process()
 
     # -- Data (fails before any model is loaded) ---------------------------------------------------
-    run_data = load_run_data(config, recorded_split)
+    run_data = load_run_data(config, recorded)
     processor = load_processor(config.model.name_or_path)
     renderer = Renderer(processor, config.data.image_longest_edge, config.data.max_length)
     reports = {"train": RenderReport(), "validation": RenderReport()}
@@ -357,14 +305,30 @@ def train(config: Config, resume: str = "auto") -> Path:
     if len(train_set) == 0:
         raise DataError(f"no training samples left after rendering: {reports['train'].summary()}")
 
-    with atomic_file(run_dir / "config.yaml") as handle:
-        handle.write(dump_config(config))
-    write_json(
-        run_dir / "split.json",
-        {"data_path": config.data.path, "class_names": run_data.class_names, "ids": run_data.splits.ids()},
-    )
-    write_json(run_dir / "environment.json", _environment(config, device))
-    write_json(run_dir / "data_report.json", {name: vars(r) for name, r in reports.items()})
+    unreadable_test = _unreadable(renderer, run_data.splits.test)
+    if main_process:
+        with atomic_file(run_dir / "config.yaml") as handle:
+            handle.write(dump_config(config))
+        write_json(
+            run_dir / "split.json",
+            {
+                "data_path": config.data.path,
+                "class_names": run_data.class_names,
+                "ids": run_data.splits.ids(),
+                # Images that cannot be decoded, by split: training skipped them, eval counts them
+                # as `unreadable` without trying again.
+                "unreadable": {
+                    "train": reports["train"].bad_image,
+                    "validation": reports["validation"].bad_image,
+                    "test": unreadable_test,
+                },
+            },
+        )
+        write_json(run_dir / "environment.json", environment(config, device))
+        write_json(
+            run_dir / "data_report.json",
+            {name: vars(r) for name, r in reports.items()} | {"test": {"unreadable": unreadable_test}},
+        )
 
     # -- Model -------------------------------------------------------------------------------------
     args = sft_config(config, run_dir, device, eval_set is not None)
@@ -386,20 +350,20 @@ def train(config: Config, resume: str = "auto") -> Path:
         peft_config=peft_config(config),
         callbacks=callbacks,
     )
-    checkpoint = None
-    if resume == "auto":
-        checkpoint = last_checkpoint(run_dir)
-    elif resume != "never":
-        checkpoint = Path(resume)
+    checkpoint = resume_checkpoint(run_dir, resume, main_process)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
+        if main_process:
+            state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            drop_metrics_after(run_dir, state.get("global_step", 0))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # -- Save --------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        with atomic_directory(run_dir / "adapter") as tmp:
+        with atomic_directory(run_dir / "adapter", owned=ADAPTER_FILES) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
+            write_json(tmp / "base_model.json", base_identity(config.model.name_or_path))
         write_json(
             run_dir / "train_summary.json",
             {
@@ -412,6 +376,21 @@ def train(config: Config, resume: str = "auto") -> Path:
         )
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     return run_dir
+
+
+def _unreadable(renderer: Renderer, dataset) -> list[str]:
+    """Ids of rows whose images cannot be decoded (checked once, here, so eval need not trip on them)."""
+    from pixtral_lora.images import ImageError
+
+    bad = []
+    for row in dataset:
+        refs = row["images"] if "images" in row else [row["image"]]
+        try:
+            renderer.load_images(refs)
+        except ImageError as err:
+            logger.warning("test image %s is unreadable: %s", row["id"], err)
+            bad.append(row["id"])
+    return bad
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:

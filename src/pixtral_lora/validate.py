@@ -14,14 +14,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pixtral_lora.answers import AnswerParser
+from pixtral_lora.answers import AnswerParser, class_name_problem
 from pixtral_lora.data import (
     IMAGE_SUFFIXES,
     DataError,
+    check_data_path,
     check_roles,
     discover_class_names,
+    image_ref,
     image_source,
+    inside,
     mistral_messages_to_hf,
+    read_lines,
 )
 from pixtral_lora.images import ImageError, load_image
 
@@ -48,10 +52,10 @@ class _Sample:
     label: str | None = None
 
 
-def _jsonl_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
+def _jsonl_samples(path: Path, problems: list[Problem], allowed_roots: list[str]) -> list[_Sample]:
     samples = []
     with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, line in read_lines(handle, path):
             where = f"{path}:{line_no}"
             if not line.strip():
                 continue
@@ -64,9 +68,13 @@ def _jsonl_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
                 problems.append(Problem(where, "messages", "expected an object with a 'messages' list"))
                 continue
             try:
-                messages, refs = mistral_messages_to_hf(record["messages"], path.parent, where)
+                messages, refs = mistral_messages_to_hf(record["messages"], path.parent, where, allowed_roots)
             except DataError as err:
-                problems.append(Problem(where, "messages", str(err).removeprefix(f"{where}: ")))
+                text = str(err).removeprefix(f"{where}: ")
+                field_name, _, message = text.partition(": ")
+                if not message or " " in field_name:
+                    field_name, message = "messages", text
+                problems.append(Problem(where, field_name, message))
                 continue
             try:
                 check_roles(messages, where)
@@ -85,7 +93,7 @@ def _jsonl_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
     return samples
 
 
-def _csv_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
+def _csv_samples(path: Path, problems: list[Problem], allowed_roots: list[str]) -> list[_Sample]:
     samples = []
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -100,22 +108,32 @@ def _csv_samples(path: Path, problems: list[Problem]) -> list[_Sample]:
             if not record["image_path"]:
                 problems.append(Problem(where, "image_path", "empty"))
                 continue
-            image_path = Path(record["image_path"])
-            ref = {
-                "path": str(image_path if image_path.is_absolute() else path.parent / image_path),
-                "bytes": None,
-            }
+            try:
+                ref = image_ref(record["image_path"], path.parent, where, "image_path", allowed_roots)
+            except DataError as err:
+                problems.append(Problem(where, "image_path", str(err).removeprefix(f"{where}: image_path: ")))
+                continue
             if not (record["completion"] or "").strip():
                 problems.append(Problem(where, "completion", "empty answer"))
             samples.append(_Sample(where, [("image_path", ref)], record["completion"]))
     return samples
 
 
-def _folder_samples(root: Path, problems: list[Problem]) -> tuple[list[_Sample], list[str]]:
+def _folder_samples(
+    root: Path, problems: list[Problem], allowed_roots: list[str]
+) -> tuple[list[_Sample], list[str]]:
     class_names = discover_class_names(root)
+    roots = [root, *map(Path, allowed_roots)]
     samples = []
     for class_name in class_names:
         files = sorted(p for p in (root / class_name).iterdir() if p.is_file() and not p.name.startswith("."))
+        for outside in [p for p in files if not inside(p, roots)]:
+            problems.append(
+                Problem(
+                    str(outside), "", f"links to {outside.resolve()}, outside the dataset folder; skipped"
+                )
+            )
+            files.remove(outside)
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if not images:
             problems.append(Problem(str(root / class_name), "", "class folder has no image files"))
@@ -129,16 +147,15 @@ def _folder_samples(root: Path, problems: list[Problem]) -> tuple[list[_Sample],
     return samples, class_names
 
 
-def _collect(path: Path, problems: list[Problem]) -> tuple[list[_Sample], list[str] | None]:
+def _collect(
+    path: Path, problems: list[Problem], allowed_roots: list[str]
+) -> tuple[list[_Sample], list[str] | None]:
+    path = check_data_path(path, "data")
     if path.is_dir():
-        return _folder_samples(path, problems)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file or directory")
+        return _folder_samples(path, problems, allowed_roots)
     if path.suffix == ".jsonl":
-        return _jsonl_samples(path, problems), None
-    if path.suffix == ".csv":
-        return _csv_samples(path, problems), None
-    raise DataError(f"{path}: expected an AID-style folder, a .jsonl or a .csv file")
+        return _jsonl_samples(path, problems, allowed_roots), None
+    return _csv_samples(path, problems, allowed_roots), None
 
 
 def _check_images(samples: list[_Sample], problems: list[Problem]) -> dict[str, list[str]]:
@@ -158,20 +175,44 @@ def _check_images(samples: list[_Sample], problems: list[Problem]) -> dict[str, 
 
 
 def validate(
-    path: str | Path, class_names: list[str] | None = None, test_path: str | Path | None = None
+    path: str | Path,
+    class_names: list[str] | None = None,
+    test_path: str | Path | None = None,
+    allowed_roots: list[str] | None = None,
 ) -> list[Problem]:
-    """All problems in a dataset (and, with `test_path`, images shared between it and a test set)."""
+    """All problems in a dataset (and, with `test_path`, images shared between it and a test set).
+
+    Image paths of JSONL/CSV data must resolve inside the data file's folder or `allowed_roots`.
+    """
     problems: list[Problem] = []
-    samples, folder_classes = _collect(Path(path), problems)
+    allowed_roots = list(allowed_roots or [])
+    samples, folder_classes = _collect(Path(path), problems, allowed_roots)
     class_names = class_names or folder_classes
     if not samples and not problems:
         problems.append(Problem(str(path), "", "no samples"))
+    if class_names and (problem := class_name_problem(class_names)):
+        problems.append(Problem(str(path), "class_names", problem))
+        class_names = None
     if class_names:
         parser = AnswerParser(class_names)
+        strict_parser = AnswerParser(class_names, strict=True)
         for sample in samples:
             if sample.answer is None:
                 continue
             parsed = parser.parse(sample.answer)
+            if parsed.label is not None:
+                sample.label = parsed.label
+                if strict_parser.parse(sample.answer).label is None:
+                    problems.append(
+                        Problem(
+                            sample.where,
+                            "answer",
+                            f"{sample.answer[:80]!r} is read as {parsed.label!r} only leniently (not a JSON "
+                            '{"label": ...} with the exact class name); the model will learn to answer '
+                            "exactly this text",
+                            "warning",
+                        )
+                    )
             if not parsed.parsed:
                 problems.append(
                     Problem(
@@ -184,6 +225,20 @@ def validate(
                         sample.where,
                         "answer",
                         f"label {parsed.raw_label!r} is not one of the {len(class_names)} classes",
+                    )
+                )
+        counts: dict[str, int] = {}
+        for sample in samples:
+            if sample.label is not None:
+                counts[sample.label] = counts.get(sample.label, 0) + 1
+        for name in class_names:
+            if 0 < counts.get(name, 0) < 2:
+                problems.append(
+                    Problem(
+                        str(path),
+                        name,
+                        f"class {name!r} has a single sample; a stratified train/test split needs at least "
+                        "2 per class (more for a validation split)",
                     )
                 )
     hashes = _check_images(samples, problems)
@@ -199,7 +254,7 @@ def validate(
             )
     if test_path is not None:
         test_problems: list[Problem] = []
-        test_samples, _ = _collect(Path(test_path), test_problems)
+        test_samples, _ = _collect(Path(test_path), test_problems, allowed_roots)
         problems += test_problems
         test_hashes = _check_images(test_samples, problems)
         for digest, where_list in hashes.items():

@@ -1,0 +1,115 @@
+"""Evaluation reports on disk: report.json, report.md, predictions.jsonl and confusion matrices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pixtral_lora.io import EVAL_REPORT_FILES, atomic_directory, atomic_file, write_json
+from pixtral_lora.metrics import plot_confusion, write_confusion_csv
+
+
+def write_report(
+    out: Path, results: dict, class_names: list[str], predictions: dict, overwrite: bool = False
+) -> None:
+    """report.json, report.md, predictions.jsonl, confusion_<model>[_<mode>].csv/png, written together.
+
+    The directory appears complete or not at all; it replaces a previous report only (anything else
+    in `out` needs `overwrite`).
+    """
+    with atomic_directory(out, EVAL_REPORT_FILES, overwrite) as out_dir:
+        _write_report_files(out_dir, results, class_names, predictions)
+
+
+def _write_report_files(out_dir: Path, results: dict, class_names: list[str], predictions: dict) -> None:
+    write_json(
+        out_dir / "report.json",
+        {
+            "class_names": class_names,
+            "results": {
+                k: {
+                    m: r["report"].as_dict() | {"images_per_second": r["images_per_second"]}
+                    for m, r in v.items()
+                }
+                for k, v in results.items()
+            },
+        },
+    )
+    with atomic_file(out_dir / "predictions.jsonl") as handle:
+        for (model_name, mode), preds in predictions.items():
+            for p in preds:
+                handle.write(json.dumps(p.as_dict(model_name, mode)) + "\n")
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            stem = f"confusion_{model_name}" + ("" if mode == "generate" else f"_{mode}")
+            write_confusion_csv(result["report"], class_names, out_dir / f"{stem}.csv")
+            plot_confusion(result["report"], class_names, out_dir / f"{stem}.png", f"{model_name} ({mode})")
+    unreadable = {p.id: p.error for preds in predictions.values() for p in preds if p.error is not None}
+    with atomic_file(out_dir / "report.md") as handle:
+        handle.write(markdown_report(results, class_names, unreadable))
+
+
+def markdown_report(results: dict, class_names: list[str], unreadable: dict[str, str] | None = None) -> str:
+    """The report as markdown: summary table, calibration, unreadable images, per-class tables."""
+    lines = ["# Evaluation report", ""]
+    any_result = next(iter(next(iter(results.values())).values()))["report"]
+    lines.append(
+        f"{any_result.n} test images, {len(class_names)} classes. Every image has exactly one outcome; "
+        "the outcome columns add up to n."
+    )
+    lines += [
+        "",
+        "| model | mode | accuracy (95% CI) | macro-F1 | hallucinated | unparseable | unreadable | correct | wrong | n | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            r = result["report"]
+            lines.append(
+                f"| {model_name} | {mode} | {r.accuracy:.1%} ({r.accuracy_ci95[0]:.1%}-{r.accuracy_ci95[1]:.1%}) | "
+                f"{r.macro_f1:.3f} | {r.hallucination_rate:.1%} ({r.counts['hallucinated']}) | "
+                f"{r.parse_failure_rate:.1%} ({r.counts['unparseable']}) | {r.counts['unreadable']} | "
+                f"{r.counts['correct']} | {r.counts['wrong']} | "
+                f"{r.n} | {result['images_per_second']:.2f} |"
+            )
+    calibrated = [
+        f"- {model_name}: mean confidence {r['report'].mean_confidence:.3f}, expected calibration error "
+        f"{r['report'].calibration_ece:.3f} (10 bins)"
+        for model_name, by_mode in results.items()
+        for r in by_mode.values()
+        if r["report"].calibration_ece is not None
+    ]
+    if calibrated:
+        lines += [
+            "",
+            "Confidence of the `score` mode (softmax over the classes' answer likelihoods):",
+            *calibrated,
+        ]
+    if unreadable:
+        lines += [
+            "",
+            f"Unreadable images ({len(unreadable)}; the model was not asked, they count as not correct):",
+        ]
+        lines += [f"- `{image_id}`: {reason}" for image_id, reason in sorted(unreadable.items())]
+    lines += [
+        "",
+        "Modes: `generate` = free greedy answer parsed leniently (the study's setting); `constrained` = "
+        "decoding restricted to valid answers; `score` = class with the highest answer likelihood.",
+        "",
+    ]
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            r = result["report"]
+            lines += [
+                f"## Per class: {model_name}, {mode}",
+                "",
+                "| class | precision | recall | F1 | support |",
+                "|---|---|---|---|---|",
+            ]
+            for name in class_names:
+                c = r.per_class[name]
+                lines.append(
+                    f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"

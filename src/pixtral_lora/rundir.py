@@ -1,0 +1,200 @@
+"""The run directory: its lock, its checks before a start, its checkpoints and what it records.
+
+Layout (`training.output_dir`) in `training`'s docstring. One run writes in a directory at a time
+(`io.run_lock`, held by rank 0); a failed start leaves nothing behind; resume picks the newest
+*complete* checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from pixtral_lora.config import Config, dump_config
+from pixtral_lora.data import check_data_path
+from pixtral_lora.io import atomic_file, check_writable, run_lock
+from pixtral_lora.modeling import check_model_source, checkpoint_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+class RunDirError(ValueError):
+    """The run directory holds a different run, or is not (yet) what the command needs."""
+
+
+def environment(config: Config, device: str) -> dict:
+    """Library versions, device and seeds of a run (environment.json)."""
+    import importlib.metadata as md
+
+    packages = [
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "mistral-common",
+        "pixtral-lora",
+    ]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": versions,
+        "seeds": {"training": config.training.seed, "split": config.data.split_seed},
+    }
+
+
+def recorded_split(config: Config) -> dict | None:
+    """The split recorded by an earlier run of this same config in its run directory (None if new).
+
+    A run directory that holds a different config is refused.
+    """
+    run_dir = Path(config.training.output_dir)
+    saved_config = run_dir / "config.yaml"
+    if not saved_config.exists():
+        return None
+    if saved_config.read_text(encoding="utf-8") != dump_config(config):
+        raise RunDirError(
+            f"{run_dir} holds a run with a different config ({saved_config}); "
+            "choose another training.output_dir or delete that directory"
+        )
+    split_file = run_dir / "split.json"
+    return json.loads(split_file.read_text()) if split_file.exists() else None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None when it is complete.
+
+    Trainer writes trainer_state.json last, so a checkpoint killed while being saved lacks it (or
+    holds a truncated one).
+    """
+    if not checkpoint.is_dir():
+        return "not a directory"
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        return "no adapter_model.safetensors"
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (ValueError, OSError):
+        return "trainer_state.json is truncated"
+    return None
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
+    """The newest *complete* Trainer checkpoint in a run directory.
+
+    Newer incomplete ones (a kill while saving) are skipped with a warning, and deleted when
+    `remove_incomplete` (the caller holds the run lock, so nothing else is writing them).
+    """
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir():
+        return None
+    found = [p for p in checkpoints.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name)]
+    for checkpoint in sorted(found, key=_step, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        action = "removing it" if remove_incomplete else "skipping it"
+        logger.warning("incomplete checkpoint %s (%s: killed while saving?); %s", checkpoint, problem, action)
+        if remove_incomplete:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def resume_checkpoint(run_dir: Path, resume: str, main_process: bool) -> Path | None:
+    """The checkpoint to resume from: "auto" (newest complete), "never", or a path (checked now)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return last_checkpoint(run_dir, remove_incomplete=main_process)
+    checkpoint = Path(resume)
+    if not checkpoint.exists():
+        raise RunDirError(f"--resume {resume}: no such checkpoint")
+    if problem := checkpoint_problem(checkpoint):
+        raise RunDirError(f"--resume {resume}: not a complete Trainer checkpoint ({problem})")
+    return checkpoint
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Forget metrics.jsonl records past the checkpoint we resume from: they will be logged again."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    lines = metrics.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with atomic_file(metrics) as handle:
+            handle.writelines(line + "\n" for line in kept)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (torchrun/accelerate set RANK), or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def preflight(config: Config, resume: str = "auto") -> None:
+    """Every check that needs no data loading, before anything is created: one-line errors."""
+    check_model_source(config.model.name_or_path, "model.name_or_path")
+    check_data_path(config.data.path, "data.path")
+    if config.data.test_path:
+        check_data_path(config.data.test_path, "data.test_path")
+    check_writable(config.training.output_dir, "training.output_dir")
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise RunDirError(f"--resume {resume}: no such checkpoint")
+
+
+@contextlib.contextmanager
+def run_directory(config: Config):
+    """Create (or reuse) the run directory and hold its lock; remove it again if this start fails.
+
+    Only rank 0 creates, locks and cleans up; the other ranks of a launch share its directory.
+    """
+    run_dir = Path(config.training.output_dir)
+    if not is_main_process():
+        yield run_dir
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+        created = True
+    except FileExistsError:
+        created = False
+    try:
+        with run_lock(run_dir):
+            yield run_dir
+    except BaseException:
+        if created and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
+        raise
+
+
+def base_identity(name_or_path: str) -> dict:
+    """What the adapter was trained on: the base's name and, when local, a fingerprint of its files."""
+    local = Path(name_or_path).is_dir()
+    return {
+        "name_or_path": name_or_path,
+        "fingerprint": checkpoint_fingerprint(name_or_path) if local else None,
+    }
