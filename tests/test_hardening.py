@@ -579,3 +579,14 @@ def test_a_bad_override_is_blamed_on_the_override(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--set foo.bar=1: foo: unknown key 'foo'"):
         load_config(ROOT / "configs" / "tiny.yaml", ["foo.bar=1"])
+
+
+def test_data_generate_never_draws_over_a_real_dataset(tmp_path, capsys):
+    real = _png(tmp_path / "AID" / "Forest" / "forest_1.jpg")
+    before = real.read_bytes()
+    args = ["data", "generate", "--classes", "Forest", "--per-class", "2", "--size", "32", "--out"]
+    assert main([*args, str(tmp_path / "AID")]) == 2
+    assert "not a synthetic dataset" in capsys.readouterr().err and real.read_bytes() == before
+    assert main([*args, str(tmp_path / "synthetic")]) == 0
+    assert main([*args, str(tmp_path / "synthetic")]) == 0  # its own earlier output is replaced
+    assert len(list((tmp_path / "synthetic" / "Forest").iterdir())) == 2

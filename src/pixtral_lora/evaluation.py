@@ -537,8 +537,12 @@ def evaluate_run_vllm(
     overwrite: bool = False,
 ) -> Path:
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
+    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
+
     run_dir = Path(run_dir)
     check_run_dir(run_dir, needs_adapter=False)
+    out = Path(out_dir or run_dir / "eval-vllm")
+    check_replaceable(out, EVAL_REPORT_FILES, overwrite)
     config, class_names, rows, _ = _held_out_rows(run_dir, limit)
     renderer = _run_renderer(run_dir, config)
     parser = AnswerParser(class_names, strict=config.eval.strict)
@@ -550,6 +554,5 @@ def evaluate_run_vllm(
         preds = parsed_predictions(rows, answers, parser)
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
         predictions[(name, "generate")] = preds
-    out = Path(out_dir or run_dir / "eval-vllm")
     write_report(out, results, class_names, predictions, overwrite)
     return out

@@ -160,7 +160,7 @@ def build_tiny_model(out: str | Path, sizes: TinyPixtralSizes | None = None, see
     """Write a random-initialised tiny Pixtral (config, safetensors, processor) as an HF checkpoint."""
     from transformers import LlavaForConditionalGeneration
 
-    from pixtral_lora.io import atomic_directory
+    from pixtral_lora.io import HF_CHECKPOINT_FILES, atomic_directory
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -168,7 +168,7 @@ def build_tiny_model(out: str | Path, sizes: TinyPixtralSizes | None = None, see
     model = LlavaForConditionalGeneration(config)
     _match_logit_range(model, config)
     processor = build_processor()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, HF_CHECKPOINT_FILES) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "tiny_pixtral.json").write_text(

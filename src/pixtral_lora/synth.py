@@ -8,6 +8,7 @@ to look at the picture, and every image is a pure function of (seed, class, inde
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from collections.abc import Callable
@@ -141,6 +142,9 @@ def draw_scene(class_name: str, index: int, size: int = 600, seed: int = 0) -> I
     return image
 
 
+MARKER = "synthetic.json"  # what `generate_aid_like` leaves beside its class folders
+
+
 def generate_aid_like(
     root: str | Path,
     classes: list[str] | None = None,
@@ -148,18 +152,30 @@ def generate_aid_like(
     size: int = 600,
     seed: int = 0,
 ) -> Path:
-    """Write an AID-shaped folder of synthetic scenes and return its root."""
+    """Write an AID-shaped folder of synthetic scenes and return its root.
+
+    The folder appears complete or not at all. An existing `root` is replaced only when it is empty
+    or an earlier synthetic folder (it holds `synthetic.json`): the scenes are named like AID's own
+    files, and drawing them into a real dataset would overwrite its images.
+    """
+    from pixtral_lora.io import OutputError, atomic_directory
+
     root = Path(root)
     classes = classes or sorted(SCENES)
     for class_name in classes:
         if class_name not in SCENES:
             raise ValueError(f"unknown synthetic class {class_name!r}; available: {', '.join(SCENES)}")
+    if root.exists() and not (root / MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise OutputError(f"{root} exists and is not a synthetic dataset (no {MARKER}); choose another --out")
     jobs = [(c, n) for c in classes for n in range(1, per_class + 1)]
-    for class_name, index in tqdm(jobs, desc="drawing scenes", unit="img", disable=len(jobs) < 200):
-        folder = root / class_name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{class_name.lower()}_{index}.jpg"
-        tmp = path.with_suffix(".jpg.tmp")
-        draw_scene(class_name, index, size, seed).save(tmp, format="JPEG", quality=92)
-        tmp.replace(path)
+    with atomic_directory(root, overwrite=True) as tmp:
+        for class_name, index in tqdm(jobs, desc="drawing scenes", unit="img", disable=len(jobs) < 200):
+            folder = tmp / class_name
+            folder.mkdir(exist_ok=True)
+            draw_scene(class_name, index, size, seed).save(
+                folder / f"{class_name.lower()}_{index}.jpg", format="JPEG", quality=92
+            )
+        (tmp / MARKER).write_text(
+            json.dumps({"classes": classes, "per_class": per_class, "size": size, "seed": seed}) + "\n"
+        )
     return root
