@@ -52,6 +52,25 @@ def test_run_directory_has_everything_eval_and_export_need(tiny_run):
     assert not any("vision_tower" in k for k in keys)  # only when lora.train_vision_tower
 
 
+def test_validation_accuracy_is_logged_at_eval_steps_and_picks_the_best_checkpoint(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    validation = json.loads((tiny_run / "split.json").read_text())["ids"]["validation"]
+    last = json.loads((tiny_run / "train_summary.json").read_text())["global_step"]
+    every = list(range(20, last + 1, 20))
+    assert [r["step"] for r in evals] == every + ([last] if last not in every else [])  # each once
+    for record in evals:  # score mode (the default): accuracy, macro-F1, unparseable rate, ECE, cost
+        assert {"eval_accuracy", "eval_macro_f1", "eval_unparseable_rate", "eval_ece"} <= record.keys()
+        assert record["eval_classified"] == len(validation) and record["eval_classification_seconds"] > 0
+        assert "eval_hallucination_rate" not in record  # measured in generate mode only
+    summary = json.loads((tiny_run / "train_summary.json").read_text())
+    assert summary["metric_for_best_model"] == "eval_accuracy"
+    best = max(r["eval_accuracy"] for r in evals)
+    assert summary["best_metric"] == pytest.approx(best)
+    first_best = next(r["step"] for r in evals if r["eval_accuracy"] == best)
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{first_best}")
+
+
 def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
     from pixtral_lora.evaluation import evaluate_run
 
@@ -210,8 +229,10 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
             aid_dir,
             out,
             "training.max_steps=3",
-            "training.eval_steps=null",
-            "data.validation_size=0",
+            "training.eval_steps=3",
+            "training.save_steps=3",
+            "data.validation_size=0.2",
+            "training.eval_classification.mode=generate",
             "training.logging_steps=1",
         ),
     ]
@@ -220,9 +241,15 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
-    # 30 training images, 8 per process: one process needs 4 steps per epoch, two need 2
-    train_ids = json.loads((out / "split.json").read_text())["ids"]["train"]
-    assert len(train_ids) == 30 and state["epoch"] == pytest.approx(1.5)
+    # 24 training images, 8 per process: one process needs 3 steps per epoch, two need 2 (the last short)
+    ids = json.loads((out / "split.json").read_text())["ids"]
+    assert len(ids["train"]) == 24 and state["epoch"] == pytest.approx(1.5)
+    # each process classified a shard of the validation split; the gathered metrics cover all of it, once
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 3
+    assert evals[0]["eval_classified"] == len(ids["validation"]) == 6
+    assert 0 <= evals[0]["eval_hallucination_rate"] <= 1
 
 
 def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):

@@ -67,6 +67,14 @@ class LoraSection(_Section):
     train_projector: bool = False  # also put LoRA on the multimodal projector
 
 
+class EvalClassificationSection(_Section):
+    """Classification of the validation split at every training.eval_steps (same code as `eval`)."""
+
+    enabled: bool = True
+    mode: Literal["score", "constrained", "generate"] = "score"  # score: cheap and gives calibration
+    limit: int | None = Field(None, ge=1)  # a fixed, stratified subsample of the validation split
+
+
 class TrainingSection(_Section):
     output_dir: str = "runs/aid"
     num_train_epochs: float = Field(1.0, gt=0)
@@ -84,6 +92,10 @@ class TrainingSection(_Section):
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    eval_classification: EvalClassificationSection = Field(default_factory=EvalClassificationSection)
+    # What picks the best checkpoint and drives early stopping; default: eval_accuracy when the
+    # validation split is classified, else eval_loss.
+    metric_for_best_model: Literal["eval_accuracy", "eval_loss"] | None = None
     gradient_checkpointing: bool = True
     # "auto": paged 8-bit AdamW on CUDA (bitsandbytes), torch AdamW on CPU.
     optim: str = "auto"
@@ -115,6 +127,13 @@ class Config(_Section):
             raise ValueError("training.eval_steps needs a validation split: set data.validation_size > 0")
         if self.training.early_stopping_patience and not self.training.eval_steps:
             raise ValueError("training.early_stopping_patience needs training.eval_steps")
+        if (
+            self.training.metric_for_best_model == "eval_accuracy"
+            and not self.training.eval_classification.enabled
+        ):
+            raise ValueError(
+                "training.metric_for_best_model: eval_accuracy needs training.eval_classification.enabled"
+            )
         if self.training.eval_steps and self.training.save_steps % self.training.eval_steps:
             raise ValueError(
                 f"training.save_steps ({self.training.save_steps}) must be a multiple of training.eval_steps "
@@ -184,6 +203,15 @@ def _format_errors(
             text = f"{error['msg']} (got {error.get('input')!r})"
         messages.append(f"{where}: {key}: {text}")
     return "invalid configuration:\n  " + "\n  ".join(messages)
+
+
+def best_metric(config: Config) -> str | None:
+    """The metric that picks the best checkpoint (None without evaluation during training)."""
+    if not config.training.eval_steps:
+        return None
+    if config.training.metric_for_best_model:
+        return config.training.metric_for_best_model
+    return "eval_accuracy" if config.training.eval_classification.enabled else "eval_loss"
 
 
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.config import Config, dump_config
+from pixtral_lora.config import Config, best_metric, dump_config
 from pixtral_lora.data import (
     DataError,
     Splits,
@@ -207,8 +207,8 @@ def sft_config(config: Config, run_dir: Path, device: str, has_validation: bool)
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps if evaluate else None,
         load_best_model_at_end=evaluate,
-        metric_for_best_model="eval_loss" if evaluate else None,
-        greater_is_better=False if evaluate else None,
+        metric_for_best_model=best_metric(config) if evaluate else None,
+        greater_is_better=(best_metric(config) != "eval_loss") if evaluate else None,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=on_cuda and config.model.dtype in ("auto", "bfloat16"),
@@ -262,6 +262,22 @@ def _answer_only_trainer_class():
                 self.accelerator.gather_for_metrics(accuracy).mean().item()
             )
             return (loss, outputs) if return_outputs else loss
+
+        # Set by `train` when the validation split is classified during training.
+        validation_classifier = None
+
+        def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
+            """The validation loss, plus classification metrics (accuracy, ...) of the same split.
+
+            Added here, before `evaluate` logs them and hands them to the callbacks, so TensorBoard,
+            metrics.jsonl, best-checkpoint tracking and early stopping all see them.
+            """
+            output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+            if self.validation_classifier is not None and metric_key_prefix == "eval":
+                output.metrics.update(
+                    self.validation_classifier(self.model, self.accelerator, metric_key_prefix)
+                )
+            return output
 
     return AnswerOnlySFTTrainer
 
@@ -340,7 +356,8 @@ def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience)
         )
-    trainer = _answer_only_trainer_class()(
+    trainer_class = _answer_only_trainer_class()
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -350,6 +367,15 @@ def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
         peft_config=peft_config(config),
         callbacks=callbacks,
     )
+    if eval_set is not None and config.training.eval_classification.enabled:
+        from pixtral_lora.live_eval import ValidationClassifier
+
+        rows = as_conversations(
+            run_data.splits.validation, config.prompt, run_data.class_names, with_answer=False
+        )
+        trainer.validation_classifier = ValidationClassifier(
+            config, renderer, list(rows), run_data.class_names
+        )
     checkpoint = resume_checkpoint(run_dir, resume, main_process)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
@@ -370,6 +396,7 @@ def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
                 "global_step": trainer.state.global_step,
                 "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_metric": trainer.state.best_metric,
+                "metric_for_best_model": args.metric_for_best_model,
                 "train_samples": len(train_set),
                 "skipped": {name: r.summary() for name, r in reports.items()},
             },
@@ -394,7 +421,8 @@ def _unreadable(renderer: Renderer, dataset) -> list[str]:
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:
-    """Training (and validation) loss against step, from metrics.jsonl."""
+    """Two panels against step: training and validation loss; validation accuracy (and hallucination
+    rate, where measured) from metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,20 +431,36 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     if not metrics_path.exists():
         return
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    valid = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    figure, axes = plt.subplots(figsize=(7, 4))
+
+    def series(key):
+        return [(r["step"], r[key]) for r in records if key in r]
+
+    train, valid = series("loss"), series("eval_loss")
+    accuracy, hallucination = series("eval_accuracy"), series("eval_hallucination_rate")
+    figure, (losses, rates) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        axes.plot(*zip(*train, strict=True), label="train loss")
+        losses.plot(*zip(*train, strict=True), label="train loss")
     if valid:
-        axes.plot(*zip(*valid, strict=True), marker="o", label="validation loss")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (answer tokens)")
-    axes.set_yscale("log")
-    axes.grid(alpha=0.3)
+        losses.plot(*zip(*valid, strict=True), marker="o", label="validation loss")
+    losses.set_xlabel("optimizer step")
+    losses.set_ylabel("loss (answer tokens)")
+    losses.set_yscale("log")
+    losses.grid(alpha=0.3)
     if train or valid:
-        axes.legend()
+        losses.legend()
+    if accuracy:
+        rates.plot(*zip(*accuracy, strict=True), marker="o", label="validation accuracy")
+    if hallucination:
+        rates.plot(*zip(*hallucination, strict=True), marker="x", label="hallucinated labels")
+    rates.set_xlabel("optimizer step")
+    rates.set_ylim(-0.02, 1.02)
+    rates.grid(alpha=0.3)
+    if accuracy or hallucination:
+        rates.legend()
+        rates.set_title("validation classification")
+    else:
+        rates.text(0.5, 0.5, "no validation classification\n(training.eval_steps)", ha="center", va="center")
     figure.tight_layout()
     with atomic_file(out, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=120)
+        figure.savefig(handle, format="png", dpi=110)
     plt.close(figure)
