@@ -11,7 +11,7 @@ ARTIFACTS ?= artifacts
 TINY_MODEL = $(ARTIFACTS)/tiny-pixtral
 TINY_DATA  = $(ARTIFACTS)/aid-synthetic
 
-.PHONY: install test lint demo train eval convert bench clean
+.PHONY: install test lint demo train eval convert bench browser clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: install
 	$(BIN)/ruff check src tests scripts train.py
@@ -58,11 +58,15 @@ demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 	$(BIN)/python train.py configs/tiny.yaml
 	$(BIN)/pixtral-lora eval $(TINY_RUN)
 	$(BIN)/python scripts/convert_to_mistral.py --model $(TINY_MODEL) --adapter $(TINY_RUN)/adapter --out $(TINY_RUN)/mistral
-	@echo "demo done: run in $(TINY_RUN), report in $(TINY_RUN)/eval/report.md, Mistral-format model in $(TINY_RUN)/mistral"
+	@echo "demo done: run in $(TINY_RUN); open $(TINY_RUN)/eval/report.html in a browser (report.md beside it); Mistral-format model in $(TINY_RUN)/mistral"
 
 # Throughput and memory of the tiny config; results in benchmarks/results-<device>.json
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# Headless Chromium (Debian's package): the report.html rendering test uses it, and skips without it.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 clean:
 	rm -rf $(ARTIFACTS) runs

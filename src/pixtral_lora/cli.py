@@ -1,4 +1,4 @@
-"""`pixtral-lora` command line: tiny-model, data {generate,validate,preview,export}, train, eval, predict, convert."""
+"""`pixtral-lora` command line: tiny-model, data {generate,validate,preview,export}, eval, compare, predict."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def _data_export(args) -> int:
 
 
 def _eval(args) -> int:
-    from pixtral_lora.evaluation import evaluate_run, evaluate_run_vllm
+    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.vllm_backend import evaluate_run_vllm
 
     if args.backend == "vllm":
         if not args.merged:
@@ -128,9 +129,10 @@ def _eval(args) -> int:
         strict=True if args.strict else None,
         merged=args.merged,
         overwrite=args.overwrite,
+        gallery_limit=args.gallery_limit,
     )
     print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
-    print(f"report, predictions and confusion matrices in {out}")
+    print(f"report, predictions and confusion matrices in {out}; open {out / 'report.html'} in a browser")
     return 0
 
 
@@ -195,6 +197,30 @@ def _predict(args) -> int:
             print(f"{result['image']}\t{result['label']}{confidence}\t{result['raw_answer']!r}")
     for result in unreadable[:10]:
         print(f"unreadable: {result['error']}", file=sys.stderr)
+    return 0
+
+
+def _is_comparison(path: Path) -> bool:
+    head = path.read_text(encoding="utf-8", errors="replace")[:300]
+    return head.startswith("# Run comparison") or "<title>Run comparison</title>" in head
+
+
+def _compare(args) -> int:
+    from pixtral_lora.compare import compare, render_html, render_markdown
+    from pixtral_lora.io import atomic_file, check_replaceable_file
+
+    if args.out and Path(args.out).suffix not in (".md", ".html"):
+        print(f"error: --out {args.out}: use a .md or .html file name", file=sys.stderr)
+        return 2
+    if args.out:
+        check_replaceable_file(args.out, _is_comparison, args.overwrite)
+    data = compare(args.runs, eval_name=args.eval, model=args.model)
+    markdown = render_markdown(data)
+    print(markdown)
+    if args.out:
+        with atomic_file(args.out, recognise=_is_comparison, overwrite=args.overwrite) as handle:
+            handle.write(render_html(data) if args.out.endswith(".html") else markdown)
+        print(f"written to {args.out}")
     return 0
 
 
@@ -265,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out even if it holds files other than a report"
     )
     evaluate.add_argument(
+        "--gallery-limit", type=int, default=200, help="mistakes shown per model and mode in report.html"
+    )
+    evaluate.add_argument(
         "--backend",
         choices=["transformers", "vllm"],
         default="transformers",
@@ -275,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)"
     )
     evaluate.set_defaults(func=_eval)
+
+    comparison = commands.add_parser("compare", help="compare evaluated runs (config differences, McNemar)")
+    comparison.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    comparison.add_argument("--out", help="also write compare.md or compare.html")
+    comparison.add_argument("--eval", default="eval", help="each run's report directory name (default: eval)")
+    comparison.add_argument("--model", default="finetuned", help="which evaluated model to compare")
+    comparison.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not a comparison"
+    )
+    comparison.set_defaults(func=_compare)
 
     predict = commands.add_parser("predict", help="classify new images with a trained run")
     predict.add_argument("images", help="an image file or a folder (searched recursively)")

@@ -315,7 +315,7 @@ def summarise(predictions: list[Prediction], class_names: list[str]):
 # Entry points
 
 
-def _run_renderer(run_dir: Path, config) -> Renderer:
+def run_renderer(run_dir: Path, config) -> Renderer:
     """The processor the run saved with its adapter (else the base's), with the run's image size."""
     from pixtral_lora.modeling import load_processor
 
@@ -353,7 +353,7 @@ def check_run_dir(run_dir: Path, needs_adapter: bool = True) -> None:
         )
 
 
-def _held_out_rows(run_dir: Path, limit: int | None):
+def held_out_rows(run_dir: Path, limit: int | None):
     """The run's config, class names, its recorded test split as prompt rows (first `limit`) and the
     test images training found unreadable (id -> reason)."""
     from pixtral_lora.config import load_config
@@ -401,6 +401,7 @@ def evaluate_run(
     strict: bool | None = None,
     merged: str | Path | None = None,
     overwrite: bool = False,
+    gallery_limit: int = 200,
 ) -> Path:
     """Evaluate a run's held-out split with the base and the fine-tuned model; returns the report dir.
 
@@ -411,10 +412,10 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, needs_adapter="finetuned" in models and merged is None)
-    config, class_names, rows, unreadable = _held_out_rows(run_dir, limit)
+    config, class_names, rows, unreadable = held_out_rows(run_dir, limit)
     out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
     check_replaceable(out, EVAL_REPORT_FILES, overwrite)
-    renderer = _run_renderer(run_dir, config)
+    renderer = run_renderer(run_dir, config)
     results: dict = {}
     predictions: dict = {}
     for model_name in models:
@@ -445,8 +446,50 @@ def evaluate_run(
                 report.n,
             )
         del model
-    write_report(out, results, class_names, predictions, overwrite)
+    thumbnails = _thumbnails(rows, predictions, renderer, gallery_limit)
+    facts = run_facts(run_dir, config, merged)
+    write_report(out, results, class_names, predictions, overwrite, thumbnails, facts, gallery_limit)
     return out
+
+
+def _thumbnails(rows: list[dict], predictions: dict, renderer: Renderer, limit: int, size: int = 160) -> dict:
+    """Image id -> JPEG data URI of the image as the model saw it (resized), for the gallery's items."""
+    from pixtral_lora.images import ImageError, encode_data_uri
+    from pixtral_lora.report_html import gallery_items
+
+    by_id = {row["id"]: row for row in rows}
+    wanted = {p.id for (_, mode), preds in predictions.items() for p in gallery_items(preds, mode, limit)}
+    thumbnails = {}
+    for image_id in sorted(wanted):
+        try:
+            image = renderer.load_images(by_id[image_id]["images"])[0].copy()
+        except (ImageError, IndexError):
+            continue
+        image.thumbnail((size, size))
+        thumbnails[image_id] = encode_data_uri(image)
+    return thumbnails
+
+
+def run_facts(run_dir: Path, config, merged: str | Path | None = None) -> dict:
+    """The run's key facts for a report: model, adapter, data, split sizes, config hash, date, versions."""
+    import datetime
+    import hashlib
+
+    split = json.loads((run_dir / "split.json").read_text())
+    environment = run_dir / "environment.json"
+    versions = json.loads(environment.read_text()).get("versions", {}) if environment.is_file() else {}
+    config_text = (run_dir / "config.yaml").read_bytes()
+    return {
+        "run": str(run_dir),
+        "base model": config.model.name_or_path,
+        "fine-tuned model": str(merged) if merged else str(run_dir / "adapter"),
+        "data": config.data.path,
+        "split sizes": ", ".join(f"{name} {len(ids)}" for name, ids in split["ids"].items()),
+        "classes": len(split["class_names"]),
+        "config sha256": hashlib.sha256(config_text).hexdigest()[:16],
+        "evaluated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+    }
 
 
 def predict_images(
@@ -467,7 +510,7 @@ def predict_images(
         for p in paths
     ]
     model = _run_model(run_dir, config, "finetuned", model_path)
-    preds, _ = _predict_for_run(model, _run_renderer(run_dir, config), rows, class_names, config, mode)
+    preds, _ = _predict_for_run(model, run_renderer(run_dir, config), rows, class_names, config, mode)
     return [
         {
             "image": p.id,
@@ -479,80 +522,3 @@ def predict_images(
         }
         for p in preds
     ]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optional vLLM backend (pip install vllm; a CUDA GPU): fast free generation on large test sets
-
-
-def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
-    """A conversation row as OpenAI chat messages, what vLLM's chat API takes.
-
-    Images are resized exactly as in training and inlined as lossless PNG data URIs, so vLLM (which
-    encodes with mistral_common under `--tokenizer-mode mistral`) sees the prompt the model was
-    trained on; `tests/test_evaluation.py` checks the token ids against our renderer's.
-    """
-    from pixtral_lora.images import encode_data_uri
-
-    images = iter(renderer.load_images(row["images"]))
-    out = []
-    for message in prompt_messages(row):
-        content = [
-            {"type": "image_url", "image_url": {"url": encode_data_uri(next(images), fmt="PNG")}}
-            if chunk["type"] == "image"
-            else {"type": "text", "text": chunk["text"]}
-            for chunk in message["content"]
-        ]
-        if message["role"] != "user":
-            content = "".join(chunk["text"] for chunk in content)
-        out.append({"role": message["role"], "content": content})
-    return out
-
-
-def vllm_generate(
-    model_dir: str | Path, rows: list[dict], renderer: Renderer, max_new_tokens: int
-) -> list[str]:
-    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output)."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as err:
-        raise RuntimeError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
-    llm = LLM(
-        model=str(model_dir),
-        tokenizer_mode="mistral",
-        config_format="mistral",
-        load_format="mistral",
-        limit_mm_per_prompt={"image": max(len(row["images"]) for row in rows)},
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    outputs = llm.chat([openai_messages(row, renderer) for row in rows], params, use_tqdm=True)
-    return [output.outputs[0].text for output in outputs]
-
-
-def evaluate_run_vllm(
-    run_dir: str | Path,
-    models: dict[str, str],
-    limit: int | None = None,
-    out_dir: str | Path | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
-    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
-
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, needs_adapter=False)
-    out = Path(out_dir or run_dir / "eval-vllm")
-    check_replaceable(out, EVAL_REPORT_FILES, overwrite)
-    config, class_names, rows, _ = _held_out_rows(run_dir, limit)
-    renderer = _run_renderer(run_dir, config)
-    parser = AnswerParser(class_names, strict=config.eval.strict)
-    results, predictions = {}, {}
-    for name, model_dir in models.items():
-        start = time.perf_counter()
-        answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens)
-        speed = len(rows) / (time.perf_counter() - start)
-        preds = parsed_predictions(rows, answers, parser)
-        results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
-        predictions[(name, "generate")] = preds
-    write_report(out, results, class_names, predictions, overwrite)
-    return out

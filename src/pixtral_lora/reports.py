@@ -10,15 +10,27 @@ from pixtral_lora.metrics import plot_confusion, write_confusion_csv
 
 
 def write_report(
-    out: Path, results: dict, class_names: list[str], predictions: dict, overwrite: bool = False
+    out: Path,
+    results: dict,
+    class_names: list[str],
+    predictions: dict,
+    overwrite: bool = False,
+    thumbnails: dict[str, str] | None = None,
+    facts: dict | None = None,
+    gallery_limit: int = 200,
 ) -> None:
-    """report.json, report.md, predictions.jsonl, confusion_<model>[_<mode>].csv/png, written together.
+    """report.json, report.md, report.html, predictions.jsonl, confusion_<model>[_<mode>].csv/png.
 
-    The directory appears complete or not at all; it replaces a previous report only (anything else
-    in `out` needs `overwrite`).
+    Written together: the directory appears complete or not at all; it replaces a previous report
+    only (anything else in `out` needs `overwrite`). `thumbnails`, `facts` and `gallery_limit` are
+    for report.html (see `report_html.render_html`).
     """
+    from pixtral_lora.report_html import render_html
+
     with atomic_directory(out, EVAL_REPORT_FILES, overwrite) as out_dir:
         _write_report_files(out_dir, results, class_names, predictions)
+        with atomic_file(out_dir / "report.html") as handle:
+            handle.write(render_html(results, class_names, predictions, thumbnails, facts, gallery_limit))
 
 
 def _write_report_files(out_dir: Path, results: dict, class_names: list[str], predictions: dict) -> None:

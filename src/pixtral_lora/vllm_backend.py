@@ -1,0 +1,95 @@
+"""Optional vLLM backend for `pixtral-lora eval --backend vllm` (pip install vllm; a CUDA GPU).
+
+Free generation (`generate` mode) over large test sets, on a Mistral-format export, with the same
+prompts, parser and reports as the transformers path.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pixtral_lora.answers import AnswerParser
+from pixtral_lora.evaluation import (
+    check_run_dir,
+    held_out_rows,
+    parsed_predictions,
+    run_facts,
+    run_renderer,
+    summarise,
+)
+from pixtral_lora.render import Renderer, prompt_messages
+from pixtral_lora.reports import write_report
+
+
+def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
+    """A conversation row as OpenAI chat messages, what vLLM's chat API takes.
+
+    Images are resized exactly as in training and inlined as lossless PNG data URIs, so vLLM (which
+    encodes with mistral_common under `--tokenizer-mode mistral`) sees the prompt the model was
+    trained on; `tests/test_evaluation.py` checks the token ids against our renderer's.
+    """
+    from pixtral_lora.images import encode_data_uri
+
+    images = iter(renderer.load_images(row["images"]))
+    out = []
+    for message in prompt_messages(row):
+        content = [
+            {"type": "image_url", "image_url": {"url": encode_data_uri(next(images), fmt="PNG")}}
+            if chunk["type"] == "image"
+            else {"type": "text", "text": chunk["text"]}
+            for chunk in message["content"]
+        ]
+        if message["role"] != "user":
+            content = "".join(chunk["text"] for chunk in content)
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def vllm_generate(
+    model_dir: str | Path, rows: list[dict], renderer: Renderer, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output)."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        raise RuntimeError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
+    llm = LLM(
+        model=str(model_dir),
+        tokenizer_mode="mistral",
+        config_format="mistral",
+        load_format="mistral",
+        limit_mm_per_prompt={"image": max(len(row["images"]) for row in rows)},
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    outputs = llm.chat([openai_messages(row, renderer) for row in rows], params, use_tqdm=True)
+    return [output.outputs[0].text for output in outputs]
+
+
+def evaluate_run_vllm(
+    run_dir: str | Path,
+    models: dict[str, str],
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
+    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
+
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, needs_adapter=False)
+    out = Path(out_dir or run_dir / "eval-vllm")
+    check_replaceable(out, EVAL_REPORT_FILES, overwrite)
+    config, class_names, rows, _ = held_out_rows(run_dir, limit)
+    renderer = run_renderer(run_dir, config)
+    parser = AnswerParser(class_names, strict=config.eval.strict)
+    results, predictions = {}, {}
+    for name, model_dir in models.items():
+        start = time.perf_counter()
+        answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens)
+        speed = len(rows) / (time.perf_counter() - start)
+        preds = parsed_predictions(rows, answers, parser)
+        results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
+        predictions[(name, "generate")] = preds
+    write_report(out, results, class_names, predictions, overwrite, facts=run_facts(run_dir, config))
+    return out
