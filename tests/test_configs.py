@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_validate():
-    for name in ("aid.yaml", "tiny.yaml"):
+    names = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert {"aid.yaml", "tiny.yaml", "ucm.yaml", "eurosat_ms.yaml"} <= set(names)
+    for name in names:
         load_config(ROOT / "configs" / name)
 
 

@@ -69,11 +69,17 @@ def _data_preview(args) -> int:
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
 
-    prompt, longest_edge, allowed = PromptConfig(), args.image_longest_edge, list(args.allow_path)
+    prompt, longest_edge, allowed, bands = (
+        PromptConfig(),
+        args.image_longest_edge,
+        list(args.allow_path),
+        None,
+    )
     if args.config:
         config = load_config(args.config)
         prompt, longest_edge = config.prompt, config.data.image_longest_edge
         allowed += config.data.allow_paths_outside
+        bands = config.data.band_options()
     dataset = _conversations(args.path, _class_names_arg(args.classes), prompt, allowed)
     if not 0 <= args.index < len(dataset):
         print(
@@ -81,7 +87,15 @@ def _data_preview(args) -> int:
         )
         return 2
     processor = load_processor(args.processor) if args.processor else build_processor()
-    view = sample_view(Renderer(processor, longest_edge), dataset[args.index])
+    renderer = Renderer(processor, longest_edge, bands=bands)
+    view = sample_view(renderer, dataset[args.index])
+    if args.save_image:
+        from pixtral_lora.io import atomic_file
+
+        image = renderer.load_images(dataset[args.index]["images"])[0]  # exactly the pixels the model gets
+        with atomic_file(args.save_image, "wb") as handle:
+            image.save(handle, format="PNG")
+        print(f"image as the model sees it ({image.width}x{image.height}) saved to {args.save_image}")
     if args.ids:
         print(json.dumps({k: view[k] for k in ("id", "label", "input_ids", "labels", "loss_mask")}))
     else:
@@ -248,11 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_data_generate)
 
-    validate = data_commands.add_parser("validate", help="report every problem in a folder/JSONL/CSV")
+    validate = data_commands.add_parser(
+        "validate", help="report every problem in a folder, JSONL, CSV or HF dataset (Parquet, hf://...)"
+    )
     validate.add_argument("path")
     validate.add_argument("--classes", help="class names: comma-separated or a file with one per line")
     validate.add_argument("--test", help="a test set to check for images shared with PATH")
     validate.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
+    validate.add_argument(
+        "--config", help="take data settings (columns, hub config, allowed paths) from this config"
+    )
     validate.set_defaults(func=_data_validate)
 
     preview = data_commands.add_parser("preview", help="show one sample exactly as the model sees it")
@@ -266,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--classes", help="class names for JSONL/CSV data")
     preview.add_argument("--image-longest-edge", type=int, default=300)
     preview.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
+    preview.add_argument(
+        "--save-image", metavar="PNG", help="also save the image exactly as the model sees it"
+    )
     preview.set_defaults(func=_data_preview)
 
     export = data_commands.add_parser("export", help="write a dataset as Mistral fine-tuning JSONL")

@@ -48,6 +48,23 @@ class DataSection(_Section):
     image_longest_edge: int | None = Field(300, ge=16, le=1024)
     max_length: int = Field(2048, ge=32)
     limit_train: int | None = Field(None, ge=1)  # use only the first N training samples (smoke tests)
+    # Multi-band / GeoTIFF tiles (needs `pip install -e '.[geo]'`): three bands, 1-based (EuroSAT-MS
+    # true colour: [4, 3, 2]); stretch to 8 bits per image between percentiles, or fixed [low, high]
+    # per band (the same mapping for every tile).
+    bands: list[int] | None = None
+    stretch: Literal["percentile"] | list[tuple[float, float]] = "percentile"
+    stretch_percentiles: tuple[float, float] = (2.0, 98.0)
+    # HF datasets: columns by name; a dataset's own train/test splits are used as they are.
+    image_column: str = "image"
+    label_column: str = "label"
+    use_dataset_splits: bool = True
+    hub_config: str | None = None  # for hf://OWNER/NAME
+    hub_revision: str | None = None
+    # Prompt labels from folder names: "folder" keeps them as spelled (AID); "readable" splits words
+    # at _, -, spaces and case changes ("dense_residential", "DenseResidential" -> "Dense Residential").
+    # class_labels overrides single folders ("denseresidential": "Dense Residential").
+    label_style: Literal["folder", "readable"] = "folder"
+    class_labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("class_names")
     @classmethod
@@ -55,6 +72,36 @@ class DataSection(_Section):
         if value and (problem := class_name_problem(value)):
             raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _bands(self) -> DataSection:
+        if self.bands is not None:
+            if len(self.bands) != 3 or min(self.bands) < 1:
+                raise ValueError("data.bands must name three bands, 1-based (e.g. [4, 3, 2])")
+        if self.stretch != "percentile" and len(self.stretch) != len(self.bands or [1, 2, 3]):
+            raise ValueError("data.stretch needs one [low, high] range per band")
+        low, high = self.stretch_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError("data.stretch_percentiles must be [low, high] with 0 <= low < high <= 100")
+        if self.bands is not None or self.stretch != "percentile":
+            import importlib.util
+
+            if importlib.util.find_spec("rasterio") is None:
+                raise ValueError(
+                    "data.bands/data.stretch read rasters with rasterio: pip install -e '.[geo]'"
+                )
+        return self
+
+    def band_options(self):
+        """The `geo.BandOptions` images are read with (None: the defaults)."""
+        from pixtral_lora.geo import BandOptions
+
+        stretch = self.stretch if self.stretch == "percentile" else tuple(tuple(r) for r in self.stretch)
+        return BandOptions(
+            bands=tuple(self.bands) if self.bands else None,
+            stretch=stretch,
+            percentiles=tuple(self.stretch_percentiles),
+        )
 
 
 class LoraSection(_Section):

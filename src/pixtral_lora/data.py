@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -470,25 +471,72 @@ def image_source(ref: dict) -> str | bytes:
 
 
 def check_data_path(path: str | Path, field_name: str = "data.path") -> Path:
-    """The data source must exist: a folder, or a .jsonl/.csv file; a one-line `DataError` otherwise."""
+    """The data source must exist: a folder, a .jsonl/.csv/.parquet file, a glob or an hf:// id
+    (those two are checked when loaded); a one-line `DataError` otherwise."""
+    if str(path).startswith("hf://") or any(ch in str(path) for ch in "*?["):
+        return Path(path)
     path = Path(path)
     if not path.exists():
         hint = ""
         if "synthetic" in path.name:
             hint = f" (`make train` or `pixtral-lora data generate --out {path}` makes it)"
         raise DataError(f"{field_name}: {path} does not exist{hint}")
-    if not path.is_dir() and path.suffix not in (".jsonl", ".csv"):
+    if not path.is_dir() and path.suffix not in (".jsonl", ".csv", ".parquet"):
         raise DataError(
-            f"{field_name}: {path} is not an AID-style folder (<root>/<ClassName>/*.jpg), a .jsonl or a .csv"
+            f"{field_name}: {path} is not an AID-style folder (<root>/<ClassName>/*.jpg), a .jsonl, a .csv "
+            "or an HF dataset (Parquet, save_to_disk folder, imagefolder, hf://OWNER/NAME)"
         )
     return path
+
+
+def readable_label(folder: str) -> str:
+    """A prompt label from a folder name: words split at _, -, spaces and case changes, capitalised.
+
+    "dense_residential", "DenseResidential", "Dense Residential" -> "Dense Residential";
+    "footballField" -> "Football Field"; "SeaLake" -> "Sea Lake". Names with non-ASCII letters, and
+    run-together lower case ("denseresidential"), stay as they are: name those in data.class_labels.
+    """
+    if not folder.isascii():
+        return folder
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+", folder)
+    return (
+        " ".join(word if word.isupper() and len(word) > 1 else word.capitalize() for word in words) or folder
+    )
+
+
+def relabel(dataset: Dataset, style: str, overrides: dict[str, str]) -> tuple[Dataset, dict[str, str]]:
+    """Give a classification dataset readable class names (`readable_label`, `overrides` first).
+
+    Returns the dataset and label -> source name, the way back; the labels must stay distinct.
+    """
+    names = class_names_of(dataset)
+    if style == "folder" and not overrides:
+        return dataset, {name: name for name in names}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise DataError(
+            f"data.class_labels names {unknown[:3]}, which are not classes of the data ({names[:5]}, ...)"
+        )
+    labels = [overrides.get(n) or (readable_label(n) if style == "readable" else n) for n in names]
+    if problem := class_name_problem(labels):
+        raise DataError(f"prompt labels from the class names: {problem}; set data.class_labels")
+    features = dataset.features.copy()
+    features["label"] = ClassLabel(names=labels)
+    return dataset.cast(features), dict(zip(labels, names, strict=True))
 
 
 def load_any(
     path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
 ) -> tuple[Dataset, list[str] | None]:
     """Load a folder, .jsonl or .csv; returns the dataset and the class names when the source defines them."""
+    from pixtral_lora.hf_data import is_hf_source, load_hf_splits
+
     path = check_data_path(path, "data")
+    if is_hf_source(path):
+        from datasets import concatenate_datasets
+
+        splits, names = load_hf_splits(str(path), class_names=class_names)
+        return concatenate_datasets(list(splits.values())), names
     if path.is_dir():
         dataset = load_aid_folder(path, allowed_roots=allowed_roots)
         return dataset, class_names_of(dataset)

@@ -321,7 +321,7 @@ def run_renderer(run_dir: Path, config) -> Renderer:
 
     adapter = run_dir / "adapter"
     processor = load_processor(adapter if adapter.is_dir() else config.model.name_or_path)
-    return Renderer(processor, config.data.image_longest_edge)
+    return Renderer(processor, config.data.image_longest_edge, bands=config.data.band_options())
 
 
 def _run_model(run_dir: Path, config, which: str, merged: str | Path | None = None):

@@ -106,13 +106,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, bands=None) -> Image.Image:
     """Decode an image file, data URI or bytes into an upright 8-bit RGB PIL image.
 
+    Multi-band, 16-bit and float TIFFs (and any TIFF when `bands`, a `geo.BandOptions`, asks for a
+    band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`geo`).
     Raises `ImageError` for missing, truncated, corrupt or oversized images.
     """
+    from pixtral_lora import geo
+
     name = describe_source(source)
     data = read_image_bytes(source)
+    if geo.needs_raster_reader(data, bands):
+        try:
+            image = geo.read_raster(data, bands or geo.BandOptions(), name)
+        except geo.GeoError as err:
+            raise ImageError(str(err)) from err
+        except Exception as err:  # rasterio raises its own error types for unreadable rasters
+            raise ImageError(f"{name}: cannot read raster ({err})") from err
+        if image.width * image.height > max_pixels:
+            raise ImageError(f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+        return image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -42,8 +42,11 @@ class RenderReport:
 class Renderer:
     """Turns conversation rows into model inputs with one processor and one image size policy."""
 
-    def __init__(self, processor, image_longest_edge: int | None = None, max_length: int | None = None):
+    def __init__(
+        self, processor, image_longest_edge: int | None = None, max_length: int | None = None, bands=None
+    ):
         self.processor = processor
+        self.bands = bands  # geo.BandOptions for multi-band rasters, or None
         self.tokenizer = processor.tokenizer
         self.image_longest_edge = image_longest_edge
         self.max_length = max_length
@@ -57,7 +60,10 @@ class Renderer:
     # -- images --------------------------------------------------------------------------------------
     def load_images(self, refs: list[dict]) -> list:
         """Decode, check and patch-align the images of one row."""
-        return [prepare_image(load_image(image_source(ref)), self.image_longest_edge) for ref in refs]
+        return [
+            prepare_image(load_image(image_source(ref), bands=self.bands), self.image_longest_edge)
+            for ref in refs
+        ]
 
     # -- text ----------------------------------------------------------------------------------------
     def template(self, messages: list[dict]) -> str:

@@ -27,7 +27,9 @@ from pixtral_lora.data import (
     Splits,
     as_conversations,
     check_data_path,
+    class_names_of,
     load_any,
+    relabel,
     split_dataset,
 )
 from pixtral_lora.io import ADAPTER_FILES, atomic_directory, atomic_file, write_json
@@ -58,19 +60,41 @@ VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 class RunData:
     class_names: list[str]
     splits: Splits
+    # prompt label -> class name as the source spells it (folder name, ClassLabel name): the way back
+    label_sources: dict[str, str] | None = None
 
 
 def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData:
     """Load the dataset and split it (or check it against a split recorded in a run directory).
 
-    An AID-style folder takes its class names from its sub-folders; Mistral JSONL and CSV data need
-    `data.class_names` (the labels are read from the answers and must all be in that list).
+    An AID-style folder takes its class names from its sub-folders; an HF dataset from its ClassLabel
+    (or its string labels); Mistral JSONL and CSV data need `data.class_names` (the labels are read
+    from the answers and must all be in that list). A dataset with its own train and test splits keeps
+    them (`data.use_dataset_splits`); validation is carved from train.
     """
+    from datasets import concatenate_datasets
+
+    from pixtral_lora.hf_data import is_hf_source, load_hf_splits
+
     data = config.data
 
     def load(path: str, field_name: str):
-        if check_data_path(path, field_name).is_dir():
-            return load_any(path, allowed_roots=data.allow_paths_outside)
+        """(one dataset or None, its own splits or None, class names)."""
+        if is_hf_source(check_data_path(path, field_name)):
+            source_splits, names = load_hf_splits(
+                path,
+                data.image_column,
+                data.label_column,
+                data.class_names,
+                data.hub_config,
+                data.hub_revision,
+            )
+            if data.use_dataset_splits and {"train", "test"} <= set(source_splits):
+                return None, source_splits, names
+            return concatenate_datasets(list(source_splits.values())), None, names
+        if Path(path).is_dir():
+            dataset, names = load_any(path, allowed_roots=data.allow_paths_outside)
+            return dataset, None, names
         if not data.class_names:
             raise DataError(f"{path}: JSONL/CSV data need data.class_names (the class set of the answers)")
         dataset, _ = load_any(path, data.class_names, data.allow_paths_outside)
@@ -79,13 +103,37 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
             raise DataError(
                 f"{path}: answers with labels outside data.class_names: {unknown[:5]} (see `pixtral-lora data validate`)"
             )
-        return dataset, list(data.class_names)
+        return dataset, None, list(data.class_names)
 
-    dataset, class_names = load(data.path, "data.path")
-    if data.test_path:
-        test, test_classes = load(data.test_path, "data.test_path")
+    label_sources: dict[str, str] = {}
+
+    def relabelled(dataset):
+        if "image" not in dataset.column_names:  # JSONL/CSV: labels are the answers' own
+            return dataset
+        dataset, sources = relabel(dataset, data.label_style, data.class_labels)
+        label_sources.update(sources)
+        return dataset
+
+    dataset, source_splits, class_names = load(data.path, "data.path")
+    if source_splits is not None:
+        dataset = relabelled(source_splits["train"])
+        test = relabelled(source_splits["test"])
+        test_classes = class_names_of(test)
+    elif data.test_path:
+        dataset = relabelled(dataset)
+        test, _, _ = load(data.test_path, "data.test_path")
+        test = relabelled(test) if test is not None else None
+        test_classes = class_names_of(test) if "image" in test.column_names else class_names
+    else:
+        dataset = relabelled(dataset)
+        test = None
+    if "image" in dataset.column_names:
+        class_names = class_names_of(dataset)
+    if test is not None:
         if test_classes != class_names:
-            raise DataError(f"data.test_path: classes {test_classes} differ from data.path's {class_names}")
+            raise DataError(
+                f"test data: classes {test_classes} differ from the training data's {class_names}"
+            )
         inner = (
             split_dataset(dataset, data.validation_size, 0.0, data.split_seed, class_names)
             if data.validation_size
@@ -107,7 +155,7 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
             )
     if data.limit_train:
         splits.train = splits.train.select(range(min(data.limit_train, len(splits.train))))
-    return RunData(class_names=class_names, splits=splits)
+    return RunData(class_names=class_names, splits=splits, label_sources=label_sources or None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,7 +352,9 @@ def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
     # -- Data (fails before any model is loaded) ---------------------------------------------------
     run_data = load_run_data(config, recorded)
     processor = load_processor(config.model.name_or_path)
-    renderer = Renderer(processor, config.data.image_longest_edge, config.data.max_length)
+    renderer = Renderer(
+        processor, config.data.image_longest_edge, config.data.max_length, bands=config.data.band_options()
+    )
     reports = {"train": RenderReport(), "validation": RenderReport()}
     train_set = render_dataset(
         renderer,
@@ -330,6 +380,7 @@ def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
             {
                 "data_path": config.data.path,
                 "class_names": run_data.class_names,
+                "label_sources": run_data.label_sources,
                 "ids": run_data.splits.ids(),
                 # Images that cannot be decoded, by split: training skipped them, eval counts them
                 # as `unreadable` without trying again.

@@ -147,10 +147,33 @@ def _folder_samples(
     return samples, class_names
 
 
+def _hf_samples(path: str, settings: dict) -> tuple[list[_Sample], list[str]]:
+    """One sample per row of every split, its image read only when checked (the source streams)."""
+    from pixtral_lora.hf_data import load_hf_splits
+
+    splits, class_names = load_hf_splits(path, **settings)
+    samples = []
+    for split_name, split in splits.items():
+        names = split.features["label"].names
+        for row, label in enumerate(split["label"]):
+
+            def ref(split=split, row=row):
+                return image_source(split[row]["image"])
+
+            samples.append(
+                _Sample(f"{path} [{split_name}:{row}]", [("image", ref)], None, label=names[label])
+            )
+    return samples, class_names
+
+
 def _collect(
-    path: Path, problems: list[Problem], allowed_roots: list[str]
+    path: Path, problems: list[Problem], allowed_roots: list[str], hf_settings: dict | None = None
 ) -> tuple[list[_Sample], list[str] | None]:
+    from pixtral_lora.hf_data import is_hf_source
+
     path = check_data_path(path, "data")
+    if is_hf_source(path):
+        return _hf_samples(str(path), hf_settings or {})
     if path.is_dir():
         return _folder_samples(path, problems, allowed_roots)
     if path.suffix == ".jsonl":
@@ -164,7 +187,7 @@ def _check_images(samples: list[_Sample], problems: list[Problem]) -> dict[str, 
     for sample in tqdm(samples, desc="checking images", unit="sample", disable=len(samples) < 500):
         for field_name, ref in sample.images:
             try:
-                source = image_source(ref)
+                source = ref() if callable(ref) else image_source(ref)
                 load_image(source)
             except ImageError as err:
                 problems.append(Problem(sample.where, field_name, str(err)))
@@ -179,14 +202,19 @@ def validate(
     class_names: list[str] | None = None,
     test_path: str | Path | None = None,
     allowed_roots: list[str] | None = None,
+    hf_settings: dict | None = None,
 ) -> list[Problem]:
     """All problems in a dataset (and, with `test_path`, images shared between it and a test set).
 
-    Image paths of JSONL/CSV data must resolve inside the data file's folder or `allowed_roots`.
+    Image paths of JSONL/CSV data must resolve inside the data file's folder or `allowed_roots`. HF
+    datasets (`hf_data`) are read with `hf_settings` (image_column, label_column, hub_config, ...) and
+    their problems named by split and row.
     """
     problems: list[Problem] = []
     allowed_roots = list(allowed_roots or [])
-    samples, folder_classes = _collect(Path(path), problems, allowed_roots)
+    samples, folder_classes = _collect(
+        Path(path) if not str(path).startswith("hf://") else path, problems, allowed_roots, hf_settings
+    )
     class_names = class_names or folder_classes
     if not samples and not problems:
         problems.append(Problem(str(path), "", "no samples"))
@@ -254,7 +282,7 @@ def validate(
             )
     if test_path is not None:
         test_problems: list[Problem] = []
-        test_samples, _ = _collect(Path(test_path), test_problems, allowed_roots)
+        test_samples, _ = _collect(Path(test_path), test_problems, allowed_roots, hf_settings)
         problems += test_problems
         test_hashes = _check_images(test_samples, problems)
         for digest, where_list in hashes.items():

@@ -1,0 +1,138 @@
+"""Data from the HF ecosystem, through `datasets`: hub ids, Parquet, save_to_disk folders, imagefolders.
+
+`data.path` may be
+- `hf://OWNER/NAME` (with `data.hub_config`, `data.hub_revision`): a Hub dataset, from the HF cache
+  when offline;
+- a folder or glob of Parquet files (the Hub's own layout, `data/train-00000-of-00001.parquet`, images
+  as `{"bytes", "path"}` structs);
+- a `Dataset.save_to_disk` / `DatasetDict.save_to_disk` folder;
+- an imagefolder with `metadata.csv` or `metadata.jsonl`.
+
+Every split becomes a classification dataset like an AID folder's (`id`, `image` undecoded, `label`
+ClassLabel), with ids `SPLIT/ROW`, so the split recorded in a run directory names the source split of
+every image. Labels are a `ClassLabel` (names from its features) or strings (names from
+`data.class_names`, else their sorted distinct values, stated in the log). Images stay undecoded and
+memory-mapped until a batch needs them.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, Features, Image, Value
+
+from pixtral_lora.data import DataError
+
+logger = logging.getLogger(__name__)
+
+HUB_PREFIX = "hf://"
+_METADATA = ("metadata.csv", "metadata.jsonl")
+
+
+def is_hf_source(path: str | Path) -> bool:
+    """Whether `path` names a source this module loads (rather than an AID folder, JSONL or CSV)."""
+    text = str(path)
+    if text.startswith(HUB_PREFIX) or any(ch in text for ch in "*?["):
+        return True
+    path = Path(text)
+    if path.suffix == ".parquet":
+        return True
+    if not path.is_dir():
+        return False
+    markers = ("dataset_dict.json", "dataset_info.json", "state.json", *_METADATA)
+    return (
+        any((path / marker).is_file() for marker in markers)
+        or next(path.rglob("*.parquet"), None) is not None
+    )
+
+
+def _load_raw(path: str, hub_config: str | None, hub_revision: str | None) -> dict[str, Dataset]:
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if path.startswith(HUB_PREFIX):
+        repo = path[len(HUB_PREFIX) :]
+        try:
+            loaded = load_dataset(repo, hub_config, revision=hub_revision)
+        except Exception as err:  # offline, unreachable, unknown: datasets raises many types
+            from datasets import config as datasets_config
+
+            raise DataError(
+                f"data.path: {path}: cannot load the Hub dataset {repo!r} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:160]}); looked in the HF datasets cache "
+                f"{datasets_config.HF_DATASETS_CACHE} (download it once online, or set data.path to a local copy)"
+            ) from None
+    elif any(ch in path for ch in "*?[") or Path(path).suffix == ".parquet":
+        files = sorted(glob.glob(path))
+        if not files:
+            raise DataError(f"data.path: {path} matches no Parquet file")
+        loaded = load_dataset("parquet", data_files={"train": files})
+    elif (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file():
+        loaded = load_from_disk(path)
+    elif any((Path(path) / name).is_file() for name in _METADATA):
+        loaded = load_dataset("imagefolder", data_dir=path)
+    else:
+        loaded = load_dataset(path)  # a local copy of a Hub repository: Parquet files, splits by name
+    if isinstance(loaded, Dataset):
+        loaded = DatasetDict({"train": loaded})
+    return dict(loaded)
+
+
+def _class_names(raw: dict[str, Dataset], label_column: str, class_names: list[str] | None, path: str):
+    features = [split.features[label_column] for split in raw.values()]
+    if all(isinstance(f, ClassLabel) for f in features):
+        names = list(features[0].names)
+        if any(list(f.names) != names for f in features):
+            raise DataError(f"data.path: {path}: the splits' ClassLabel names differ")
+        if class_names and class_names != names:
+            raise DataError(
+                f"data.class_names {class_names} differ from the dataset's ClassLabel names {names}"
+            )
+        return names, True
+    if class_names:
+        return list(class_names), False
+    names = sorted({str(v) for split in raw.values() for v in split[label_column]})
+    logger.info("%s: string labels; class names are their sorted distinct values: %s", path, names)
+    return names, False
+
+
+def load_hf_splits(
+    path: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: list[str] | None = None,
+    hub_config: str | None = None,
+    hub_revision: str | None = None,
+) -> tuple[dict[str, Dataset], list[str]]:
+    """Each split of the source as a classification dataset (id, image, label), and the class names."""
+    raw = _load_raw(str(path), hub_config, hub_revision)
+    for name, split in raw.items():
+        missing = [c for c in (image_column, label_column) if c not in split.column_names]
+        if missing:
+            raise DataError(
+                f"data.path: {path} [{name}]: no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
+                "set data.image_column / data.label_column"
+            )
+    names, is_class_label = _class_names(raw, label_column, class_names, str(path))
+    features = Features(
+        {"id": Value("string"), "image": Image(decode=False), "label": ClassLabel(names=names)}
+    )
+    out = {}
+    for split_name, split in raw.items():
+        split = split.select_columns([image_column, label_column])
+        split = split.cast_column(image_column, Image(decode=False))
+        if not is_class_label:
+            known = set(names)
+            for row, value in enumerate(split[label_column]):
+                if str(value) not in known:
+                    raise DataError(
+                        f"data.path: {path} [{split_name}:{row}] {label_column}: {value!r} is not one of "
+                        f"the {len(names)} classes"
+                    )
+            split = split.map(lambda v: {label_column: str(v)}, input_columns=label_column)
+        renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+        split = split.rename_columns(renames) if renames else split
+        split = split.add_column("id", [f"{split_name}/{row}" for row in range(len(split))])
+        out[split_name] = split.select_columns(["id", "image", "label"]).cast(features)
+    return out, names
