@@ -154,7 +154,7 @@ def test_eval_predict_and_data_export_refuse_foreign_outputs(tiny_run, aid_dir, 
     image = next((aid_dir / "Beach").iterdir())
     assert main(["predict", str(image), "--run", str(tiny_run), "--out", str(table)]) == 2
     assert main(["predict", str(image), "--run", str(tiny_run), "--out", str(tmp_path / "x.txt")]) == 2
-    assert ".csv or .jsonl" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
+    assert ".jsonl, .csv or .parquet" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
     assert main(["data", "export", str(aid_dir), "--out", str(table)]) == 2
     assert table.read_text() == "a,b\n1,2\n"
     # its own previous output is replaced without asking
@@ -219,7 +219,7 @@ def test_predict_over_a_folder_with_bad_files_classifies_the_rest(tiny_run, aid_
     (folder / "dir.jpg").mkdir()
     out = tmp_path / "predictions.jsonl"
     assert main(["predict", str(folder), "--run", str(tiny_run), "--out", str(out), "--mode", "score"]) == 0
-    rows = {Path(r["image"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"a.jpg", "b.jpg", "fake.jpg", "dir.jpg"}
     assert rows["fake.jpg"]["outcome"] == rows["dir.jpg"]["outcome"] == "unreadable"
     assert "cannot decode" in rows["fake.jpg"]["error"] and "directory" in rows["dir.jpg"]["error"]

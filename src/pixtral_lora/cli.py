@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -150,67 +151,52 @@ def _eval(args) -> int:
     return 0
 
 
-PREDICTION_SUFFIXES = (".csv", ".jsonl")
-
-
-def _is_prediction_file(path: Path) -> bool:
-    """A file an earlier `predict --out` wrote (so a rerun may replace it)."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        first = handle.readline(4096)
-    if path.suffix == ".csv":
-        return first.startswith("image,label,")
-    try:
-        return {"image", "label"} <= set(json.loads(first))
-    except (ValueError, TypeError):
-        return False
-
-
 def _predict(args) -> int:
-    import csv
+    import tempfile
 
-    from pixtral_lora.data import IMAGE_SUFFIXES
-    from pixtral_lora.evaluation import predict_images
-    from pixtral_lora.io import atomic_file, check_replaceable_file
+    from pixtral_lora.predict import launch_processes, predict_archive
 
-    if args.out:
-        if Path(args.out).suffix not in PREDICTION_SUFFIXES:
-            print(f"error: --out {args.out}: use a .csv or .jsonl file name", file=sys.stderr)
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        if not args.out:
+            print("error: --num-processes needs --out", file=sys.stderr)
             return 2
-        check_replaceable_file(args.out, _is_prediction_file, args.overwrite)
-    target = Path(args.images)
-    if not target.exists():
-        print(f"error: {target}: no such file or folder", file=sys.stderr)
-        return 2
-    # Everything with an image suffix, files or not: a directory named x.jpg is reported as unreadable.
-    paths = (
-        sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if target.is_dir()
-        else [target]
-    )
-    if not paths:
-        print(f"error: no images under {target}", file=sys.stderr)
-        return 2
-    results = predict_images(paths, args.run, model_path=args.model, mode=args.mode)
-    unreadable = [r for r in results if r["error"]]
-    if args.out:
-        with atomic_file(args.out, recognise=_is_prediction_file, overwrite=args.overwrite) as handle:
-            if args.out.endswith(".csv"):
-                writer = csv.DictWriter(handle, fieldnames=list(results[0]))
-                writer.writeheader()
-                writer.writerows(results)
-            else:
-                for result in results:
-                    handle.write(json.dumps(result) + "\n")
-        print(f"{len(results)} predictions written to {args.out} ({len(unreadable)} unreadable)")
-    else:
-        for result in results:
-            if result["error"]:
-                print(f"{result['image']}\tunreadable\t{result['error']}")
+        argv, skip = [], False
+        for arg in sys.argv[1:]:  # the same command for every process, less --num-processes N
+            if skip or arg.startswith("--num-processes"):
+                skip = arg == "--num-processes"
                 continue
-            confidence = "" if result["confidence"] is None else f"\t{result['confidence']:.3f}"
-            print(f"{result['image']}\t{result['label']}{confidence}\t{result['raw_answer']!r}")
-    for result in unreadable[:10]:
-        print(f"unreadable: {result['error']}", file=sys.stderr)
+            argv.append(arg)
+        return launch_processes(argv, args.num_processes)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or str(Path(scratch) / "predictions.jsonl")
+        summary = predict_archive(
+            args.images,
+            args.run,
+            out,
+            model_path=args.model,
+            mode=args.mode,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+        )
+        if not summary:  # a non-zero rank of a multi-process launch: rank 0 reports
+            return 0
+        if not args.out:
+            for line in Path(out).read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                if row["error"]:
+                    print(f"{row['path']}\tunreadable\t{row['error']}")
+                    continue
+                confidence = "" if row["confidence"] is None else f"\t{row['confidence']:.3f}"
+                print(f"{row['path']}\t{row['label']}{confidence}\t{row['raw_answer']!r}")
+    print(
+        f"{summary['inputs']} inputs ({summary['skipped_as_done']} already done), "
+        f"{summary['images_per_second']:.1f} images/s; per label: "
+        + ", ".join(f"{k} {v}" for k, v in summary["per_label"].items())
+        + f"; unreadable: {len(summary['unreadable'])}; no valid label: {summary['no_label']}"
+        + (f"; written to {args.out}" if args.out else "")
+    )
+    for path in summary["unreadable"][:10]:
+        print(f"unreadable: {path}", file=sys.stderr)
     return 0
 
 
@@ -337,12 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.set_defaults(func=_compare)
 
-    predict = commands.add_parser("predict", help="classify new images with a trained run")
-    predict.add_argument("images", help="an image file or a folder (searched recursively)")
+    predict = commands.add_parser("predict", help="classify new images with a trained run (resumable)")
+    predict.add_argument(
+        "images",
+        metavar="SOURCE",
+        help="a folder (recursive), a glob, a .txt/.csv list of paths, or a dataset",
+    )
     predict.add_argument("--run", required=True, help="run directory (prompt, classes, adapter)")
     predict.add_argument("--model", help="use this merged/exported HF checkpoint instead of base + adapter")
     predict.add_argument("--mode", default="score", choices=["generate", "constrained", "score"])
-    predict.add_argument("--out", help="write .csv or .jsonl instead of printing")
+    predict.add_argument("--out", help="write .jsonl, .csv or .parquet (resumable) instead of printing")
+    predict.add_argument(
+        "--batch-size", type=int, help="images per batch (default: the run's eval.batch_size)"
+    )
+    predict.add_argument(
+        "--num-processes", type=int, default=1, help="split the inputs over N local processes (gloo on CPU)"
+    )
     predict.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"
     )

@@ -42,6 +42,7 @@ class Prediction:
     label: str | None
     confidence: float | None = None
     error: str | None = None  # why the image could not be read (outcome `unreadable`)
+    top: list[tuple[str, float]] | None = None  # score mode: the three most probable classes
 
     @property
     def outcome(self) -> str:
@@ -276,8 +277,15 @@ def predict_rows(
                 probs = torch.softmax(values, 0)
                 best = int(values.argmax())
                 label = list(scores)[best]
+                ranked = torch.argsort(probs, descending=True)[:3].tolist()
                 slots[index] = Prediction(
-                    row["id"], row["label"], prompt.answer(label), label, label, float(probs[best])
+                    row["id"],
+                    row["label"],
+                    prompt.answer(label),
+                    label,
+                    label,
+                    float(probs[best]),
+                    top=[(list(scores)[i], float(probs[i])) for i in ranked],
                 )
         elif ready:
             ready_rows = [chunk[i] for i in ready]
@@ -324,7 +332,7 @@ def run_renderer(run_dir: Path, config) -> Renderer:
     return Renderer(processor, config.data.image_longest_edge, bands=config.data.band_options())
 
 
-def _run_model(run_dir: Path, config, which: str, merged: str | Path | None = None):
+def run_model(run_dir: Path, config, which: str, merged: str | Path | None = None):
     """ "base", or the fine-tuned model: the run's adapter on the base, or a merged checkpoint."""
     if which == "base":
         return load_eval_model(config.model.name_or_path, None, config.model.quantization, config.model.dtype)
@@ -373,7 +381,7 @@ def held_out_rows(run_dir: Path, limit: int | None):
     return config, class_names, rows, unreadable
 
 
-def _predict_for_run(
+def predict_for_run(
     model, renderer: Renderer, rows, class_names, config, mode, strict=None, desc="", unreadable=None
 ):
     """`predict_rows` with the run config's eval settings (batch size, answer length, strictness)."""
@@ -419,10 +427,10 @@ def evaluate_run(
     results: dict = {}
     predictions: dict = {}
     for model_name in models:
-        model = _run_model(run_dir, config, model_name, merged)
+        model = run_model(run_dir, config, model_name, merged)
         results[model_name] = {}
         for mode in modes or config.eval.modes:
-            preds, speed = _predict_for_run(
+            preds, speed = predict_for_run(
                 model,
                 renderer,
                 rows,
@@ -490,35 +498,3 @@ def run_facts(run_dir: Path, config, merged: str | Path | None = None) -> dict:
         "evaluated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
     }
-
-
-def predict_images(
-    paths: list[Path], run_dir: str | Path, model_path: str | None = None, mode: str = "score"
-) -> list[dict]:
-    """Classify new images with a run's prompt: label, confidence (score mode), the raw answer, and
-    for an image that cannot be read the outcome `unreadable` with the reason in `error` (never fatal)."""
-    from pixtral_lora.config import load_config
-    from pixtral_lora.prompt import messages_to_json
-
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, needs_adapter=model_path is None)
-    config = load_config(run_dir / "config.yaml")
-    class_names = json.loads((run_dir / "split.json").read_text())["class_names"]
-    messages = messages_to_json(config.prompt.messages(class_names))
-    rows = [
-        {"id": str(p), "messages": messages, "images": [{"path": str(p), "bytes": None}], "label": ""}
-        for p in paths
-    ]
-    model = _run_model(run_dir, config, "finetuned", model_path)
-    preds, _ = _predict_for_run(model, run_renderer(run_dir, config), rows, class_names, config, mode)
-    return [
-        {
-            "image": p.id,
-            "label": p.label,
-            "confidence": p.confidence,
-            "raw_answer": p.raw_answer,
-            "outcome": "unreadable" if p.error else ("valid" if p.label else p.outcome),
-            "error": p.error,
-        }
-        for p in preds
-    ]

@@ -34,8 +34,10 @@ _METADATA = ("metadata.csv", "metadata.jsonl")
 def is_hf_source(path: str | Path) -> bool:
     """Whether `path` names a source this module loads (rather than an AID folder, JSONL or CSV)."""
     text = str(path)
-    if text.startswith(HUB_PREFIX) or any(ch in text for ch in "*?["):
+    if text.startswith(HUB_PREFIX):
         return True
+    if any(ch in text for ch in "*?["):
+        return text.endswith(".parquet")  # a glob of Parquet files (a glob of images is a predict source)
     path = Path(text)
     if path.suffix == ".parquet":
         return True

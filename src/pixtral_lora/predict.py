@@ -1,0 +1,391 @@
+"""Archive-scale prediction: `pixtral-lora predict SOURCE --run RUN --out FILE`.
+
+- SOURCE: a folder (searched recursively for image files), a glob, a .txt/.csv list of paths, or any
+  HF dataset source training accepts (Parquet, save_to_disk, imagefolder, hf://...).
+- Streams: images are read a batch at a time; results are written as they come (flushed per batch)
+  to FILE (.jsonl or .csv, appended) or, for .parquet and for several processes, to hidden journals
+  beside it; at the end FILE is rewritten once, atomically, with every input exactly once in input
+  order.
+- Resumable: a rerun after a kill skips every input already predicted with the same content (path +
+  sha256 of its bytes), whether in FILE or in a journal.
+- Data parallel: `--num-processes N` (or `accelerate launch -m pixtral_lora.cli predict ...`) splits the
+  inputs deterministically (input i goes to process i mod N); each writes its journal, and process 0
+  merges after a barrier.
+- An unreadable file is a row with outcome `unreadable` and an `error`, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pixtral_lora.data import IMAGE_SUFFIXES, DataError
+from pixtral_lora.images import ImageError, read_image_bytes
+from pixtral_lora.io import atomic_file, check_replaceable_file
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".csv", ".parquet")
+COLUMNS = ["path", "label", "confidence", "top3", "raw_answer", "outcome", "error", "sha256"]
+
+
+@dataclass
+class Item:
+    """One input: its key (a path, or SPLIT/ROW of a dataset) and how to get its bytes."""
+
+    key: str
+    read: Callable[[], bytes]
+
+
+def _file_item(path: Path) -> Item:
+    return Item(str(path), lambda: read_image_bytes(path))
+
+
+def collect_inputs(source: str) -> list[Item]:
+    """The inputs of SOURCE in a fixed order (see the module docstring)."""
+    from pixtral_lora.hf_data import is_hf_source, load_hf_splits
+
+    path = Path(source)
+    if path.is_dir() and not is_hf_source(path):
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [_file_item(p) for p in found]
+    if path.suffix in (".txt", ".csv") and path.is_file():
+        with open(path, encoding="utf-8", newline="") as handle:
+            if path.suffix == ".txt":
+                names = [line.strip() for line in handle if line.strip()]
+            else:
+                reader = csv.DictReader(handle)
+                column = next((c for c in ("path", "image_path") if c in (reader.fieldnames or [])), None)
+                if column is None:
+                    raise DataError(f"{path}:1: a list of images needs a 'path' (or 'image_path') column")
+                names = [row[column] for row in reader if row[column]]
+        return [_file_item(p if p.is_absolute() else path.parent / p) for p in map(Path, names)]
+    if is_hf_source(source):
+        splits, _ = load_hf_splits(source)
+        items = []
+        for split_name, split in splits.items():
+            for row in range(len(split)):
+
+                def read(split=split, row=row) -> bytes:
+                    from pixtral_lora.data import image_source
+
+                    return read_image_bytes(image_source(split[row]["image"]))
+
+                items.append(Item(f"{split_name}/{row}", read))
+        return items
+    if any(ch in source for ch in "*?["):
+        found = sorted(
+            p for p in map(Path, glob.glob(source, recursive=True)) if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        return [_file_item(p) for p in found]
+    if path.is_file():
+        return [_file_item(path)]
+    raise DataError(f"{source}: no such file, folder, glob or dataset")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Result files
+
+
+def is_predictions_file(path: Path) -> bool:
+    """A file an earlier `predict --out` wrote (so a rerun may resume and replace it)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return {"path", "label", "outcome"} <= set(pq.read_schema(path).names)
+        except Exception:
+            return False
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline(65536)
+    if path.suffix == ".csv":
+        return first.startswith("path,label,")
+    try:
+        return {"path", "label", "outcome"} <= set(json.loads(first))
+    except (ValueError, TypeError):
+        return False
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Complete rows of a results file or journal; a line cut by a kill is ignored (it is redone)."""
+    if not path.exists():
+        return []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        for row in rows:
+            row["top3"] = json.loads(row["top3"]) if row.get("top3") else None
+        return rows
+    rows = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        if path.suffix == ".csv":
+            for row in csv.DictReader(handle):
+                if None in row.values() or None in row:
+                    continue
+                row["confidence"] = float(row["confidence"]) if row["confidence"] else None
+                row["top3"] = json.loads(row["top3"]) if row["top3"] else None
+                rows.append({k: (v if v != "" else None) for k, v in row.items()})
+        else:
+            for line in handle:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
+
+
+def _csv_cells(row: dict) -> dict:
+    return {
+        k: json.dumps(v) if k == "top3" and v is not None else ("" if v is None else v)
+        for k, v in row.items()
+    }
+
+
+def _write_final(out: Path, rows: list[dict], overwrite: bool) -> None:
+    """FILE, atomically, in its format."""
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(
+            [{**r, "top3": json.dumps(r["top3"]) if r.get("top3") else None} for r in rows],
+            schema=pa.schema([(c, pa.float64() if c == "confidence" else pa.string()) for c in COLUMNS]),
+        )
+        with atomic_file(out, "wb", recognise=is_predictions_file, overwrite=overwrite) as handle:
+            pq.write_table(table, handle)
+        return
+    with atomic_file(out, recognise=is_predictions_file, overwrite=overwrite) as handle:
+        if out.suffix == ".csv":
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(_csv_cells(r) for r in rows)
+        else:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+class _Appender:
+    """Appends rows to a JSONL/CSV file, flushed and synced per batch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists() or path.stat().st_size == 0
+        if path.exists():
+            _drop_torn_tail(path)
+        self.handle = open(path, "a", encoding="utf-8", newline="")
+        self.csv = csv.DictWriter(self.handle, fieldnames=COLUMNS) if path.suffix == ".csv" else None
+        if self.csv and new:
+            self.csv.writeheader()
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            if self.csv:
+                self.csv.writerow(_csv_cells(row))
+            else:
+                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line a kill left unfinished, so appended rows start on a line of their own."""
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _journal(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f".{out.name}.journal-{rank}of{world}.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction
+
+
+def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
+    rows = []
+    for p in predictions:
+        outcome = "unreadable" if p.error else ("valid" if p.label else p.outcome)
+        rows.append(
+            {
+                "path": p.id,
+                "label": p.label,
+                "confidence": p.confidence,
+                "top3": [[label, round(prob, 6)] for label, prob in p.top] if p.top else None,
+                "raw_answer": p.raw_answer,
+                "outcome": outcome,
+                "error": p.error,
+                "sha256": hashes.get(p.id),
+            }
+        )
+    return rows
+
+
+def predict_archive(
+    source: str,
+    run_dir: str | Path,
+    out: str | Path,
+    model_path: str | None = None,
+    mode: str = "score",
+    batch_size: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Classify every input of SOURCE with a run's model into FILE; returns the summary.
+
+    Under a multi-process launch (WORLD_SIZE > 1) this process handles its share, and process 0
+    merges. See the module docstring.
+    """
+    from pixtral_lora.config import load_config
+    from pixtral_lora.evaluation import check_run_dir, predict_rows, run_model, run_renderer
+    from pixtral_lora.prompt import messages_to_json
+
+    out = Path(out)
+    if out.suffix not in SUFFIXES:
+        raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
+    check_replaceable_file(out, is_predictions_file, overwrite)
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, needs_adapter=model_path is None)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    state = None
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState()  # joins the launch's process group (gloo on CPU)
+    items = collect_inputs(source)
+    if not items:
+        raise DataError(f"{source}: no images found")
+    ours = out.exists() and is_predictions_file(out)
+    if out.exists() and not ours and rank == 0:
+        out.unlink()  # --overwrite of a file that is not a predictions file: start it afresh
+    done = {}
+    previous = _read_rows(out) if ours else []
+    for journal in out.parent.glob(f".{out.name}.journal-*.jsonl"):
+        previous += _read_rows(journal)
+    for row in previous:
+        done[row["path"]] = row
+    mine = items[rank::world]
+    logger.info("process %d of %d: %d of %d inputs", rank, world, len(mine), len(items))
+    config = load_config(run_dir / "config.yaml")
+    class_names = json.loads((run_dir / "split.json").read_text())["class_names"]
+    messages = messages_to_json(config.prompt.messages(class_names))
+    direct = world == 1 and out.suffix in (".jsonl", ".csv")
+    writer = _Appender(out if direct else _journal(out, rank, world))
+    model = renderer = None
+    batch_size = batch_size or config.eval.batch_size
+    skipped = 0
+    started = time.perf_counter()
+    progress = tqdm(total=len(mine), desc=f"predicting ({mode})", unit="img", disable=None)
+    try:
+        for begin in range(0, len(mine), batch_size):
+            batch, rows, hashes = mine[begin : begin + batch_size], [], {}
+            for item in batch:
+                try:
+                    data = item.read()
+                    hashes[item.key] = hashlib.sha256(data).hexdigest()
+                    ref = {"path": None, "bytes": data}
+                except ImageError:
+                    hashes[item.key], ref = None, {"path": item.key, "bytes": None}
+                earlier = done.get(item.key)
+                if earlier is not None and earlier.get("sha256") == hashes[item.key]:
+                    skipped += 1
+                    continue
+                rows.append({"id": item.key, "messages": messages, "images": [ref], "label": ""})
+            if rows:
+                if model is None:
+                    model = run_model(run_dir, config, "finetuned", model_path)
+                    renderer = run_renderer(run_dir, config)
+                predictions, _ = predict_rows(
+                    model,
+                    renderer,
+                    rows,
+                    class_names,
+                    config.prompt,
+                    mode,
+                    batch_size=batch_size,
+                    max_new_tokens=config.eval.max_new_tokens,
+                    strict=config.eval.strict,
+                    desc="",
+                )
+                writer.write(_rows_of(predictions, hashes))
+            progress.update(len(batch))
+    finally:
+        progress.close()
+        writer.close()
+    elapsed = time.perf_counter() - started
+    if skipped:
+        logger.info("process %d: %d inputs already predicted (same path and content), skipped", rank, skipped)
+    if state is not None:
+        state.wait_for_everyone()
+    if rank != 0:
+        return {}
+    return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
+
+
+def _finalise(out: Path, items: list[Item], overwrite: bool, images_per_second: float, skipped: int) -> dict:
+    """Rewrite FILE with every input exactly once, in input order; remove the journals."""
+    journals = sorted(out.parent.glob(f".{out.name}.journal-*.jsonl"))
+    latest: dict[str, dict] = {}
+    for row in _read_rows(out) if out.exists() else []:
+        latest[row["path"]] = row
+    for journal in journals:
+        for row in _read_rows(journal):
+            latest[row["path"]] = row
+    missing = [item.key for item in items if item.key not in latest]
+    if missing:
+        raise DataError(
+            f"{len(missing)} inputs have no prediction (e.g. {missing[0]}); run the command again"
+        )
+    rows = [latest[item.key] for item in items]
+    _write_final(out, rows, overwrite=True)  # ours: checked at the start
+    for journal in journals:
+        journal.unlink(missing_ok=True)
+    labels = Counter(row["label"] for row in rows if row["label"])
+    unreadable = [row["path"] for row in rows if row["outcome"] == "unreadable"]
+    return {
+        "out": str(out),
+        "inputs": len(rows),
+        "skipped_as_done": skipped,
+        "per_label": dict(labels.most_common()),
+        "unreadable": unreadable,
+        "no_label": sum(1 for row in rows if not row["label"] and row["outcome"] != "unreadable"),
+        "images_per_second": images_per_second,
+    }
+
+
+def launch_processes(argv: list[str], num_processes: int) -> int:
+    """Run `pixtral-lora predict` in `num_processes` local processes (gloo on CPU) and wait for them."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    children = []
+    for rank in range(num_processes):
+        env = {
+            **os.environ,
+            "WORLD_SIZE": str(num_processes),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(num_processes),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        children.append(subprocess.Popen([sys.executable, "-m", "pixtral_lora.cli", *argv], env=env))
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code), 0)
