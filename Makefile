@@ -58,11 +58,14 @@ demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 	$(BIN)/python train.py configs/tiny.yaml
 	$(BIN)/pixtral-lora eval $(TINY_RUN)
 	$(BIN)/python scripts/convert_to_mistral.py --model $(TINY_MODEL) --adapter $(TINY_RUN)/adapter --out $(TINY_RUN)/mistral
-	@echo "demo done: run in $(TINY_RUN); open $(TINY_RUN)/eval/report.html in a browser (report.md beside it); Mistral-format model in $(TINY_RUN)/mistral"
+	$(BIN)/pixtral-lora data generate-scene --out $(TINY_RUN)/scene.tif --grid 6x8 --tile 64 --classes Beach,Desert,Forest,Port
+	$(BIN)/pixtral-lora map $(TINY_RUN)/scene.tif --run $(TINY_RUN) --out $(TINY_RUN)/map.geojson --tile 64
+	@echo "demo done: run in $(TINY_RUN); open $(TINY_RUN)/eval/report.html in a browser (report.md beside it); Mistral-format model in $(TINY_RUN)/mistral; land-use map $(TINY_RUN)/map.geojson (open in QGIS) and $(TINY_RUN)/map.png"
 
 # Throughput and memory of the tiny config; results in benchmarks/results-<device>.json
 bench: install
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_predict.py
 
 # Headless Chromium (Debian's package): the report.html rendering test uses it, and skips without it.
 browser:

@@ -1,4 +1,4 @@
-"""`pixtral-lora` command line: tiny-model, data {generate,validate,preview,export}, eval, compare, predict."""
+"""`pixtral-lora` command line: tiny-model, data {generate,generate-scene,validate,preview,export}, eval, compare, predict, map."""
 
 from __future__ import annotations
 
@@ -200,6 +200,45 @@ def _predict(args) -> int:
     return 0
 
 
+def _map(args) -> int:
+    from pixtral_lora.scene_map import map_scene
+
+    summary = map_scene(
+        args.scene,
+        args.run,
+        args.out,
+        tile=args.tile,
+        stride=args.stride,
+        tile_m=args.tile_m,
+        resize_to=args.resize_to,
+        mode=args.mode,
+        min_confidence=args.min_confidence,
+        to_wgs84=args.to_wgs84,
+        model_path=args.model,
+        edges=args.edges,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{summary['classified']} tiles of {summary['tile_pixels']} px classified ({summary['empty']} empty "
+        f"skipped), CRS {summary['crs']}: " + ", ".join(f"{k} {v}" for k, v in summary["per_label"].items())
+    )
+    print(f"map: {summary['out']}\npicture: {summary['png']}")
+    return 0
+
+
+def _data_generate_scene(args) -> int:
+    from pixtral_lora.synth import generate_scene_mosaic
+
+    classes = args.classes.split(",") if args.classes else None
+    rows, cols = (int(n) for n in args.grid.lower().split("x"))
+    layout = generate_scene_mosaic(args.out, classes, (rows, cols), args.tile, args.seed)
+    print(f"synthetic georeferenced scene written to {args.out}; its grid, row by row:")
+    for row in layout:
+        print("  " + " ".join(f"{name:<10}" for name in row))
+    return 0
+
+
 def _is_comparison(path: Path) -> bool:
     head = path.read_text(encoding="utf-8", errors="replace")[:300]
     return head.startswith("# Run comparison") or "<title>Run comparison</title>" in head
@@ -247,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--classes", help="comma-separated subset of the synthetic scene classes")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_data_generate)
+
+    scene = data_commands.add_parser("generate-scene", help="write a synthetic georeferenced scene (GeoTIFF)")
+    scene.add_argument("--out", required=True)
+    scene.add_argument("--grid", default="4x4", help="rows x columns of scenes")
+    scene.add_argument("--tile", type=int, default=64, help="pixels per grid cell")
+    scene.add_argument("--classes", help="comma-separated synthetic scene classes")
+    scene.add_argument("--seed", type=int, default=1)
+    scene.set_defaults(func=_data_generate_scene)
 
     validate = data_commands.add_parser(
         "validate", help="report every problem in a folder, JSONL, CSV or HF dataset (Parquet, hf://...)"
@@ -322,6 +369,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out even if it is not a comparison"
     )
     comparison.set_defaults(func=_compare)
+
+    mapping = commands.add_parser(
+        "map", help="classify a georeferenced scene tile by tile into a GeoJSON map"
+    )
+    mapping.add_argument("scene", help="a GeoTIFF/COG in any CRS")
+    mapping.add_argument("--run", required=True)
+    mapping.add_argument(
+        "--out", required=True, help="map.geojson or map.gpkg (the picture goes beside it as .png)"
+    )
+    mapping.add_argument("--tile", type=int, default=600, help="tile size in pixels (AID's scenes are 600)")
+    mapping.add_argument(
+        "--tile-m", type=float, help="tile size in metres instead, from the raster's resolution"
+    )
+    mapping.add_argument("--stride", type=int, help="pixels between tiles (default: the tile size)")
+    mapping.add_argument("--resize-to", type=int, help="longest edge the model sees (default: the run's)")
+    mapping.add_argument("--mode", default="score", choices=["generate", "constrained", "score"])
+    mapping.add_argument(
+        "--min-confidence", type=float, default=0.5, help="hatch tiles below this confidence"
+    )
+    mapping.add_argument("--to-wgs84", action="store_true", help="write polygons in EPSG:4326")
+    mapping.add_argument("--edges", choices=["pad", "skip"], default="pad", help="partial tiles at the edges")
+    mapping.add_argument("--model", help="a merged HF checkpoint instead of base + adapter")
+    mapping.add_argument("--batch-size", type=int)
+    mapping.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a map")
+    mapping.set_defaults(func=_map)
 
     predict = commands.add_parser("predict", help="classify new images with a trained run (resumable)")
     predict.add_argument(

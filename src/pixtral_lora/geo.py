@@ -66,24 +66,45 @@ def read_raster(data: bytes, options: BandOptions, name: str = "raster") -> Imag
         return _to_rgb(dataset, options, name, window=None)
 
 
-def _to_rgb(dataset, options: BandOptions, name: str, window=None) -> Image.Image:
+def _to_rgb(dataset, options: BandOptions, name: str, window=None, out_shape=None) -> Image.Image:
+    rgb, _ = read_rgb(dataset, options, name, window, out_shape)
+    return Image.fromarray(rgb, "RGB")
+
+
+def read_rgb(
+    dataset, options: BandOptions, name: str = "raster", window=None, out_shape=None, boundless=False
+):
+    """(height, width, 3) uint8 of a window of an open rasterio dataset, and its valid-pixel mask.
+
+    Outside the raster (`boundless` windows at its edges) counts as nodata.
+    """
     count = dataset.count
     bands = options.bands or ((1, 2, 3) if count >= 3 else (1,))
     if any(b < 1 or b > count for b in bands):
         raise GeoError(f"{name}: bands {list(bands)} asked, the raster has bands 1..{count}")
     if options.stretch != "percentile" and len(options.stretch) != len(bands):
         raise GeoError(f"{name}: data.stretch has {len(options.stretch)} ranges for {len(bands)} bands")
-    array = dataset.read(list(bands), window=window)
+    shape = None if out_shape is None else (len(bands), *out_shape)
+    kwargs = (
+        {"boundless": True, "fill_value": dataset.nodata if dataset.nodata is not None else 0}
+        if boundless
+        else {}
+    )
+    array = dataset.read(list(bands), window=window, out_shape=shape, **kwargs)
     valid = np.ones(array.shape[1:], dtype=bool)
     if dataset.nodata is not None:
         valid = ~np.all(array == dataset.nodata, axis=0)
+    if boundless and window is not None:
+        rows = np.arange(array.shape[1])[:, None] + int(window.row_off)
+        cols = np.arange(array.shape[2])[None, :] + int(window.col_off)
+        valid &= (rows >= 0) & (rows < dataset.height) & (cols >= 0) & (cols < dataset.width)
     if array.dtype == np.uint8 and options.bands is None and len(bands) == 3 and dataset.nodata is None:
-        rgb = np.transpose(array, (1, 2, 0))  # plain 8-bit RGB: no stretch, as any image viewer shows it
+        rgb = np.transpose(array, (1, 2, 0)) * valid[..., None]  # plain 8-bit RGB: no stretch
     else:
         rgb = stretch_to_uint8(array, options, valid)
     if rgb.shape[2] == 1:
         rgb = np.repeat(rgb, 3, axis=2)
-    return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    return np.ascontiguousarray(rgb, dtype=np.uint8), valid
 
 
 def needs_raster_reader(data: bytes, options: BandOptions | None) -> bool:

@@ -179,3 +179,36 @@ def generate_aid_like(
             json.dumps({"classes": classes, "per_class": per_class, "size": size, "seed": seed}) + "\n"
         )
     return root
+
+
+def generate_scene_mosaic(
+    out: str | Path,
+    classes: list[str] | None = None,
+    grid: tuple[int, int] = (4, 4),
+    tile: int = 64,
+    seed: int = 1,
+    metres_per_pixel: float = 10.0,
+) -> list[list[str]]:
+    """Write a georeferenced RGB GeoTIFF (EPSG:32633) whose grid cells are synthetic scenes.
+
+    Returns the layout, row by row: the class drawn in each `tile`-pixel cell (what a map of it
+    should say). Cells are scenes the tiny run never trained on (`seed` differs from the training data's).
+    """
+    import numpy as np
+    from rasterio.transform import from_origin
+
+    from pixtral_lora.geo import write_geotiff
+
+    classes = classes or sorted(SCENES)
+    rng = random.Random(seed)
+    rows, cols = grid
+    layout = [[rng.choice(classes) for _ in range(cols)] for _ in range(rows)]
+    mosaic = np.zeros((3, rows * tile, cols * tile), dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            scene = np.asarray(draw_scene(layout[r][c], 1000 + r * cols + c, tile, seed))
+            mosaic[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.transpose(scene, (2, 0, 1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    transform = from_origin(500000.0, 5000000.0, metres_per_pixel, metres_per_pixel)
+    write_geotiff(out, mosaic, crs="EPSG:32633", transform=transform)
+    return layout

@@ -1,0 +1,105 @@
+"""Scene mapping on a synthetic georeferenced mosaic: true classes, exact polygons, CRS kept, legend."""
+
+import json
+
+import pytest
+from conftest import SYNTH_CLASSES
+
+from pixtral_lora.data import DataError
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory):
+    from pixtral_lora.synth import generate_scene_mosaic
+
+    path = tmp_path_factory.mktemp("scene") / "scene.tif"
+    layout = generate_scene_mosaic(path, SYNTH_CLASSES, grid=(4, 5), tile=64, seed=1)
+    return path, layout
+
+
+def test_map_finds_the_true_classes_with_exact_polygons_in_the_scenes_crs(tiny_run, mosaic, tmp_path):
+    import rasterio
+    from rasterio.windows import Window
+    from rasterio.windows import bounds as window_bounds
+
+    from pixtral_lora.scene_map import map_scene
+
+    scene, layout = mosaic
+    out = tmp_path / "map.geojson"
+    summary = map_scene(scene, tiny_run, out, tile=64)
+    collection = json.loads(out.read_text())
+    assert collection["crs"]["properties"]["name"] == "EPSG:32633"
+    features = collection["features"]
+    assert len(features) == 20 == summary["classified"]
+    correct = sum(
+        f["properties"]["label"] == layout[f["properties"]["row"]][f["properties"]["col"]] for f in features
+    )
+    assert correct / len(features) >= 0.9, (correct, layout)
+    with rasterio.open(scene) as dataset:
+        for feature in features:
+            props = feature["properties"]
+            window = Window(props["col"] * 64, props["row"] * 64, 64, 64)
+            left, bottom, right, top = window_bounds(window, dataset.transform)
+            assert feature["geometry"]["coordinates"][0] == [
+                [left, bottom], [right, bottom], [right, top], [left, top], [left, bottom]
+            ]  # fmt: skip
+            assert len(props["top3"]) == 3 and props["top3"][0][0] == props["label"]
+    present = {f["properties"]["label"] for f in features}
+    assert sorted(summary["legend"]) == sorted(present)  # the PNG's legend: exactly the classes present
+    assert (tmp_path / "map.png").stat().st_size > 10_000
+
+
+def test_map_in_wgs84_and_as_a_geopackage(tiny_run, mosaic, tmp_path):
+    from pixtral_lora.scene_map import map_scene
+
+    scene, _ = mosaic
+    map_scene(scene, tiny_run, tmp_path / "wgs84.geojson", tile=64, to_wgs84=True)
+    collection = json.loads((tmp_path / "wgs84.geojson").read_text())
+    for x, y in collection["features"][0]["geometry"]["coordinates"][0]:
+        assert 14 < x < 16 and 45 < y < 46  # UTM 33N, 500 km east, 5,000 km north: near 15 E, 45.1 N
+    pyogrio = pytest.importorskip("pyogrio", reason="GeoPackage output needs pyogrio")
+    map_scene(scene, tiny_run, tmp_path / "map.gpkg", tile=64)
+    frame = pyogrio.raw.read(tmp_path / "map.gpkg")
+    assert len(frame[2]) == 20 and "32633" in frame[0]["crs"]
+
+
+def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
+    tiny_run, tmp_path, monkeypatch
+):
+    import numpy as np
+
+    import pixtral_lora.scene_map as scene_map
+    from pixtral_lora.geo import write_geotiff
+
+    array = np.zeros((3, 96, 96), dtype=np.uint8)
+    array[:, :48, :48] = 200  # one tile with content, three empty (0 = no data here)
+    write_geotiff(tmp_path / "s.tif", array)
+    out = tmp_path / "m.geojson"
+    summary = scene_map.map_scene(tmp_path / "s.tif", tiny_run, out, tile=48)
+    assert summary["classified"] == 1 and summary["empty"] == 3
+    with pytest.raises(DataError, match="smaller than one 128-pixel tile"):
+        scene_map.map_scene(tmp_path / "s.tif", tiny_run, tmp_path / "x.geojson", tile=128)
+
+
+def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_path, monkeypatch):
+    import pixtral_lora.evaluation as evaluation
+    from pixtral_lora.scene_map import map_scene
+
+    scene, _ = mosaic
+    real, calls = evaluation.predict_rows, []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill looks like from here: the journal keeps two batches
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict_rows", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    assert not (tmp_path / "m.geojson").exists() and (tmp_path / ".m.geojson.journal.jsonl").exists()
+    calls.clear()
+    monkeypatch.setattr(evaluation, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    assert sum(calls) == 20 - 8 and summary["classified"] == 20  # only the 12 tiles not yet done
+    assert not (tmp_path / ".m.geojson.journal.jsonl").exists()
