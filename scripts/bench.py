@@ -102,6 +102,63 @@ def export_memory(tmp: Path) -> list[dict]:
     return results
 
 
+def scoring_vs_generate(model, renderer, rows, config) -> dict:
+    """images/s of score mode and free generation on the same images, with 4 and with AID's 30 classes."""
+    from pixtral_lora.data import AID_CLASS_NAMES
+
+    out = {}
+    for name, classes in (
+        ("4_classes", ["Beach", "Desert", "Forest", "Port"]),
+        ("30_classes", AID_CLASS_NAMES),
+    ):
+        prompt_rows = list(rows)
+        figures = {}
+        for mode in ("generate", "score"):
+            _, speed = predict_rows(
+                model,
+                renderer,
+                prompt_rows,
+                classes,
+                config.prompt,
+                mode,
+                batch_size=config.eval.batch_size,
+                max_new_tokens=config.eval.max_new_tokens,
+            )
+            figures[mode] = speed
+        out[name] = {**figures, "score_over_generate": figures["score"] / figures["generate"]}
+    return out
+
+
+def input_pipeline(tmp: Path, processor, images: int = 96) -> dict:
+    """samples/s of the training input pipeline alone at configs/aid.yaml's settings: 600x600 JPEG
+    decoded and resized to 304x304, processor, collate, batch 4; with 0, 1 and 2 DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    from pixtral_lora.data import AID_CLASS_NAMES, load_aid_folder
+    from pixtral_lora.render import TrainingCollator
+
+    config = load_config(ROOT / "configs" / "aid.yaml")
+    data = generate_aid_like(
+        tmp / "aid600", classes=["Beach", "Desert", "Forest", "Port"], per_class=images // 4, size=600
+    )
+    renderer = Renderer(processor, config.data.image_longest_edge, config.data.max_length)
+    rendered = render_dataset(
+        renderer, to_conversations(load_aid_folder(data), config.prompt, AID_CLASS_NAMES)
+    )
+    out = {"images": len(rendered), "batch_size": config.training.per_device_train_batch_size}
+    for workers in (0, 1, 2):
+        loader = DataLoader(
+            rendered,
+            batch_size=config.training.per_device_train_batch_size,
+            num_workers=workers,
+            collate_fn=TrainingCollator(renderer),
+        )
+        start = time.perf_counter()
+        count = sum(batch["input_ids"].shape[0] for batch in loader)
+        out[f"workers_{workers}_samples_per_s"] = count / (time.perf_counter() - start)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,8 +238,10 @@ def main() -> int:
                 "wall_s": time.perf_counter() - start,
                 "accuracy": sum(p.label == p.gold for p in predictions) / len(predictions),
             }
+        scoring = scoring_vs_generate(model, renderer, rows, config)
         # -- Export: peak memory against the size of the weights -------------------------------------
         export = export_memory(tmp)
+        pipeline = input_pipeline(tmp, processor)
     results = {
         "benchmark": "tiny Pixtral (configs/tiny.yaml), synthetic 64x64 scenes",
         "date": time.strftime("%Y-%m-%d"),
@@ -196,6 +255,8 @@ def main() -> int:
         "versions": {"torch": torch.__version__},
         "training": training,
         "evaluation": evaluation,
+        "scoring_vs_generate": scoring,
+        "input_pipeline_aid_settings": pipeline,
         "export": export,
         "reproduce": "make bench",
     }

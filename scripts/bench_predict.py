@@ -91,11 +91,11 @@ def main() -> int:
         medium = tmp / "medium"
         for name in CLASSES:
             (medium / name).mkdir(parents=True)
-            for path in sorted((large / name).iterdir())[:100]:
+            for path in sorted((large / name).iterdir())[:500]:
                 (medium / name / path.name).symlink_to(path)
         one = run_predict(medium, run, tmp / "one.jsonl", "generate", 1)
         two = run_predict(medium, run, tmp / "two.jsonl", "generate", 2)
-        results["processes_400_images_generate"] = {
+        results["processes_2000_images_generate"] = {
             "one": one,
             "two": two,
             "speed_up": one["seconds"] / two["seconds"],

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from pixtral_lora.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = """\
 # a run
@@ -64,3 +68,36 @@ def test_missing_data_path_and_inconsistent_settings(tmp_path):
 def test_answer_template_needs_the_label_placeholder(tmp_path):
     with pytest.raises(ConfigError, match="prompt.answer_template"):
         load_config(_write(tmp_path, GOOD + "prompt:\n  answer_template: 'no placeholder'\n"))
+
+
+def test_speed_options_that_cannot_run_here_are_one_line_config_errors(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("flash_attn", "liger_kernel") else real(name, *a),
+    )
+    with pytest.raises(ConfigError, match="model.attn_implementation: .*flash-attn package"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="training.use_liger_kernel: .*liger-kernel package"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["training.use_liger_kernel=true"])
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name in ("flash_attn", "liger_kernel") else real(name, *a),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA GPUs only"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="CUDA only"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["training.use_liger_kernel=true"])
+    assert (
+        load_config(
+            ROOT / "configs" / "tiny.yaml", ["model.attn_implementation=eager"]
+        ).model.attn_implementation
+        == "eager"
+    )

@@ -103,7 +103,7 @@ def test_predict_command_on_a_folder(tiny_run, learn_data_dir, tmp_path):
     assert main(["predict", str(target), "--run", str(tiny_run), "--out", str(out)]) == 0
     with open(out) as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["forest_1.jpg", "port_2.jpg"]
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["forest_1.jpg", "port_2.jpg"]
     assert all(r["label"] in CLASSES and 0 < float(r["confidence"]) <= 1 for r in rows)
 
 

@@ -31,6 +31,23 @@ class ModelSection(_Section):
     # "4bit": bitsandbytes NF4 + double quantisation (QLoRA). null: full precision (dtype).
     quantization: Literal["4bit"] | None = "4bit"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Attention kernel: sdpa (PyTorch's fused attention, any device), eager, or flash_attention_2
+    # (pip install flash-attn; CUDA only).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention_available(cls, value: str) -> str:
+        if value == "flash_attention_2":
+            import importlib.util
+
+            import torch
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+            if not torch.cuda.is_available():
+                raise ValueError("flash_attention_2 runs on CUDA GPUs only; use sdpa here")
+        return value
 
 
 class DataSection(_Section):
@@ -149,6 +166,23 @@ class TrainingSection(_Section):
     seed: int = 42
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: list[str] | Literal["auto", "none"] = "auto"  # "auto": tensorboard when installed
+    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the Llava/Mistral model by the
+    # Trainer; CUDA only (pip install liger-kernel). The answer-only loss stays the recipe's own.
+    use_liger_kernel: bool = False
+
+    @field_validator("use_liger_kernel")
+    @classmethod
+    def _liger_available(cls, value: bool) -> bool:
+        if value:
+            import importlib.util
+
+            import torch
+
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ValueError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
+            if not torch.cuda.is_available():
+                raise ValueError("Liger's kernels are Triton GPU kernels: CUDA only; set it false here")
+        return value
 
 
 class EvalSection(_Section):

@@ -6,9 +6,10 @@ Three modes, each reported separately:
 - `constrained`: greedy decoding through a prefix tree of the valid answers (HF `generate`'s
   `prefix_allowed_tokens_fn`), so only a class from the set can come out: zero hallucinations by
   construction.
-- `score`: every class answer is scored by its log-likelihood given the image (the prompt is encoded
-  once and its KV cache shared by all candidates); the argmax is the prediction and the softmax over
-  classes a confidence per image (its calibration, ECE, is in the report).
+- `score`: every class answer is scored by its log-likelihood given the image (batched, the shared
+  answer prefix scored once, the classes' own tokens packed after each prompt: `scoring.py`); the
+  argmax is the prediction and the softmax over classes a confidence per image (its calibration,
+  ECE, is in the report).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pixtral_lora.metrics import classification_report, expected_calibration_err
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, pad_batch, prompt_messages
 from pixtral_lora.reports import write_report
+from pixtral_lora.scoring import score_batch
 
 logger = logging.getLogger(__name__)
 
@@ -176,43 +178,6 @@ def generate_answers(
     return [renderer.tokenizer.decode(seq[width:], skip_special_tokens=True) for seq in output]
 
 
-def score_answers(
-    model, renderer: Renderer, row: dict, candidates: dict[str, list[int]], images: list | None = None
-) -> dict[str, float]:
-    """Log-likelihood of each candidate answer given one image prompt; the prompt is encoded once."""
-    device = _device_of(model)
-    inputs = _batch_inputs(model, renderer, [row], None if images is None else [images])
-    names = list(candidates)
-    with torch.inference_mode():
-        prompt_out = model(**inputs, use_cache=True, logits_to_keep=1)
-        first_logprobs = torch.log_softmax(
-            prompt_out.logits[0, -1].float(), -1
-        )  # predicts the 1st answer token
-        cache = prompt_out.past_key_values
-        cache.batch_repeat_interleave(len(names))
-        lengths = [len(candidates[n]) for n in names]
-        longest = max(lengths)
-        ids = torch.full((len(names), longest), renderer.pad_token_id, dtype=torch.long, device=device)
-        for i, name in enumerate(names):
-            ids[i, : lengths[i]] = torch.tensor(candidates[name], device=device)
-        prompt_mask = inputs["attention_mask"].repeat(len(names), 1)
-        cand_mask = (
-            torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        ).long()
-        out = model(
-            input_ids=ids, attention_mask=torch.cat([prompt_mask, cand_mask], 1), cache=cache, use_cache=True
-        )
-        logprobs = torch.log_softmax(out.logits.float(), -1)
-    scores = {}
-    for i, name in enumerate(names):
-        seq = candidates[name]
-        total = first_logprobs[seq[0]].item()
-        for t in range(1, len(seq)):
-            total += logprobs[i, t - 1, seq[t]].item()
-        scores[name] = total
-    return scores
-
-
 # ---------------------------------------------------------------------------------------------------
 # Evaluation of one model in one mode
 
@@ -269,10 +234,12 @@ def predict_rows(
                 except ImageError as err:
                     error = str(err)
             slots[index] = Prediction(row["id"], row["label"], "", None, None, error=error)
-        if mode == "score":
-            for index, images in zip(ready, loaded, strict=True):
+        if mode == "score" and ready:
+            ready_rows = [chunk[i] for i in ready]
+            inputs = _batch_inputs(model, renderer, ready_rows, loaded)
+            batch_scores = score_batch(model, inputs, candidates, renderer.pad_token_id)
+            for index, scores in zip(ready, batch_scores, strict=True):
                 row = chunk[index]
-                scores = score_answers(model, renderer, row, candidates, images)
                 values = torch.tensor(list(scores.values()))
                 probs = torch.softmax(values, 0)
                 best = int(values.argmax())
@@ -287,7 +254,7 @@ def predict_rows(
                     float(probs[best]),
                     top=[(list(scores)[i], float(probs[i])) for i in ranked],
                 )
-        elif ready:
+        elif mode != "score" and ready:
             ready_rows = [chunk[i] for i in ready]
             answers = generate_answers(model, renderer, ready_rows, max_new_tokens, trie, loaded)
             for index, prediction in zip(ready, parsed_predictions(ready_rows, answers, parser), strict=True):

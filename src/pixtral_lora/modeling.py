@@ -294,6 +294,7 @@ def load_model(
     quantization: str | None = None,
     dtype: str = "auto",
     device: str | None = None,
+    attn_implementation: str = "sdpa",
 ):
     """Load a `LlavaForConditionalGeneration` (Pixtral) from safetensors only.
 
@@ -304,7 +305,12 @@ def load_model(
 
     device = device or best_device()
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": False}
+    kwargs: dict = {
+        "dtype": torch_dtype,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+        "attn_implementation": attn_implementation,
+    }
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -264,11 +264,11 @@ def predict_archive(
     run_dir = Path(run_dir)
     check_run_dir(run_dir, needs_adapter=model_path is None)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    state = None
     if world > 1:
-        from accelerate import PartialState
+        import torch.distributed as dist
 
-        state = PartialState()  # joins the launch's process group (gloo on CPU)
+        if not dist.is_initialized():  # a gloo group only for the final barrier (any device)
+            dist.init_process_group("gloo")
     items = collect_inputs(source)
     if not items:
         raise DataError(f"{source}: no images found")
@@ -332,8 +332,11 @@ def predict_archive(
     elapsed = time.perf_counter() - started
     if skipped:
         logger.info("process %d: %d inputs already predicted (same path and content), skipped", rank, skipped)
-    if state is not None:
-        state.wait_for_everyone()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every journal is complete before process 0 merges them
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
@@ -386,6 +389,8 @@ def launch_processes(argv: list[str], num_processes: int) -> int:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }
+        # one share of the cores each: N processes with all cores' threads each would oversubscribe
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
         children.append(subprocess.Popen([sys.executable, "-m", "pixtral_lora.cli", *argv], env=env))
     codes = [child.wait() for child in children]
     return next((code for code in codes if code), 0)

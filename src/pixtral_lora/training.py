@@ -191,6 +191,7 @@ def load_training_model(config: Config, device: str):
         quantization=config.model.quantization,
         dtype=config.model.dtype,
         device=device,
+        attn_implementation=config.model.attn_implementation,
     )
     model.config.use_cache = False
     if config.model.quantization:
@@ -228,6 +229,16 @@ def _report_to(config: Config) -> list[str] | str:
     return config.training.report_to
 
 
+def _checkpointing_args(arguments_class, enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers uses (5.2x: activation_*, earlier 5.x:
+    gradient_*), so the recipe runs on what a GPU machine ships too."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(arguments_class)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def sft_config(config: Config, run_dir: Path, device: str, has_validation: bool):
     from trl import SFTConfig
 
@@ -257,8 +268,7 @@ def sft_config(config: Config, run_dir: Path, device: str, has_validation: bool)
         load_best_model_at_end=evaluate,
         metric_for_best_model=best_metric(config) if evaluate else None,
         greater_is_better=(best_metric(config) != "eval_loss") if evaluate else None,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
         bf16=on_cuda and config.model.dtype in ("auto", "bfloat16"),
         fp16=on_cuda and config.model.dtype == "float16",
         use_cpu=not on_cuda,
@@ -266,6 +276,7 @@ def sft_config(config: Config, run_dir: Path, device: str, has_validation: bool)
         data_seed=t.seed,
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=_report_to(config),
+        use_liger_kernel=t.use_liger_kernel,
         # Samples are rendered by our own (tested) code; TRL must not re-tokenise or drop columns.
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -283,8 +294,8 @@ def _answer_only_trainer_class():
 
         Why not TRL's fused LM head: without Triton (CPU) it falls back to a per-tile torch path that
         costs ~5 s per step on the tiny model. Our answers are ~13 tokens, so asking the model for the
-        logits of exactly those positions (`logits_to_keep` as a boolean mask) is as cheap on a GPU and
-        ~10x cheaper on a CPU. The loss is the same token-mean cross-entropy, normalised like Trainer's.
+        logits of those positions only (`logits_to_keep` as an index of answer columns) is as cheap on a
+        GPU and ~10x cheaper on a CPU. The loss is the same token-mean cross-entropy, normalised like Trainer's.
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -293,8 +304,11 @@ def _answer_only_trainer_class():
             targets = labels[:, 1:]
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = targets != IGNORE_INDEX
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-            logits = outputs.logits.float()  # (answer tokens in the batch, vocab)
+            # Positions (columns) where any row predicts an answer token: a 1-D index, which every
+            # transformers 5.x accepts as logits_to_keep; then each row's own answer positions.
+            columns = keep.any(0).nonzero().squeeze(1)
+            outputs = model(**inputs, logits_to_keep=columns, use_cache=False)
+            logits = outputs.logits[keep[:, columns]].float()  # (answer tokens in the batch, vocab)
             answer_targets = targets[keep[:, :-1]]
             loss_sum = torch.nn.functional.cross_entropy(logits, answer_targets, reduction="sum")
             if num_items_in_batch is None:
@@ -330,17 +344,17 @@ def _answer_only_trainer_class():
     return AnswerOnlySFTTrainer
 
 
-def train(config: Config, resume: str = "auto") -> Path:
+def train(config: Config, resume: str = "auto", callbacks: list | None = None) -> Path:
     """Run the recipe; returns the run directory. resume: "auto" (last checkpoint if any), "never", or a path.
 
     One run per directory: a second process on the same output_dir fails at once naming the holder.
     """
     preflight(config, resume)
     with run_directory(config) as run_dir:
-        return _train_in(config, run_dir, resume)
+        return _train_in(config, run_dir, resume, callbacks or [])
 
 
-def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
+def _train_in(config: Config, run_dir: Path, resume: str, extra_callbacks: list) -> Path:
     from transformers import EarlyStoppingCallback, set_seed
 
     # -- Config and run directory (locked: no second run writes here) -------------------------------
@@ -402,7 +416,7 @@ def _train_in(config: Config, run_dir: Path, resume: str) -> Path:
     model = load_training_model(config, device)
 
     # -- Training ----------------------------------------------------------------------------------
-    callbacks = [_metrics_callback(run_dir)]
+    callbacks = [_metrics_callback(run_dir), *extra_callbacks]
     if config.training.early_stopping_patience and eval_set is not None:
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience)
