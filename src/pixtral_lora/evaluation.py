@@ -46,6 +46,10 @@ class Prediction:
     error: str | None = None  # why the image could not be read (outcome `unreadable`)
     top: list[tuple[str, float]] | None = None  # score mode: the three most probable classes
 
+    def top3(self) -> list[list] | None:
+        """The three most probable classes with their probabilities, rounded (score mode), else None."""
+        return [[label, round(prob, 6)] for label, prob in self.top] if self.top else None
+
     @property
     def outcome(self) -> str:
         return outcome(self.gold, self.label, self.raw_label, unreadable=self.error is not None)
@@ -349,7 +353,16 @@ def held_out_rows(run_dir: Path, limit: int | None):
 
 
 def predict_for_run(
-    model, renderer: Renderer, rows, class_names, config, mode, strict=None, desc="", unreadable=None
+    model,
+    renderer: Renderer,
+    rows,
+    class_names,
+    config,
+    mode,
+    strict=None,
+    desc="",
+    unreadable=None,
+    batch_size: int | None = None,
 ):
     """`predict_rows` with the run config's eval settings (batch size, answer length, strictness)."""
     return predict_rows(
@@ -359,7 +372,7 @@ def predict_for_run(
         class_names,
         config.prompt,
         mode,
-        batch_size=config.eval.batch_size,
+        batch_size=batch_size or config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         strict=config.eval.strict if strict is None else strict,
         desc=desc,

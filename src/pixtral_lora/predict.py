@@ -229,7 +229,7 @@ def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
                 "path": p.id,
                 "label": p.label,
                 "confidence": p.confidence,
-                "top3": [[label, round(prob, 6)] for label, prob in p.top] if p.top else None,
+                "top3": p.top3(),
                 "raw_answer": p.raw_answer,
                 "outcome": outcome,
                 "error": p.error,
@@ -254,7 +254,7 @@ def predict_archive(
     merges. See the module docstring.
     """
     from pixtral_lora.config import load_config
-    from pixtral_lora.evaluation import check_run_dir, predict_rows, run_model, run_renderer
+    from pixtral_lora.evaluation import check_run_dir, predict_for_run, run_model, run_renderer
     from pixtral_lora.prompt import messages_to_json
 
     out = Path(out)
@@ -312,17 +312,8 @@ def predict_archive(
                 if model is None:
                     model = run_model(run_dir, config, "finetuned", model_path)
                     renderer = run_renderer(run_dir, config)
-                predictions, _ = predict_rows(
-                    model,
-                    renderer,
-                    rows,
-                    class_names,
-                    config.prompt,
-                    mode,
-                    batch_size=batch_size,
-                    max_new_tokens=config.eval.max_new_tokens,
-                    strict=config.eval.strict,
-                    desc="",
+                predictions, _ = predict_for_run(
+                    model, renderer, rows, class_names, config, mode, batch_size=batch_size
                 )
                 writer.write(_rows_of(predictions, hashes))
             progress.update(len(batch))

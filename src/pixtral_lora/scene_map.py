@@ -90,7 +90,7 @@ def map_scene(
     from rasterio.windows import bounds as window_bounds
 
     from pixtral_lora.config import load_config
-    from pixtral_lora.evaluation import check_run_dir, predict_rows, run_model, run_renderer
+    from pixtral_lora.evaluation import check_run_dir, predict_for_run, run_model, run_renderer
     from pixtral_lora.geo import read_rgb
     from pixtral_lora.prompt import messages_to_json
 
@@ -174,17 +174,8 @@ def map_scene(
                         renderer = run_renderer(run_dir, config)
                         if resize_to:
                             renderer.image_longest_edge = resize_to
-                    predictions, _ = predict_rows(
-                        model,
-                        renderer,
-                        rows,
-                        class_names,
-                        config.prompt,
-                        mode,
-                        batch_size=batch_size,
-                        max_new_tokens=config.eval.max_new_tokens,
-                        strict=config.eval.strict,
-                        desc="",
+                    predictions, _ = predict_for_run(
+                        model, renderer, rows, class_names, config, mode, batch_size=batch_size
                     )
                     for p in predictions:
                         record = {
@@ -192,7 +183,7 @@ def map_scene(
                             **meta[p.id],
                             "label": p.label,
                             "confidence": p.confidence,
-                            "top3": [[label, round(prob, 6)] for label, prob in p.top] if p.top else None,
+                            "top3": p.top3(),
                             "raw_answer": p.raw_answer,
                         }
                         done[p.id] = record
