@@ -116,3 +116,12 @@ def test_lists_globs_and_datasets_are_sources_and_parquet_an_output(tiny_run, ar
     )
     keys = [json.loads(line)["path"] for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert keys == [f"train/{i}" for i in range(40)]
+
+
+def test_a_second_predict_on_the_same_output_fails_at_once(tiny_run, archive, tmp_path, capsys):
+    from pixtral_lora.io import output_lock
+
+    out = tmp_path / "p.jsonl"
+    with output_lock(out):
+        assert main(["predict", str(archive), "--run", str(tiny_run), "--out", str(out)]) == 2
+    assert "being written by another command" in capsys.readouterr().err and not out.exists()

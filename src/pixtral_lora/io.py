@@ -289,18 +289,33 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
     An OS-level lock, not a PID file: the kernel releases it when the holder exits or is killed.
     """
-    lock_path = Path(run_dir) / LOCK_NAME
+    with _flock(
+        Path(run_dir) / LOCK_NAME, f"{run_dir} is in use by another run", "training.output_dir"
+    ) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """The same lock for a long-running command's output file: `.OUT.lock` beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(
+        out.with_name(f".{out.name}.lock"), f"{out} is being written by another command", "--out"
+    ) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _flock(lock_path: Path, busy: str, choose: str) -> Iterator[Path]:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = (
-                Path(lock_path).read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
-            )
+            holder = lock_path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
             raise RunLockedError(
-                f"{run_dir} is in use by another run ({holder}); wait for it to finish or choose another "
-                "training.output_dir"
+                f"{busy} ({holder}); wait for it to finish or choose another {choose}"
             ) from None
         info = (
             f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "

@@ -239,7 +239,19 @@ def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
     return rows
 
 
-def predict_archive(
+def predict_archive(*args, **kwargs) -> dict:
+    """Classify every input of SOURCE with a run's model into FILE; returns the summary (see
+    `_predict_archive`). Process 0 holds a lock on FILE: a second command on it fails at once."""
+    from pixtral_lora.io import output_lock
+
+    out = Path(kwargs["out"] if "out" in kwargs else args[2])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _predict_archive(*args, **kwargs)
+    with output_lock(out):
+        return _predict_archive(*args, **kwargs)
+
+
+def _predict_archive(
     source: str,
     run_dir: str | Path,
     out: str | Path,

@@ -68,7 +68,18 @@ def _is_mappable(out: Path) -> bool:
         return False
 
 
-def map_scene(
+def map_scene(*args, **kwargs) -> dict:
+    """Classify the tiles of a georeferenced scene; write the map and its PNG (see `_map_scene`).
+
+    A lock on the output (`.OUT.lock`) keeps a second command off it while this one runs.
+    """
+    from pixtral_lora.io import output_lock
+
+    with output_lock(Path(kwargs["out"] if "out" in kwargs else args[2])):
+        return _map_scene(*args, **kwargs)
+
+
+def _map_scene(
     scene: str | Path,
     run_dir: str | Path,
     out: str | Path,
