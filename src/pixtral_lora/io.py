@@ -306,6 +306,24 @@ def output_lock(out: str | Path) -> Iterator[Path]:
         yield path
 
 
+def locks_its_output(function):
+    """Decorator: the call holds `output_lock` on its `out` argument (in process 0 of a launch only:
+    the other processes of a multi-process command write beside it, under the same lock)."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def locked(*args, **kwargs):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return function(*args, **kwargs)
+        with output_lock(signature.bind(*args, **kwargs).arguments["out"]):
+            return function(*args, **kwargs)
+
+    return locked
+
+
 @contextlib.contextmanager
 def _flock(lock_path: Path, busy: str, choose: str) -> Iterator[Path]:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

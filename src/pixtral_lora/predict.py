@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pixtral_lora.data import IMAGE_SUFFIXES, DataError
 from pixtral_lora.images import ImageError, read_image_bytes
-from pixtral_lora.io import atomic_file, check_replaceable_file
+from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
 
 logger = logging.getLogger(__name__)
 
@@ -239,19 +239,8 @@ def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
     return rows
 
 
-def predict_archive(*args, **kwargs) -> dict:
-    """Classify every input of SOURCE with a run's model into FILE; returns the summary (see
-    `_predict_archive`). Process 0 holds a lock on FILE: a second command on it fails at once."""
-    from pixtral_lora.io import output_lock
-
-    out = Path(kwargs["out"] if "out" in kwargs else args[2])
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _predict_archive(*args, **kwargs)
-    with output_lock(out):
-        return _predict_archive(*args, **kwargs)
-
-
-def _predict_archive(
+@locks_its_output
+def predict_archive(
     source: str,
     run_dir: str | Path,
     out: str | Path,
@@ -263,7 +252,8 @@ def _predict_archive(
     """Classify every input of SOURCE with a run's model into FILE; returns the summary.
 
     Under a multi-process launch (WORLD_SIZE > 1) this process handles its share, and process 0
-    merges. See the module docstring.
+    merges. Process 0 holds a lock on FILE: a second command on it fails at once. See the module
+    docstring.
     """
     from pixtral_lora.config import load_config
     from pixtral_lora.evaluation import check_run_dir, predict_for_run, run_model, run_renderer

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pixtral_lora.data import DataError
-from pixtral_lora.io import atomic_file, check_replaceable_file
+from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +68,8 @@ def _is_mappable(out: Path) -> bool:
         return False
 
 
-def map_scene(*args, **kwargs) -> dict:
-    """Classify the tiles of a georeferenced scene; write the map and its PNG (see `_map_scene`).
-
-    A lock on the output (`.OUT.lock`) keeps a second command off it while this one runs.
-    """
-    from pixtral_lora.io import output_lock
-
-    with output_lock(Path(kwargs["out"] if "out" in kwargs else args[2])):
-        return _map_scene(*args, **kwargs)
-
-
-def _map_scene(
+@locks_its_output
+def map_scene(
     scene: str | Path,
     run_dir: str | Path,
     out: str | Path,
@@ -95,7 +85,10 @@ def _map_scene(
     batch_size: int | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Classify the tiles of a georeferenced scene; write the map (GeoJSON/GPKG) and its PNG."""
+    """Classify the tiles of a georeferenced scene; write the map (GeoJSON/GPKG) and its PNG.
+
+    A lock on the output (`.OUT.lock`) keeps a second command off it while this one runs.
+    """
     import rasterio
     from rasterio.windows import Window
     from rasterio.windows import bounds as window_bounds
