@@ -125,3 +125,13 @@ def test_a_second_predict_on_the_same_output_fails_at_once(tiny_run, archive, tm
     with output_lock(out):
         assert main(["predict", str(archive), "--run", str(tiny_run), "--out", str(out)]) == 2
     assert "being written by another command" in capsys.readouterr().err and not out.exists()
+
+
+def test_num_processes_from_python_relaunches_the_same_command(tiny_run, aid_dir, tmp_path):
+    out = tmp_path / "p.jsonl"
+    source = aid_dir / "Port"
+    assert (
+        main(["predict", str(source), "--run", str(tiny_run), "--out", str(out), "--num-processes", "2"]) == 0
+    )
+    rows = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert rows == sorted(str(p) for p in source.iterdir())

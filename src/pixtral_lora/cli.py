@@ -161,7 +161,7 @@ def _predict(args) -> int:
             print("error: --num-processes needs --out", file=sys.stderr)
             return 2
         argv, skip = [], False
-        for arg in sys.argv[1:]:  # the same command for every process, less --num-processes N
+        for arg in args.argv:  # the same command for every process, less --num-processes N
             if skip or arg.startswith("--num-processes"):
                 skip = arg == "--num-processes"
                 continue
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     from pixtral_lora.errors import user_errors
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --num-processes re-runs
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
