@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixtral_lora.config import load_config  # noqa: E402
-from pixtral_lora.data import to_conversations  # noqa: E402
-from pixtral_lora.evaluation import load_eval_model, predict_rows  # noqa: E402
+from pixtral_lora.data.loaders import to_conversations  # noqa: E402
+from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
+from pixtral_lora.evaluation.evaluate import load_eval_model, predict_rows  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.modeling import best_device, build_tiny_model, load_processor  # noqa: E402
 from pixtral_lora.render import Renderer, render_dataset  # noqa: E402
-from pixtral_lora.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.training import load_run_data, train  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def export_memory(tmp: Path) -> list[dict]:
 
 def scoring_vs_generate(model, renderer, rows, config) -> dict:
     """images/s of score mode and free generation on the same images, with 4 and with AID's 30 classes."""
-    from pixtral_lora.data import AID_CLASS_NAMES
+    from pixtral_lora.data.loaders import AID_CLASS_NAMES
 
     out = {}
     for name, classes in (
@@ -134,7 +134,7 @@ def input_pipeline(tmp: Path, processor, images: int = 96) -> dict:
     decoded and resized to 304x304, processor, collate, batch 4; with 0, 1 and 2 DataLoader workers."""
     from torch.utils.data import DataLoader
 
-    from pixtral_lora.data import AID_CLASS_NAMES, load_aid_folder
+    from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder
     from pixtral_lora.render import TrainingCollator
 
     config = load_config(ROOT / "configs" / "aid.yaml")

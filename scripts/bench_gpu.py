@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixtral_lora.config import load_config  # noqa: E402
-from pixtral_lora.data import AID_CLASS_NAMES  # noqa: E402
+from pixtral_lora.data.loaders import AID_CLASS_NAMES  # noqa: E402
+from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.modeling import TinyPixtralSizes, build_processor, pixtral_config  # noqa: E402
-from pixtral_lora.synth import SCENES, draw_scene  # noqa: E402
 
 FLOPS_PER_TOKEN = 6 * 12.2e9  # see the module docstring
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, SXM
@@ -182,7 +182,7 @@ def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
 
 
 def stage_evaluation(run_dir: Path) -> dict:
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation.evaluate import evaluate_run
 
     out = evaluate_run(run_dir, modes=["generate", "constrained", "score"], models=("finetuned",))
     report = json.loads((out / "report.json").read_text())["results"]["finetuned"]

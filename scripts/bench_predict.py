@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixtral_lora.config import load_config  # noqa: E402
+from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.modeling import build_tiny_model  # noqa: E402
-from pixtral_lora.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.training import train  # noqa: E402
 
 CLASSES = ["Beach", "Desert", "Forest", "Port"]

@@ -37,7 +37,7 @@ def mistral_tokenizer():
 
 @pytest.fixture(scope="session")
 def aid_dir(tmp_path_factory):
-    from pixtral_lora.synth import generate_aid_like
+    from pixtral_lora.data.synth import generate_aid_like
 
     return generate_aid_like(
         tmp_path_factory.mktemp("data") / "aid", classes=SYNTH_CLASSES, per_class=10, size=64
@@ -47,7 +47,7 @@ def aid_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def learn_data_dir(tmp_path_factory):
     """Enough synthetic scenes for the tiny model to learn 4 classes in a CPU minute."""
-    from pixtral_lora.synth import generate_aid_like
+    from pixtral_lora.data.synth import generate_aid_like
 
     return generate_aid_like(
         tmp_path_factory.mktemp("data") / "aid-learn", classes=SYNTH_CLASSES, per_class=40, size=64

@@ -5,7 +5,7 @@ from pathlib import Path
 from PIL import Image
 
 from pixtral_lora.config import load_config
-from pixtral_lora.data import AID_CLASS_NAMES
+from pixtral_lora.data.loaders import AID_CLASS_NAMES
 from pixtral_lora.render import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]

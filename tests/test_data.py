@@ -7,7 +7,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Value
 from PIL import Image
 
-from pixtral_lora.data import (
+from pixtral_lora.data.loaders import (
     DataError,
     export_mistral_jsonl,
     load_aid_folder,
@@ -16,8 +16,8 @@ from pixtral_lora.data import (
     split_dataset,
     to_conversations,
 )
+from pixtral_lora.data.synth import draw_scene, generate_aid_like
 from pixtral_lora.prompt import PromptConfig
-from pixtral_lora.synth import draw_scene, generate_aid_like
 
 
 def test_generator_writes_aid_layout_deterministically(tmp_path):
@@ -54,7 +54,7 @@ def test_folder_loader_sorts_classes_and_counts_skipped_files(aid_dir, tmp_path)
     assert len(dataset) == 40 and dataset[0]["id"] == "Beach/beach_1.jpg"
     generate_aid_like(tmp_path / "aid", classes=["Port", "Beach"], per_class=1, size=16)
     (tmp_path / "aid" / "Port" / "notes.txt").write_text("x")
-    from pixtral_lora.data import LoadReport
+    from pixtral_lora.data.loaders import LoadReport
 
     report = LoadReport()
     dataset = load_aid_folder(tmp_path / "aid", report)

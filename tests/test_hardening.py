@@ -18,7 +18,7 @@ from conftest import SYNTH_CLASSES, tiny_config
 from PIL import Image
 
 from pixtral_lora.cli import main
-from pixtral_lora.data import DataError
+from pixtral_lora.data.loaders import DataError
 from pixtral_lora.io import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +227,7 @@ def test_predict_over_a_folder_with_bad_files_classifies_the_rest(tiny_run, aid_
 
 
 def test_corrupt_images_are_recorded_by_training_and_counted_by_eval(tiny_model_dir, aid_dir, tmp_path):
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation.evaluate import evaluate_run
     from pixtral_lora.training import train
 
     data = shutil.copytree(aid_dir, tmp_path / "data")
@@ -286,8 +286,8 @@ def hostile_jsonl(tmp_path):
 
 
 def test_jsonl_image_paths_outside_the_dataset_folder_are_refused(hostile_jsonl):
-    from pixtral_lora.data import load_mistral_jsonl
-    from pixtral_lora.validate import validate
+    from pixtral_lora.data.loaders import load_mistral_jsonl
+    from pixtral_lora.data.validate import validate
 
     path, secret = hostile_jsonl
     with pytest.raises(DataError, match=r"train.jsonl:2: .*image_url: .*outside the dataset folder"):
@@ -306,7 +306,7 @@ def test_data_export_does_not_inline_files_from_outside(hostile_jsonl, tmp_path,
 
 
 def test_csv_and_folder_symlinks_outside_are_refused(tmp_path):
-    from pixtral_lora.data import LoadReport, load_aid_folder, load_csv
+    from pixtral_lora.data.loaders import LoadReport, load_aid_folder, load_csv
 
     outside = _png(tmp_path / "elsewhere" / "x.png")
     data = tmp_path / "csv"
@@ -338,7 +338,7 @@ def test_huge_files_are_refused_before_they_are_read(tmp_path):
 
 
 def test_a_jsonl_without_newlines_is_not_read_whole(tmp_path, monkeypatch):
-    import pixtral_lora.data as data
+    import pixtral_lora.data.loaders as data
 
     monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "one-line.jsonl"
@@ -491,7 +491,7 @@ def test_the_next_export_cleans_up_what_a_killed_one_left(tiny_model_dir, tmp_pa
 
 
 def test_data_export_on_a_full_disk_is_one_line(aid_dir, tmp_path, monkeypatch, capsys):
-    import pixtral_lora.data as data
+    import pixtral_lora.data.loaders as data
 
     def no_space(image, fmt="JPEG"):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -525,7 +525,7 @@ def test_adapters_merge_only_into_their_own_base(tiny_run, tiny_model_dir, tmp_p
 
 
 def test_eval_and_predict_on_an_unfinished_run_say_so_before_loading(tiny_run, tmp_path, capsys, monkeypatch):
-    import pixtral_lora.evaluation as evaluation
+    import pixtral_lora.evaluation.evaluate as evaluation
 
     unfinished = shutil.copytree(
         tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("adapter", "eval*")
@@ -538,7 +538,7 @@ def test_eval_and_predict_on_an_unfinished_run_say_so_before_loading(tiny_run, t
 
 
 def test_validate_reports_a_bad_data_uri_with_file_line_and_field_and_goes_on(tmp_path):
-    from pixtral_lora.validate import validate
+    from pixtral_lora.data.validate import validate
 
     good = io.BytesIO()
     Image.new("RGB", (16, 16)).save(good, format="PNG")
@@ -565,7 +565,7 @@ def test_validate_reports_a_bad_data_uri_with_file_line_and_field_and_goes_on(tm
 
 
 def test_validate_flags_a_class_with_a_single_image(tmp_path):
-    from pixtral_lora.validate import validate
+    from pixtral_lora.data.validate import validate
 
     for name, count in (("Forest", 3), ("Port", 1)):
         for i in range(count):

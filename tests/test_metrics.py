@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pixtral_lora.metrics import classification_report
+from pixtral_lora.evaluation.metrics import classification_report
 
 CLASSES = ["A", "B", "C", "D"]  # D has no test images; C is never predicted
 
@@ -60,7 +60,7 @@ def test_accuracy_interval_is_wilson():
 
 
 def test_expected_calibration_error_by_hand():
-    from pixtral_lora.metrics import expected_calibration_error
+    from pixtral_lora.evaluation.metrics import expected_calibration_error
 
     # bin (0.5, 0.6]: confidences 0.55, 0.55, accuracy 1/2 -> |0.5 - 0.55| = 0.05, weight 2/4
     # bin (0.9, 1.0]: confidences 0.95, 1.0, accuracy 2/2 -> |1 - 0.975| = 0.025, weight 2/4

@@ -1,7 +1,7 @@
 import json
 
 from pixtral_lora.cli import main
-from pixtral_lora.data import load_aid_folder, to_conversations
+from pixtral_lora.data.loaders import load_aid_folder, to_conversations
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 

@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from pixtral_lora.evaluation import Prediction, summarise
-from pixtral_lora.report_html import render_html
+from pixtral_lora.evaluation.evaluate import Prediction, summarise
+from pixtral_lora.evaluation.report_html import render_html
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -70,7 +70,7 @@ def test_untrusted_class_names_and_answers_are_escaped():
 
 
 def test_eval_writes_a_report_html_whose_numbers_equal_report_json(tiny_run, tmp_path):
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation.evaluate import evaluate_run
 
     out = evaluate_run(
         tiny_run, modes=["generate", "score"], limit=12, out_dir=tmp_path / "eval", gallery_limit=5
@@ -103,7 +103,7 @@ def test_report_html_renders_in_a_headless_browser(tiny_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no headless browser installed (make browser installs Debian's chromium)")
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation.evaluate import evaluate_run
 
     out = evaluate_run(tiny_run, modes=["score"], models=("finetuned",), limit=8, out_dir=tmp_path / "eval")
     shot = tmp_path / "shot.png"
@@ -131,7 +131,7 @@ def test_compare_two_runs_with_a_mcnemar_test(tiny_run, tiny_model_dir, learn_da
     from scipy.stats import binom
 
     from pixtral_lora.cli import main
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation.evaluate import evaluate_run
     from pixtral_lora.training import train
 
     barely = train(

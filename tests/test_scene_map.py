@@ -5,12 +5,12 @@ import json
 import pytest
 from conftest import SYNTH_CLASSES
 
-from pixtral_lora.data import DataError
+from pixtral_lora.data.loaders import DataError
 
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
-    from pixtral_lora.synth import generate_scene_mosaic
+    from pixtral_lora.data.synth import generate_scene_mosaic
 
     path = tmp_path_factory.mktemp("scene") / "scene.tif"
     layout = generate_scene_mosaic(path, SYNTH_CLASSES, grid=(4, 5), tile=64, seed=1)
@@ -22,7 +22,7 @@ def test_map_finds_the_true_classes_with_exact_polygons_in_the_scenes_crs(tiny_r
     from rasterio.windows import Window
     from rasterio.windows import bounds as window_bounds
 
-    from pixtral_lora.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import map_scene
 
     scene, layout = mosaic
     out = tmp_path / "map.geojson"
@@ -50,7 +50,7 @@ def test_map_finds_the_true_classes_with_exact_polygons_in_the_scenes_crs(tiny_r
 
 
 def test_map_in_wgs84_and_as_a_geopackage(tiny_run, mosaic, tmp_path):
-    from pixtral_lora.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import map_scene
 
     scene, _ = mosaic
     map_scene(scene, tiny_run, tmp_path / "wgs84.geojson", tile=64, to_wgs84=True)
@@ -68,8 +68,8 @@ def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
 ):
     import numpy as np
 
-    import pixtral_lora.scene_map as scene_map
-    from pixtral_lora.geo import write_geotiff
+    import pixtral_lora.inference.scene_map as scene_map
+    from pixtral_lora.data.geo import write_geotiff
 
     array = np.zeros((3, 96, 96), dtype=np.uint8)
     array[:, :48, :48] = 200  # one tile with content, three empty (0 = no data here)
@@ -82,8 +82,8 @@ def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
 
 
 def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_path, monkeypatch):
-    import pixtral_lora.evaluation as evaluation
-    from pixtral_lora.scene_map import map_scene
+    import pixtral_lora.evaluation.evaluate as evaluation
+    from pixtral_lora.inference.scene_map import map_scene
 
     scene, _ = mosaic
     real, calls = evaluation.predict_rows, []

@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import SYNTH_CLASSES
 
-from pixtral_lora.data import AID_CLASS_NAMES, load_aid_folder, to_conversations
-from pixtral_lora.evaluation import _batch_inputs, answer_token_ids, load_eval_model
+from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder, to_conversations
+from pixtral_lora.evaluation.evaluate import _batch_inputs, answer_token_ids, load_eval_model
+from pixtral_lora.evaluation.scoring import score_batch
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, prompt_messages
-from pixtral_lora.scoring import score_batch
 
 
 def _full_forward_scores(model, renderer, row, images, candidates):

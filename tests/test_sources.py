@@ -9,7 +9,7 @@ import pytest
 from conftest import SYNTH_CLASSES, tiny_config
 from PIL import Image
 
-from pixtral_lora.data import DataError
+from pixtral_lora.data.loaders import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_trains_from_a_save_to_disk_folder_and_an_imagefolder(tiny_model_dir, ai
 
 
 def test_a_hub_id_offline_and_uncached_is_one_line_naming_id_and_cache(tmp_path):
-    from pixtral_lora.hf_data import load_hf_splits
+    from pixtral_lora.data.hf import load_hf_splits
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(
@@ -100,7 +100,7 @@ def test_a_hub_id_offline_and_uncached_is_one_line_naming_id_and_cache(tmp_path)
 
 def test_validate_and_preview_read_hf_sources_and_name_split_and_row(aid_dir, tmp_path, capsys):
     from pixtral_lora.cli import main
-    from pixtral_lora.validate import validate
+    from pixtral_lora.data.validate import validate
 
     dataset = _hub_like_dataset(aid_dir)
     rows = dataset.to_dict()
@@ -202,7 +202,7 @@ def test_benchmark_layouts_load_with_readable_labels_and_back(name, tmp_path, pr
 
 
 def test_band_selection_and_percentile_stretch_are_exact(tmp_path):
-    from pixtral_lora.geo import BandOptions, write_geotiff
+    from pixtral_lora.data.geo import BandOptions, write_geotiff
     from pixtral_lora.images import load_image
 
     # 4 bands, uint16; band b holds the values 1000*b + 0..99 in a 10x10 ramp, plus a nodata corner
@@ -228,7 +228,7 @@ def test_trains_from_a_13_band_geotiff_folder_and_preview_shows_the_same_pixels(
     tiny_model_dir, aid_dir, tmp_path
 ):
     from pixtral_lora.cli import main
-    from pixtral_lora.geo import write_geotiff
+    from pixtral_lora.data.geo import write_geotiff
 
     data = tmp_path / "ms"
     for name in SYNTH_CLASSES:
@@ -262,8 +262,8 @@ def test_trains_from_a_13_band_geotiff_folder_and_preview_shows_the_same_pixels(
 def test_rendering_an_hf_source_again_is_read_from_the_datasets_cache(
     aid_dir, tmp_path, processor, monkeypatch
 ):
-    from pixtral_lora.data import as_conversations
-    from pixtral_lora.hf_data import load_hf_splits
+    from pixtral_lora.data.hf import load_hf_splits
+    from pixtral_lora.data.loaders import as_conversations
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer, render_dataset
 

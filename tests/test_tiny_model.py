@@ -52,7 +52,7 @@ def test_processor_uses_pixtral_12b_tokens(processor):
 
 
 def test_tiny_model_runs_forward_and_loss(tiny_model_dir, processor, aid_dir):
-    from pixtral_lora.data import load_aid_folder, to_conversations
+    from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import TrainingCollator, render_dataset
 

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from pixtral_lora.config import ConfigError
-from pixtral_lora.data import DataError
+from pixtral_lora.data.loaders import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_validation_accuracy_is_logged_at_eval_steps_and_picks_the_best_checkpoi
 
 
 def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.evaluation.evaluate import evaluate_run
 
     out = evaluate_run(tiny_run, modes=["generate"])
     report = json.loads((out / "report.json").read_text())["results"]
@@ -83,7 +83,7 @@ def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
 
 
 def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, processor, aid_dir):
-    from pixtral_lora.data import load_aid_folder, to_conversations
+    from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.modeling import load_model
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer, TrainingCollator, render_dataset
@@ -253,8 +253,8 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
 
 
 def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):
-    from pixtral_lora.data import export_mistral_jsonl, load_aid_folder, to_conversations
-    from pixtral_lora.evaluation import evaluate_run
+    from pixtral_lora.data.loaders import export_mistral_jsonl, load_aid_folder, to_conversations
+    from pixtral_lora.evaluation.evaluate import evaluate_run
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.training import train
 

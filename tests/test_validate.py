@@ -3,7 +3,7 @@ import json
 from PIL import Image
 
 from pixtral_lora.cli import main
-from pixtral_lora.validate import validate
+from pixtral_lora.data.validate import validate
 
 
 def _line(image, label="Forest", roles=("system", "user", "assistant")):

@@ -21,7 +21,7 @@ def _tiny_model(args) -> int:
 
 
 def _data_generate(args) -> int:
-    from pixtral_lora.synth import generate_aid_like
+    from pixtral_lora.data.synth import generate_aid_like
 
     classes = args.classes.split(",") if args.classes else None
     root = generate_aid_like(
@@ -41,7 +41,7 @@ def _class_names_arg(value: str | None) -> list[str] | None:
 
 
 def _data_validate(args) -> int:
-    from pixtral_lora.validate import validate
+    from pixtral_lora.data.validate import validate
 
     problems = validate(
         args.path,
@@ -57,7 +57,7 @@ def _data_validate(args) -> int:
 
 
 def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roots: list[str] | None = None):
-    from pixtral_lora.data import as_conversations, load_any
+    from pixtral_lora.data.loaders import as_conversations, load_any
 
     dataset, names = load_any(path, class_names, allowed_roots)
     return as_conversations(dataset, prompt, names or [])
@@ -65,8 +65,8 @@ def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roo
 
 def _data_preview(args) -> int:
     from pixtral_lora.config import load_config
+    from pixtral_lora.data.preview import sample_view
     from pixtral_lora.modeling import build_processor, load_processor
-    from pixtral_lora.preview import sample_view
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
 
@@ -109,7 +109,7 @@ def _data_preview(args) -> int:
 
 
 def _data_export(args) -> int:
-    from pixtral_lora.data import export_mistral_jsonl
+    from pixtral_lora.data.loaders import export_mistral_jsonl
     from pixtral_lora.prompt import PromptConfig
 
     dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig(), args.allow_path)
@@ -119,8 +119,8 @@ def _data_export(args) -> int:
 
 
 def _eval(args) -> int:
-    from pixtral_lora.evaluation import evaluate_run
-    from pixtral_lora.vllm_backend import evaluate_run_vllm
+    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.vllm import evaluate_run_vllm
 
     if args.backend == "vllm":
         if not args.merged:
@@ -154,7 +154,7 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     import tempfile
 
-    from pixtral_lora.predict import launch_processes, predict_archive
+    from pixtral_lora.inference.predict import launch_processes, predict_archive
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         if not args.out:
@@ -201,7 +201,7 @@ def _predict(args) -> int:
 
 
 def _map(args) -> int:
-    from pixtral_lora.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import map_scene
 
     summary = map_scene(
         args.scene,
@@ -228,7 +228,7 @@ def _map(args) -> int:
 
 
 def _data_generate_scene(args) -> int:
-    from pixtral_lora.synth import generate_scene_mosaic
+    from pixtral_lora.data.synth import generate_scene_mosaic
 
     classes = args.classes.split(",") if args.classes else None
     rows, cols = (int(n) for n in args.grid.lower().split("x"))
@@ -245,7 +245,7 @@ def _is_comparison(path: Path) -> bool:
 
 
 def _compare(args) -> int:
-    from pixtral_lora.compare import compare, render_html, render_markdown
+    from pixtral_lora.evaluation.compare import compare, render_html, render_markdown
     from pixtral_lora.io import atomic_file, check_replaceable_file
 
     if args.out and Path(args.out).suffix not in (".md", ".html"):

@@ -110,8 +110,8 @@ class DataSection(_Section):
         return self
 
     def band_options(self):
-        """The `geo.BandOptions` images are read with (None: the defaults)."""
-        from pixtral_lora.geo import BandOptions
+        """The `data.geo.BandOptions` images are read with (None: the defaults)."""
+        from pixtral_lora.data.geo import BandOptions
 
         stretch = self.stretch if self.stretch == "percentile" else tuple(tuple(r) for r in self.stretch)
         return BandOptions(

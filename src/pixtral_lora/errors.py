@@ -9,7 +9,7 @@ from __future__ import annotations
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story (file, line, field, what to do)."""
     from pixtral_lora.config import ConfigError
-    from pixtral_lora.data import DataError
+    from pixtral_lora.data.loaders import DataError
     from pixtral_lora.export import ExportError
     from pixtral_lora.images import ImageError
     from pixtral_lora.io import OutputError

@@ -109,11 +109,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, bands=None) -> Image.Image:
     """Decode an image file, data URI or bytes into an upright 8-bit RGB PIL image.
 
-    Multi-band, 16-bit and float TIFFs (and any TIFF when `bands`, a `geo.BandOptions`, asks for a
-    band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`geo`).
+    Multi-band, 16-bit and float TIFFs (and any TIFF when `bands`, a `data.geo.BandOptions`, asks for a
+    band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`data.geo`).
     Raises `ImageError` for missing, truncated, corrupt or oversized images.
     """
-    from pixtral_lora import geo
+    from pixtral_lora.data import geo
 
     name = describe_source(source)
     data = read_image_bytes(source)

@@ -1,6 +1,6 @@
 """Accuracy while training: the validation split classified at every `training.eval_steps`.
 
-The predictions come from `evaluation.predict_rows`, the code `pixtral-lora eval` runs, in one mode
+The predictions come from `evaluation.evaluate.predict_rows`, the code `pixtral-lora eval` runs, in one mode
 (`training.eval_classification.mode`). Under data parallel each process classifies a shard and the
 predictions are gathered once, so every process computes the same metrics (and so takes the same
 best-checkpoint and early-stopping decisions).
@@ -12,7 +12,7 @@ import logging
 import time
 
 from pixtral_lora.config import Config
-from pixtral_lora.evaluation import predict_rows, summarise
+from pixtral_lora.evaluation.evaluate import predict_rows, summarise
 from pixtral_lora.render import Renderer
 
 logger = logging.getLogger(__name__)

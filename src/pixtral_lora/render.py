@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 
-from pixtral_lora.data import image_source
+from pixtral_lora.data.loaders import image_source
 from pixtral_lora.images import image_token_count, load_image, prepare_image
 
 logger = logging.getLogger(__name__)

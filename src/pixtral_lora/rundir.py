@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pixtral_lora.config import Config, dump_config
-from pixtral_lora.data import check_data_path
+from pixtral_lora.data.loaders import check_data_path
 from pixtral_lora.io import atomic_file, check_writable, run_lock
 from pixtral_lora.modeling import check_model_source, checkpoint_fingerprint
 

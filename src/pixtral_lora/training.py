@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pixtral_lora.config import Config, best_metric, dump_config
-from pixtral_lora.data import (
+from pixtral_lora.data.loaders import (
     DataError,
     Splits,
     as_conversations,
@@ -74,7 +74,7 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
     """
     from datasets import concatenate_datasets
 
-    from pixtral_lora.hf_data import is_hf_source, load_hf_splits
+    from pixtral_lora.data.hf import is_hf_source, load_hf_splits
 
     data = config.data
 

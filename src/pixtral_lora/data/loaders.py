@@ -529,7 +529,7 @@ def load_any(
     path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
 ) -> tuple[Dataset, list[str] | None]:
     """Load a folder, .jsonl or .csv; returns the dataset and the class names when the source defines them."""
-    from pixtral_lora.hf_data import is_hf_source, load_hf_splits
+    from pixtral_lora.data.hf import is_hf_source, load_hf_splits
 
     path = check_data_path(path, "data")
     if is_hf_source(path):

@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pixtral_lora.data import DataError
+from pixtral_lora.data.loaders import DataError
 from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def map_scene(
     from rasterio.windows import bounds as window_bounds
 
     from pixtral_lora.config import load_config
-    from pixtral_lora.evaluation import check_run_dir, predict_for_run, run_model, run_renderer
-    from pixtral_lora.geo import read_rgb
+    from pixtral_lora.data.geo import read_rgb
+    from pixtral_lora.evaluation.evaluate import check_run_dir, predict_for_run, run_model, run_renderer
     from pixtral_lora.prompt import messages_to_json
 
     out, scene, run_dir = Path(out), Path(scene), Path(run_dir)
@@ -316,7 +316,7 @@ def _plot_map(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
-    from pixtral_lora.geo import read_rgb
+    from pixtral_lora.data.geo import read_rgb
 
     scale = max(1.0, max(dataset.width, dataset.height) / 1024)
     shape = (int(dataset.height / scale), int(dataset.width / scale))

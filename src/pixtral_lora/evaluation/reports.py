@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pixtral_lora.evaluation.metrics import plot_confusion, write_confusion_csv
 from pixtral_lora.io import EVAL_REPORT_FILES, atomic_directory, atomic_file, write_json
-from pixtral_lora.metrics import plot_confusion, write_confusion_csv
 
 
 def write_report(
@@ -25,7 +25,7 @@ def write_report(
     only (anything else in `out` needs `overwrite`). `thumbnails`, `facts` and `gallery_limit` are
     for report.html (see `report_html.render_html`).
     """
-    from pixtral_lora.report_html import render_html
+    from pixtral_lora.evaluation.report_html import render_html
 
     with atomic_directory(out, EVAL_REPORT_FILES, overwrite) as out_dir:
         _write_report_files(out_dir, results, class_names, predictions)

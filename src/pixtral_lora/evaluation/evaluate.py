@@ -24,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 from pixtral_lora.answers import AnswerParser
-from pixtral_lora.metrics import classification_report, expected_calibration_error, outcome
+from pixtral_lora.evaluation.metrics import classification_report, expected_calibration_error, outcome
+from pixtral_lora.evaluation.reports import write_report
+from pixtral_lora.evaluation.scoring import score_batch
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, pad_batch, prompt_messages
-from pixtral_lora.reports import write_report
-from pixtral_lora.scoring import score_batch
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def held_out_rows(run_dir: Path, limit: int | None):
     """The run's config, class names, its recorded test split as prompt rows (first `limit`) and the
     test images training found unreadable (id -> reason)."""
     from pixtral_lora.config import load_config
-    from pixtral_lora.data import as_conversations, select_ids
+    from pixtral_lora.data.loaders import as_conversations, select_ids
     from pixtral_lora.training import load_run_data
 
     config = load_config(run_dir / "config.yaml")
@@ -442,8 +442,8 @@ def evaluate_run(
 
 def _thumbnails(rows: list[dict], predictions: dict, renderer: Renderer, limit: int, size: int = 160) -> dict:
     """Image id -> JPEG data URI of the image as the model saw it (resized), for the gallery's items."""
+    from pixtral_lora.evaluation.report_html import gallery_items
     from pixtral_lora.images import ImageError, encode_data_uri
-    from pixtral_lora.report_html import gallery_items
 
     by_id = {row["id"]: row for row in rows}
     wanted = {p.id for (_, mode), preds in predictions.items() for p in gallery_items(preds, mode, limit)}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pixtral_lora.data import IMAGE_SUFFIXES, DataError
+from pixtral_lora.data.loaders import IMAGE_SUFFIXES, DataError
 from pixtral_lora.images import ImageError, read_image_bytes
 from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
 
@@ -57,7 +57,7 @@ def _file_item(path: Path) -> Item:
 
 def collect_inputs(source: str) -> list[Item]:
     """The inputs of SOURCE in a fixed order (see the module docstring)."""
-    from pixtral_lora.hf_data import is_hf_source, load_hf_splits
+    from pixtral_lora.data.hf import is_hf_source, load_hf_splits
 
     path = Path(source)
     if path.is_dir() and not is_hf_source(path):
@@ -81,7 +81,7 @@ def collect_inputs(source: str) -> list[Item]:
             for row in range(len(split)):
 
                 def read(split=split, row=row) -> bytes:
-                    from pixtral_lora.data import image_source
+                    from pixtral_lora.data.loaders import image_source
 
                     return read_image_bytes(image_source(split[row]["image"]))
 
@@ -256,7 +256,7 @@ def predict_archive(
     docstring.
     """
     from pixtral_lora.config import load_config
-    from pixtral_lora.evaluation import check_run_dir, predict_for_run, run_model, run_renderer
+    from pixtral_lora.evaluation.evaluate import check_run_dir, predict_for_run, run_model, run_renderer
     from pixtral_lora.prompt import messages_to_json
 
     out = Path(out)

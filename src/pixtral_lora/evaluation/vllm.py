@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pixtral_lora.answers import AnswerParser
-from pixtral_lora.evaluation import (
+from pixtral_lora.evaluation.evaluate import (
     check_run_dir,
     held_out_rows,
     parsed_predictions,
@@ -18,8 +18,8 @@ from pixtral_lora.evaluation import (
     run_renderer,
     summarise,
 )
+from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.render import Renderer, prompt_messages
-from pixtral_lora.reports import write_report
 
 
 def openai_messages(row: dict, renderer: Renderer) -> list[dict]:

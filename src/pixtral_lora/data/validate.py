@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pixtral_lora.answers import AnswerParser, class_name_problem
-from pixtral_lora.data import (
+from pixtral_lora.data.loaders import (
     IMAGE_SUFFIXES,
     DataError,
     check_data_path,
@@ -149,7 +149,7 @@ def _folder_samples(
 
 def _hf_samples(path: str, settings: dict) -> tuple[list[_Sample], list[str]]:
     """One sample per row of every split, its image read only when checked (the source streams)."""
-    from pixtral_lora.hf_data import load_hf_splits
+    from pixtral_lora.data.hf import load_hf_splits
 
     splits, class_names = load_hf_splits(path, **settings)
     samples = []
@@ -169,7 +169,7 @@ def _hf_samples(path: str, settings: dict) -> tuple[list[_Sample], list[str]]:
 def _collect(
     path: Path, problems: list[Problem], allowed_roots: list[str], hf_settings: dict | None = None
 ) -> tuple[list[_Sample], list[str] | None]:
-    from pixtral_lora.hf_data import is_hf_source
+    from pixtral_lora.data.hf import is_hf_source
 
     path = check_data_path(path, "data")
     if is_hf_source(path):
@@ -207,7 +207,7 @@ def validate(
     """All problems in a dataset (and, with `test_path`, images shared between it and a test set).
 
     Image paths of JSONL/CSV data must resolve inside the data file's folder or `allowed_roots`. HF
-    datasets (`hf_data`) are read with `hf_settings` (image_column, label_column, hub_config, ...) and
+    datasets (`data.hf`) are read with `hf_settings` (image_column, label_column, hub_config, ...) and
     their problems named by split and row.
     """
     problems: list[Problem] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from pixtral_lora.data import DataError
+from pixtral_lora.data.loaders import DataError
 
 logger = logging.getLogger(__name__)
 

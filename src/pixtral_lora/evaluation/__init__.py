@@ -1,0 +1,1 @@
+"""Evaluation: modes (generate, constrained, score), metrics, reports (markdown, HTML), run comparison."""

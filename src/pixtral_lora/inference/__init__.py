@@ -1,0 +1,1 @@
+"""Inference with a tuned run: archive-scale predict and scene mapping."""
