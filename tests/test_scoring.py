@@ -34,9 +34,7 @@ def test_batched_scores_equal_full_forward_scores(tiny_model_dir, processor, aid
     images = [renderer.load_images(row["images"]) for row in rows]
     images[1] = [images[1][0].resize((48, 32))]  # another size: another prompt length, so left padding
     candidates = answer_token_ids(renderer.tokenizer, PromptConfig(), class_names)
-    batched = score_batch(
-        model, _batch_inputs(model, renderer, rows, images), candidates, renderer.pad_token_id
-    )
+    batched = score_batch(model, _batch_inputs(model, renderer, rows, images), candidates)
     for row, row_images, scores in zip(rows, images, batched, strict=True):
         reference = _full_forward_scores(model, renderer, row, row_images, candidates)
         assert scores.keys() == reference.keys()

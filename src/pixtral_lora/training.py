@@ -385,11 +385,11 @@ def _train_in(config: Config, run_dir: Path, resume: str, extra_callbacks: list)
     if len(train_set) == 0:
         raise DataError(f"no training samples left after rendering: {reports['train'].summary()}")
 
-    if recorded is not None and "unreadable" in recorded:  # a resume: the same split, checked before
-        unreadable_test = recorded["unreadable"]["test"]
-    else:
-        unreadable_test = _unreadable(renderer, run_data.splits.test)
-    if main_process:
+    if main_process:  # what only the run directory needs: the other ranks of a launch skip it
+        if recorded is not None and "unreadable" in recorded:  # a resume: the same split, checked before
+            unreadable_test = recorded["unreadable"]["test"]
+        else:
+            unreadable_test = _unreadable(renderer, run_data.splits.test)
         with atomic_file(run_dir / "config.yaml") as handle:
             handle.write(dump_config(config))
         write_json(

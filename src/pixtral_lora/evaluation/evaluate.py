@@ -238,28 +238,26 @@ def predict_rows(
                 except ImageError as err:
                     error = str(err)
             slots[index] = Prediction(row["id"], row["label"], "", None, None, error=error)
+        ready_rows = [chunk[i] for i in ready]
         if mode == "score" and ready:
-            ready_rows = [chunk[i] for i in ready]
             inputs = _batch_inputs(model, renderer, ready_rows, loaded)
-            batch_scores = score_batch(model, inputs, candidates, renderer.pad_token_id)
-            for index, scores in zip(ready, batch_scores, strict=True):
+            for index, scores in zip(ready, score_batch(model, inputs, candidates), strict=True):
                 row = chunk[index]
+                names = list(scores)
                 values = torch.tensor(list(scores.values()))
                 probs = torch.softmax(values, 0)
                 best = int(values.argmax())
-                label = list(scores)[best]
                 ranked = torch.argsort(probs, descending=True)[:3].tolist()
                 slots[index] = Prediction(
                     row["id"],
                     row["label"],
-                    prompt.answer(label),
-                    label,
-                    label,
+                    prompt.answer(names[best]),
+                    names[best],
+                    names[best],
                     float(probs[best]),
-                    top=[(list(scores)[i], float(probs[i])) for i in ranked],
+                    top=[(names[i], float(probs[i])) for i in ranked],
                 )
-        elif mode != "score" and ready:
-            ready_rows = [chunk[i] for i in ready]
+        elif ready:
             answers = generate_answers(model, renderer, ready_rows, max_new_tokens, trie, loaded)
             for index, prediction in zip(ready, parsed_predictions(ready_rows, answers, parser), strict=True):
                 slots[index] = prediction

@@ -39,9 +39,7 @@ def _head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch
     return torch.cat(out) if out else hidden.new_zeros(0)
 
 
-def score_batch(
-    model, inputs: dict, candidates: dict[str, list[int]], pad_token_id: int
-) -> list[dict[str, float]]:
+def score_batch(model, inputs: dict, candidates: dict[str, list[int]]) -> list[dict[str, float]]:
     """Log-likelihood of each candidate (token ids, answer then </s>) after each prompt of the batch.
 
     inputs: the left-padded prompt batch (`input_ids`, `attention_mask`, and the images'

@@ -223,7 +223,7 @@ def _journal(out: Path, rank: int, world: int) -> Path:
 def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
     rows = []
     for p in predictions:
-        outcome = "unreadable" if p.error else ("valid" if p.label else p.outcome)
+        outcome = "valid" if p.label else p.outcome  # else hallucinated, unparseable or unreadable
         rows.append(
             {
                 "path": p.id,
