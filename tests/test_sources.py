@@ -279,3 +279,27 @@ def test_rendering_an_hf_source_again_is_read_from_the_datasets_cache(
     monkeypatch.setattr(Renderer, "render_row", lambda *a: pytest.fail("rendered again"))
     again = rendered()  # same source, same settings: the datasets fingerprint finds the cached result
     assert again["input_ids"] == first["input_ids"] and len(again) == 40
+
+
+def test_a_test_path_that_is_an_hf_dataset_with_splits_is_all_test_data(aid_dir, tmp_path):
+    from datasets import DatasetDict
+
+    from pixtral_lora.config import load_config
+    from pixtral_lora.training import load_run_data
+
+    train_part, test_part = _hub_splits(aid_dir)
+    train_part.to_parquet(tmp_path / "train.parquet")
+    DatasetDict({"train": test_part.select(range(4)), "test": test_part.select(range(4, 10))}).save_to_disk(
+        tmp_path / "held-out"
+    )
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"data.path={tmp_path / 'train.parquet'}",
+            f"data.test_path={tmp_path / 'held-out'}",
+            "data.validation_size=0.2",
+        ],
+    )
+    splits = load_run_data(config).splits
+    assert len(splits.test) == 10 and sorted(splits.test["id"])[:2] == ["test/0", "test/1"]
+    assert len(splits.train) + len(splits.validation) == len(train_part)

@@ -121,8 +121,10 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
         test_classes = class_names_of(test)
     elif data.test_path:
         dataset = relabelled(dataset)
-        test, _, _ = load(data.test_path, "data.test_path")
-        test = relabelled(test) if test is not None else None
+        test, test_splits, _ = load(data.test_path, "data.test_path")
+        if test is None:  # an HF dataset with its own splits: all of it is test data here
+            test = concatenate_datasets(list(test_splits.values()))
+        test = relabelled(test)
         test_classes = class_names_of(test) if "image" in test.column_names else class_names
     else:
         dataset = relabelled(dataset)
