@@ -30,10 +30,12 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -189,11 +191,18 @@ def stage_evaluation(run_dir: Path) -> dict:
     return {mode: {"images": r["n"], "images_per_s": r["images_per_second"]} for mode, r in report.items()}
 
 
+def child_environment() -> dict:
+    """The environment for a child process: the project's src/ first, then the caller's PYTHONPATH
+    (which may carry wheels installed beside the machine's own packages)."""
+    paths = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
 def stage_export(model_dir: Path, run_dir: Path, out: Path) -> dict:
     """Seconds and peak RSS of the exporter in a fresh process."""
     command = [sys.executable, str(ROOT / "scripts" / "convert_to_mistral.py"), "--model", str(model_dir)]
     command += ["--adapter", str(run_dir / "adapter"), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = child_environment()
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -265,6 +274,9 @@ def stage_logits(tmp: Path, args, device: str) -> dict:
         theirs = reference.forward(ids, seqlens=[len(encoded.tokens)], cache=cache, images=[pixels])
     difference = (hf_logits.float() - theirs.float()).abs().max().item()
     agree = (hf_logits.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    del reference, cache
+    for folder in ("wide", "wide-mistral"):  # ~6 GB at full width: the export stage needs the disk
+        shutil.rmtree(tmp / folder)
     return {
         "layers": args.logit_layers,
         "attention": attention,
@@ -307,44 +319,78 @@ def main() -> int:
     }
     skip = set(filter(None, args.skip.split(",")))
     started = time.perf_counter()
+    failed: list[str] = []
+
+    def stage(name, function, *arguments) -> bool:
+        """Runs one stage; its figures, or its error, go into the results file at once."""
+        print(f"[{time.perf_counter() - started:5.0f} s] {name} ...", flush=True)
+        begun = time.perf_counter()
+        try:
+            results[name] = function(*arguments)
+        except Exception as err:  # recorded; the stages that do not depend on it still run
+            failed.append(name)
+            trace = traceback.format_exc()
+            results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": trace[-4000:]}
+            print(trace, file=sys.stderr, flush=True)
+        results.setdefault("stage_seconds", {})[name] = time.perf_counter() - begun
+        results["total_s"] = time.perf_counter() - started
+        write_json(args.out, results)
+        return name not in failed
+
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
-        results["training"], run_dir, model_dir = stage_training(tmp, args, device)
-        if "evaluation" not in skip:
-            results["evaluation"] = stage_evaluation(run_dir)
-        if "export" not in skip:
-            results["export"] = stage_export(model_dir, run_dir, tmp / "mistral")
+        trained: dict = {}
+
+        def training() -> dict:
+            figures, trained["run"], trained["model"] = stage_training(tmp, args, device)
+            return figures
+
+        stage("training", training)
+        if "evaluation" not in skip and trained:
+            stage("evaluation", stage_evaluation, trained["run"])
+        if "logits" not in skip:  # before the export: cheap, and independent of training
+            stage("logits", stage_logits, tmp, args, device)
+        if "export" not in skip and trained:
+            stage("export", stage_export, trained["model"], trained["run"], tmp / "mistral")
             for path in (tmp / "mistral").glob("*.safetensors"):
                 path.unlink()  # the disk of a GPU machine holds one 12B copy beside the base, not two
-        if "logits" not in skip:
-            results["logits"] = stage_logits(tmp, args, device)
     results["total_s"] = time.perf_counter() - started
+    results["failed_stages"] = failed
     write_json(args.out, results)
-    training = results["training"]
+    print_table(results)
+    print(
+        f"written to {args.out} in {results['total_s']:.0f} s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def print_table(results: dict) -> None:
+    training = results.get("training", {})
     rows = [
-        ("training samples/s", training["samples_per_s"], f">= {TARGETS['samples_per_s']}"),
-        ("peak VRAM GiB (allocated)", training["peak_vram_allocated_gib"], f"<= {TARGETS['peak_vram_gib']}"),
-        ("MFU", training["mfu"], ""),
+        ("training samples/s", training.get("samples_per_s"), f">= {TARGETS['samples_per_s']}"),
+        (
+            "peak VRAM GiB (allocated)",
+            training.get("peak_vram_allocated_gib"),
+            f"<= {TARGETS['peak_vram_gib']}",
+        ),
+        ("MFU", training.get("mfu"), ""),
     ]
     rows += [
         (f"eval {mode} images/s", r["images_per_s"], f">= {TARGETS['eval_images_per_s']:.1f}")
         for mode, r in results.get("evaluation", {}).items()
+        if isinstance(r, dict) and "images_per_s" in r
     ]
-    if "export" in results:
+    export = results.get("export", {})
+    if "seconds" in export:
         rows.append(
-            (
-                "export seconds / peak RSS GiB",
-                f"{results['export']['seconds']:.0f} / {results['export']['peak_rss_gib']:.1f}",
-                "",
-            )
+            ("export seconds / peak RSS GiB", f"{export['seconds']:.0f} / {export['peak_rss_gib']:.1f}", "")
         )
     print(f"{'figure':<34}{'measured':>16}  target")
     for name, value, target in rows:
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
         print(f"{name:<34}{shown:>16}  {target}")
-    print(json.dumps(results.get("logits", {})))
-    print(f"written to {args.out} in {results['total_s']:.0f} s")
-    return 0
+    print(json.dumps({k: v for k, v in results.get("logits", {}).items() if k != "traceback"}))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,26 @@
 """The GPU check runs end to end on the tiny shape (CPU): training, evaluation, export, logits."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--tiny", "--steps", "2", "--warmup", "1", "--eval-images", "8"]
+
+
+def load_bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
     out = tmp_path / "gpu.json"
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_gpu.py"),
-        "--tiny",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-    ]
-    command += ["--eval-images", "8", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), *TINY_ARGS, "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -30,4 +31,34 @@ def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
     assert figures["export"]["seconds"] > 0 and figures["export"]["peak_rss_gib"] > 0
     logits = figures["logits"]
     assert logits["max_abs_logit_difference"] < 1e-3 and logits["argmax_agreement"] == 1.0
+    assert figures["failed_stages"] == []
+    assert set(figures["stage_seconds"]) == {"training", "evaluation", "logits", "export"}
     assert "training samples/s" in result.stdout and ">= 9.0" in result.stdout  # targets beside figures
+
+
+def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    bench = load_bench_gpu()
+
+    def broken_logits(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "stage_logits", broken_logits)
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", *TINY_ARGS, "--skip", "evaluation", "--out", str(out)])
+    assert bench.main() == 1
+    figures = json.loads(out.read_text())
+    assert figures["failed_stages"] == ["logits"]
+    assert figures["logits"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "broken_logits" in figures["logits"]["traceback"]
+    assert figures["training"]["samples_per_s"] > 0 and figures["export"]["seconds"] > 0  # ran on
+    assert "evaluation" not in figures
+    assert "FAILED: logits" in capsys.readouterr().out
+
+
+def test_the_exporter_child_sees_the_callers_pythonpath(monkeypatch):
+    """Wheels installed beside the GPU machine's packages (PYTHONPATH) must reach the export process."""
+    bench = load_bench_gpu()
+    monkeypatch.setenv("PYTHONPATH", "/opt/kit")
+    assert bench.child_environment()["PYTHONPATH"].split(os.pathsep) == [str(ROOT / "src"), "/opt/kit"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert bench.child_environment()["PYTHONPATH"] == str(ROOT / "src")
