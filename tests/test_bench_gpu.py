@@ -26,6 +26,7 @@ def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
     figures = json.loads(out.read_text())
     training = figures["training"]
     assert training["samples_per_s"] > 0 and training["tokens_per_sample"] > 380  # 304x304 image + prompt
+    assert training["quantization"] == "4bit"  # the QLoRA path the GPU runs, on bitsandbytes' CPU backend
     assert set(figures["evaluation"]) == {"generate", "constrained", "score"}
     assert all(r["images"] >= 8 and r["images_per_s"] > 0 for r in figures["evaluation"].values())
     assert figures["export"]["seconds"] > 0 and figures["export"]["peak_rss_gib"] > 0
