@@ -13,6 +13,9 @@ The result equals scoring each candidate with its own full forward pass (`tests/
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 # Packed positions whose 131k-way log-normaliser is computed at once (memory: chunk x vocab floats).
@@ -26,6 +29,16 @@ def _common_prefix(sequences: list[list[int]]) -> list[int]:
             break
         prefix.append(tokens[0])
     return prefix
+
+
+@functools.cache
+def _cache_argument() -> str:
+    """The prompt cache's name in the installed transformers: `cache` (5.2x on; the old name warns
+    and goes in 5.40) or `past_key_values` (5.17, a GPU image's)."""
+    from transformers import LlavaForConditionalGeneration
+
+    parameters = inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _head_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -94,7 +107,7 @@ def score_batch(model, inputs: dict, candidates: dict[str, list[int]]) -> list[d
                 input_ids=packed,
                 attention_mask=mask[:, None],
                 position_ids=packed_positions,
-                past_key_values=out.past_key_values,
+                **{_cache_argument(): getattr(out, _cache_argument())},
                 use_cache=True,
                 logits_to_keep=1,
                 output_hidden_states=True,
