@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pixtral_lora.data.geo import read_rgb
 from pixtral_lora.data.loaders import DataError
 from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
 
@@ -90,11 +91,8 @@ def map_scene(
     A lock on the output (`.OUT.lock`) keeps a second command off it while this one runs.
     """
     import rasterio
-    from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
 
     from pixtral_lora.config import load_config
-    from pixtral_lora.data.geo import read_rgb
     from pixtral_lora.evaluation.evaluate import check_run_dir, predict_for_run, run_model, run_renderer
     from pixtral_lora.prompt import messages_to_json
 
@@ -137,7 +135,6 @@ def map_scene(
         messages = messages_to_json(config.prompt.messages(class_names))
         model = renderer = None
         batch_size = batch_size or config.eval.batch_size
-        empty = 0
         with open(journal, "a", encoding="utf-8") as log:
             if not done:
                 log.write(json.dumps({"identity": identity}) + "\n")
@@ -145,33 +142,14 @@ def map_scene(
             for begin in tqdm(range(0, len(pending), batch_size), desc="mapping", unit="batch", disable=None):
                 rows, meta = [], {}
                 for row, col, window, partial in pending[begin : begin + batch_size]:
-                    rgb, valid = read_rgb(dataset, bands, str(scene), window, boundless=partial)
                     key = f"{row},{col}"
-                    if not valid.any() or not rgb.any():
+                    tile_row = _tile_row(dataset, bands, scene, window, partial, key, messages)
+                    if tile_row is None:
                         done[key] = {"empty": True}
                         log.write(json.dumps({"key": key, "empty": True}) + "\n")
                         continue
-                    buffer = io.BytesIO()
-                    Image.fromarray(rgb).save(buffer, format="PNG")
-                    rows.append(
-                        {
-                            "id": key,
-                            "messages": messages,
-                            "images": [{"path": None, "bytes": buffer.getvalue()}],
-                            "label": "",
-                        }
-                    )
-                    valid_rows, valid_cols = valid.any(axis=1).nonzero()[0], valid.any(axis=0).nonzero()[0]
-                    meta[key] = {
-                        "row": row,
-                        "col": col,
-                        "window": [
-                            int(window.col_off) + int(valid_cols.min()),
-                            int(window.row_off) + int(valid_rows.min()),
-                            int(valid_cols.max() - valid_cols.min() + 1),
-                            int(valid_rows.max() - valid_rows.min() + 1),
-                        ],
-                    }
+                    rows.append(tile_row[0])
+                    meta[key] = {"row": row, "col": col, "window": tile_row[1]}
                 if rows:
                     if model is None:
                         model = run_model(run_dir, config, "finetuned", model_path)
@@ -194,37 +172,8 @@ def map_scene(
                         log.write(json.dumps(record) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
-        features = []
-        for row, col, _, _ in windows:
-            record = done[f"{row},{col}"]
-            if record.get("empty"):
-                empty += 1
-                continue
-            left, bottom, right, top = window_bounds(Window(*record["window"]), dataset.transform)
-            geometry = {
-                "type": "Polygon",
-                "coordinates": [[[left, bottom], [right, bottom], [right, top], [left, top], [left, bottom]]],
-            }
-            if to_wgs84:
-                from rasterio.warp import transform_geom
-
-                geometry = transform_geom(dataset.crs, "EPSG:4326", geometry)
-            confidence = record["confidence"]
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": geometry,
-                    "properties": {
-                        "label": record["label"],
-                        "confidence": confidence,
-                        "top3": record["top3"],
-                        "row": row,
-                        "col": col,
-                        "window": record["window"],  # pixels: column, row, width, height
-                        "low_confidence": confidence is not None and confidence < min_confidence,
-                    },
-                }
-            )
+        features = _features(windows, done, dataset, to_wgs84, min_confidence)
+        empty = len(windows) - len(features)
         crs = "EPSG:4326" if to_wgs84 else dataset.crs.to_string()
         legend = _plot_map(
             dataset, bands, features, class_names, out.with_suffix(".png"), tile, min_confidence
@@ -246,6 +195,68 @@ def map_scene(
         "per_label": labels,
         "legend": legend,
     }
+
+
+def _tile_row(dataset, bands, scene: Path, window, partial: bool, key: str, messages) -> tuple | None:
+    """One tile as a prediction row and its valid pixels' window [column, row, width, height];
+    None when the tile holds no data (nodata everywhere, or all black)."""
+    rgb, valid = read_rgb(dataset, bands, str(scene), window, boundless=partial)
+    if not valid.any() or not rgb.any():
+        return None
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    row = {
+        "id": key,
+        "messages": messages,
+        "images": [{"path": None, "bytes": buffer.getvalue()}],
+        "label": "",
+    }
+    valid_rows, valid_cols = valid.any(axis=1).nonzero()[0], valid.any(axis=0).nonzero()[0]
+    pixels = [
+        int(window.col_off) + int(valid_cols.min()),
+        int(window.row_off) + int(valid_rows.min()),
+        int(valid_cols.max() - valid_cols.min() + 1),
+        int(valid_rows.max() - valid_rows.min() + 1),
+    ]
+    return row, pixels
+
+
+def _features(windows, done: dict, dataset, to_wgs84: bool, min_confidence: float) -> list[dict]:
+    """GeoJSON features of the classified tiles, in window order; each polygon is the tile's valid
+    pixels through the scene's geotransform (reprojected to WGS84 when asked)."""
+    from rasterio.warp import transform_geom
+    from rasterio.windows import Window
+    from rasterio.windows import bounds as window_bounds
+
+    features = []
+    for row, col, _, _ in windows:
+        record = done[f"{row},{col}"]
+        if record.get("empty"):
+            continue
+        left, bottom, right, top = window_bounds(Window(*record["window"]), dataset.transform)
+        geometry = {
+            "type": "Polygon",
+            "coordinates": [[[left, bottom], [right, bottom], [right, top], [left, top], [left, bottom]]],
+        }
+        if to_wgs84:
+            geometry = transform_geom(dataset.crs, "EPSG:4326", geometry)
+        confidence = record["confidence"]
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "label": record["label"],
+                    "confidence": confidence,
+                    "top3": record["top3"],
+                    "row": row,
+                    "col": col,
+                    "window": record["window"],  # pixels: column, row, width, height
+                    "low_confidence": confidence is not None and confidence < min_confidence,
+                },
+            }
+        )
+    return features
 
 
 def _read_journal(journal: Path, identity: dict) -> dict:
@@ -315,8 +326,6 @@ def _plot_map(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
-
-    from pixtral_lora.data.geo import read_rgb
 
     scale = max(1.0, max(dataset.width, dataset.height) / 1024)
     shape = (int(dataset.height / scale), int(dataset.width / scale))
