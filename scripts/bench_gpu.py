@@ -10,18 +10,25 @@
    token (forward 2N, input-gradient backward 2N, activation-checkpointing recompute 2N; the frozen
    4-bit base takes no weight gradients, LoRA's are negligible).
 2. Evaluation images/s for generate, constrained and score modes at 30 classes on `--eval-images`.
-3. Export of the merged 12B shape to Mistral's format: seconds and peak RSS (a fresh process).
-4. Logits of the exported model in Mistral's reference code (`mistral_inference`, with xformers when
-   installed, else plain PyTorch attention) against the HF model, at full width (all widths of the
-   12B shape, `--logit-layers` layers so both fit beside each other quickly).
+3. Logits of a full-width checkpoint (all widths of the 12B shape, `--logit-layers` layers) in
+   Mistral's reference code (`mistral_inference`, with xformers when installed, else plain PyTorch
+   attention) against the HF model, after the same export.
+4. Export of the merged 12B shape to Mistral's format: seconds and peak RSS (a fresh process).
+5. Each speed option (`model.attn_implementation=flash_attention_2`, `training.use_liger_kernel`)
+   whose package is installed: a short QLoRA run, s/step and VRAM beside the default's; recorded as
+   skipped otherwise. Last, as the figures least needed.
+
+Each stage's figures (or its error and traceback) are written to the results file when it ends; a
+failed stage does not stop the ones that do not depend on it, and the exit status is then 1.
 
 Prints the figures beside the targets (one AID epoch <= 15 min on an H100, i.e. >= 9 samples/s;
 peak VRAM <= 16 GB; each 2,000-image evaluation mode <= 2 min, i.e. >= 16.7 images/s).
 
 What it needs: torch with CUDA, transformers, peft, accelerate (a bare CUDA machine's set) plus
-trl, bitsandbytes, datasets, mistral-common, pydantic, pyyaml (wheels), scikit-learn, matplotlib;
-mistral-inference for step 4 (skipped with the reason when absent). The project itself is used
-from `src/` (no install), so the machine's transformers is the one under test.
+trl, bitsandbytes, datasets, mistral-common, pydantic (wheels: `scripts/gpu_kit.sh`), pyyaml,
+scikit-learn, matplotlib; mistral-inference for step 3 and liger-kernel for step 5 (each skipped with
+the reason when absent). The project itself is used from `src/` (no install), so the machine's
+transformers is the one under test.
 """
 
 from __future__ import annotations
@@ -124,24 +131,32 @@ def _jpeg(image) -> bytes:
     return buffer.getvalue()
 
 
-def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
-    from pixtral_lora.training import train
-
+def prepare_inputs(tmp: Path, args, device: str) -> dict:
+    """The random checkpoint (tmp/model) and AID-sized scenes (tmp/data) every training run uses."""
     start = time.perf_counter()
     write_random_checkpoint(tmp / "model", TinyPixtralSizes() if args.tiny else None, device)
     build_s = time.perf_counter() - start
     aid = load_config(ROOT / "configs" / "aid.yaml")
-    batch, accumulation = aid.training.per_device_train_batch_size, aid.training.gradient_accumulation_steps
-    total_steps = args.warmup + args.steps
-    needed = total_steps * batch * accumulation / 0.78 + args.eval_images / 0.2
+    per_step = aid.training.per_device_train_batch_size * aid.training.gradient_accumulation_steps
+    needed = (args.warmup + args.steps) * per_step / 0.78 + args.eval_images / 0.2
     write_aid_sized_data(tmp / "data", int(needed / len(AID_CLASS_NAMES)) + 2, 600)
+    return {"checkpoint_build_s": build_s}
+
+
+def measure_training(
+    tmp: Path, args, device: str, name: str = "run", overrides: tuple[str, ...] = (), steps: int | None = None
+) -> tuple[dict, Path]:
+    """QLoRA at aid.yaml's settings for `args.warmup` + `steps` optimizer steps: the figures and the run."""
+    from pixtral_lora.training import train
+
+    steps = steps or args.steps
     config = load_config(
         ROOT / "configs" / "aid.yaml",
         [
             f"model.name_or_path={tmp / 'model'}",
             f"data.path={tmp / 'data'}",
-            f"training.output_dir={tmp / 'run'}",
-            f"training.max_steps={total_steps}",
+            f"training.output_dir={tmp / name}",
+            f"training.max_steps={args.warmup + steps}",
             "training.eval_steps=null",
             "data.validation_size=0",
             "training.logging_steps=1",
@@ -149,10 +164,17 @@ def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
             "training.report_to=none",
             f"eval.limit={args.eval_images}",
             *(["model.dtype=float32"] if device == "cpu" else []),  # QLoRA (4-bit NF4) on a CPU too
+            *overrides,
         ],
+    )
+    batch, accumulation = (
+        config.training.per_device_train_batch_size,
+        config.training.gradient_accumulation_steps,
     )
     clock = _step_clock()
     if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     run_dir = train(config, resume="never", callbacks=[clock])
     times = clock.times[args.warmup - 1 :] if args.warmup else [clock.times[0], *clock.times]
@@ -162,11 +184,12 @@ def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in gpu), None)
     figures = {
-        "checkpoint_build_s": build_s,
         "quantization": config.model.quantization,
         "dtype": config.model.dtype,
+        "attn_implementation": config.model.attn_implementation,
+        "use_liger_kernel": config.training.use_liger_kernel,
         "warmup_steps": args.warmup,
-        "measured_steps": args.steps,
+        "measured_steps": steps,
         "per_device_batch": batch,
         "gradient_accumulation": accumulation,
         "seconds_per_optimizer_step": step_s,
@@ -182,7 +205,52 @@ def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
         "flops_per_token": FLOPS_PER_TOKEN,
         "mfu": samples_per_s * tokens * FLOPS_PER_TOKEN / peak if peak else None,
     }
-    return figures, run_dir, tmp / "model"
+    return figures, run_dir
+
+
+def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
+    built = prepare_inputs(tmp, args, device)
+    figures, run_dir = measure_training(tmp, args, device)
+    return {**built, **figures}, run_dir, tmp / "model"
+
+
+# The speed options of issue #12: package that provides it, config overrides, CUDA only.
+SPEED_OPTIONS = {
+    "flash_attention_2": ("flash_attn", ("model.attn_implementation=flash_attention_2",), True),
+    "liger_kernel": ("liger_kernel", ("training.use_liger_kernel=true",), True),
+}
+
+
+def stage_speed_options(tmp: Path, args, device: str, baseline_step_s: float | None) -> dict:
+    """A short QLoRA run per installed speed option (after `args.warmup`, 4 steps): s/step and VRAM."""
+    import importlib.util
+
+    results = {}
+    for name, (package, overrides, cuda_only) in SPEED_OPTIONS.items():
+        if cuda_only and device != "cuda":
+            results[name] = {"skipped": "CUDA only"}
+            continue
+        if importlib.util.find_spec(package) is None:
+            results[name] = {"skipped": f"{package} is not installed"}
+            continue
+        try:
+            figures, _ = measure_training(tmp, args, device, f"run-{name}", overrides, min(args.steps, 4))
+        except Exception as err:  # one option failing must not hide the other's figures
+            results[name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
+            continue
+        keys = (
+            "seconds_per_optimizer_step",
+            "samples_per_s",
+            "peak_vram_allocated_gib",
+            "peak_vram_reserved_gib",
+        )
+        results[name] = {key: figures[key] for key in keys}
+        if baseline_step_s:
+            results[name]["speedup_vs_default"] = baseline_step_s / figures["seconds_per_optimizer_step"]
+    return results
 
 
 def stage_evaluation(run_dir: Path) -> dict:
@@ -296,7 +364,9 @@ def main() -> int:
     parser.add_argument("--eval-images", type=int, default=64)
     parser.add_argument("--logit-layers", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="the tiny shape: checks the script without a GPU")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: evaluation,export,logits")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated stages to skip: evaluation,logits,export,speed_options"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-gpu-12b.json"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -356,6 +426,12 @@ def main() -> int:
             stage("export", stage_export, trained["model"], trained["run"], tmp / "mistral")
             for path in (tmp / "mistral").glob("*.safetensors"):
                 path.unlink()  # the disk of a GPU machine holds one 12B copy beside the base, not two
+        if "speed_options" not in skip and trained:  # last: the least needed figures
+            baseline = results["training"].get("seconds_per_optimizer_step")
+            stage("speed_options", stage_speed_options, tmp, args, device, baseline)
+            options = results["speed_options"].values()
+            if "speed_options" not in failed and any("error" in option for option in options):
+                failed.append("speed_options")
     results["total_s"] = time.perf_counter() - started
     results["failed_stages"] = failed
     write_json(args.out, results)
@@ -383,6 +459,11 @@ def print_table(results: dict) -> None:
         for mode, r in results.get("evaluation", {}).items()
         if isinstance(r, dict) and "images_per_s" in r
     ]
+    for name, option in results.get("speed_options", {}).items():
+        if isinstance(option, dict) and "samples_per_s" in option:
+            rows.append(
+                (f"training samples/s, {name}", option["samples_per_s"], f">= {TARGETS['samples_per_s']}")
+            )
     export = results.get("export", {})
     if "seconds" in export:
         rows.append(

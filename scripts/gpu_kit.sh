@@ -30,6 +30,8 @@ PACKAGES=(
   jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
   # Mistral's reference model for the logits stage (its xformers requirement is optional there)
   mistral_inference==1.6.0 simple-parsing==0.1.9 docstring-parser==0.17.0
+  # Liger's Triton kernels, for the check's speed-option stage (training.use_liger_kernel)
+  liger-kernel==0.8.5
 )
 
 if [ -e "$OUT" ] && [ ! -e "$OUT/.pixtral-lora-gpu-kit" ]; then

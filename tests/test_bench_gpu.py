@@ -33,7 +33,11 @@ def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
     logits = figures["logits"]
     assert logits["max_abs_logit_difference"] < 1e-3 and logits["argmax_agreement"] == 1.0
     assert figures["failed_stages"] == []
-    assert set(figures["stage_seconds"]) == {"training", "evaluation", "logits", "export"}
+    assert set(figures["stage_seconds"]) == {"training", "evaluation", "logits", "export", "speed_options"}
+    assert figures["speed_options"] == {  # CUDA-only kernels: recorded as skipped, not silently left out
+        "flash_attention_2": {"skipped": "CUDA only"},
+        "liger_kernel": {"skipped": "CUDA only"},
+    }
     assert "training samples/s" in result.stdout and ">= 9.0" in result.stdout  # targets beside figures
 
 
@@ -44,16 +48,32 @@ def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypa
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(bench, "stage_logits", broken_logits)
+    monkeypatch.setattr(  # a speed option that runs on a CPU, one that breaks, one not installed
+        bench,
+        "SPEED_OPTIONS",
+        {
+            "eager_attention": ("torch", ("model.attn_implementation=eager",), False),
+            "broken_option": ("torch", ("model.attn_implementation=no_such_kernel",), False),
+            "missing_package": ("no_such_package_here", (), False),
+        },
+    )
     out = tmp_path / "gpu.json"
     monkeypatch.setattr(sys, "argv", ["bench_gpu.py", *TINY_ARGS, "--skip", "evaluation", "--out", str(out)])
     assert bench.main() == 1
     figures = json.loads(out.read_text())
-    assert figures["failed_stages"] == ["logits"]
+    assert figures["failed_stages"] == ["logits", "speed_options"]
+    options = figures["speed_options"]
+    assert (
+        options["eager_attention"]["samples_per_s"] > 0
+        and options["eager_attention"]["speedup_vs_default"] > 0
+    )
+    assert "attn_implementation" in options["broken_option"]["error"]
+    assert options["missing_package"] == {"skipped": "no_such_package_here is not installed"}
     assert figures["logits"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert "broken_logits" in figures["logits"]["traceback"]
     assert figures["training"]["samples_per_s"] > 0 and figures["export"]["seconds"] > 0  # ran on
     assert "evaluation" not in figures
-    assert "FAILED: logits" in capsys.readouterr().out
+    assert "FAILED: logits, speed_options" in capsys.readouterr().out
 
 
 def test_the_exporter_child_sees_the_callers_pythonpath(monkeypatch):
