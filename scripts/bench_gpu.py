@@ -48,6 +48,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Everything the check uses is local: a GPU machine without network must not wait on the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixtral_lora.config import load_config  # noqa: E402
