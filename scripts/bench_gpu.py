@@ -347,9 +347,6 @@ def stage_logits(tmp: Path, args, device: str) -> dict:
         theirs = reference.forward(ids, seqlens=[len(encoded.tokens)], cache=cache, images=[pixels])
     difference = (hf_logits.float() - theirs.float()).abs().max().item()
     agree = (hf_logits.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    del reference, cache
-    for folder in ("wide", "wide-mistral"):  # ~6 GB at full width: the export stage needs the disk
-        shutil.rmtree(tmp / folder)
     return {
         "layers": args.logit_layers,
         "attention": attention,
@@ -396,7 +393,7 @@ def main() -> int:
     started = time.perf_counter()
     failed: list[str] = []
 
-    def stage(name, function, *arguments) -> bool:
+    def stage(name, function, *arguments) -> None:
         """Runs one stage; its figures, or its error, go into the results file at once."""
         print(f"[{time.perf_counter() - started:5.0f} s] {name} ...", flush=True)
         begun = time.perf_counter()
@@ -410,7 +407,6 @@ def main() -> int:
         results.setdefault("stage_seconds", {})[name] = time.perf_counter() - begun
         results["total_s"] = time.perf_counter() - started
         write_json(args.out, results)
-        return name not in failed
 
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
@@ -425,6 +421,8 @@ def main() -> int:
             stage("evaluation", stage_evaluation, trained["run"])
         if "logits" not in skip:  # before the export: cheap, and independent of training
             stage("logits", stage_logits, tmp, args, device)
+            for folder in ("wide", "wide-mistral"):  # ~6 GB at full width, even after a failure: the
+                shutil.rmtree(tmp / folder, ignore_errors=True)  # export stage needs the disk
         if "export" not in skip and trained:
             stage("export", stage_export, trained["model"], trained["run"], tmp / "mistral")
             for path in (tmp / "mistral").glob("*.safetensors"):
