@@ -129,7 +129,8 @@ def test_bad_config_and_bad_data_fail_before_the_model_loads(tiny_model_dir, tmp
     )
 
 
-def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path, dtype):
     from pixtral_lora.training import train
 
     run = train(
@@ -138,6 +139,7 @@ def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path):
             aid_dir,
             tmp_path / "qlora",
             "model.quantization=4bit",
+            f"model.dtype={dtype}",
             "training.max_steps=3",
             "training.eval_steps=null",
             "data.validation_size=0",
@@ -152,6 +154,35 @@ def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path):
     assert any(
         "lora_B" in k and v.abs().sum() > 0 for k, v in weights.items()
     )  # B starts at zero: it trained
+
+
+def test_qlora_keeps_the_frozen_weights_in_their_loaded_dtype(tiny_model_dir, aid_dir, tmp_path):
+    """No float32 copy of the weights that are not 4-bit (embeddings, LM head, vision tower): PEFT's
+    prepare_model_for_kbit_training makes one, +3.3 GiB at the 12B shape, undone by bf16 autocast."""
+    from peft import prepare_model_for_kbit_training
+
+    from pixtral_lora.modeling import load_model
+    from pixtral_lora.training import load_training_model
+
+    config = tiny_config(
+        tiny_model_dir, aid_dir, tmp_path / "run", "model.quantization=4bit", "model.dtype=bfloat16"
+    )
+    ours = load_training_model(config, "cpu")
+    peft_prepared = prepare_model_for_kbit_training(
+        load_model(tiny_model_dir, quantization="4bit", dtype="bfloat16", device="cpu")
+    )
+
+    def unquantized(model):
+        return [p for p in model.parameters() if type(p).__name__ != "Params4bit"]
+
+    def weight_bytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    assert not any(p.requires_grad for p in ours.parameters())  # the base is frozen
+    assert {p.dtype for p in unquantized(ours)} == {torch.bfloat16}
+    assert {p.dtype for p in unquantized(peft_prepared)} == {torch.float32}
+    # the 4-bit weights are the same; PEFT's preparation doubles the bytes of every other one
+    assert weight_bytes(peft_prepared) - weight_bytes(ours) == sum(p.numel() * 2 for p in unquantized(ours))
 
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, aid_dir, tmp_path):
