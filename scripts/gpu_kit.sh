@@ -3,7 +3,7 @@
 # transformers, peft, accelerate, pyyaml, scikit-learn, matplotlib, pandas, pyarrow), for a machine
 # without network:
 #
-#     bash scripts/gpu_kit.sh                  # -> .gpu-wheels/ (git-ignored), ~20 MB
+#     bash scripts/gpu_kit.sh                  # -> .gpu-wheels/ (git-ignored), ~27 MB
 #     # copy the repository with .gpu-wheels/ to the GPU machine, then there:
 #     python3 -m pip install --no-index --no-deps --target /tmp/site .gpu-wheels/*.whl
 #     PYTHONPATH=/tmp/site:src python3 scripts/bench_gpu.py

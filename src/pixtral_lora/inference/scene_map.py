@@ -143,13 +143,13 @@ def map_scene(
                 rows, meta = [], {}
                 for row, col, window, partial in pending[begin : begin + batch_size]:
                     key = f"{row},{col}"
-                    tile_row = _tile_row(dataset, bands, scene, window, partial, key, messages)
-                    if tile_row is None:
+                    tile = _tile_row(dataset, bands, scene, window, partial, key, messages)
+                    if tile is None:
                         done[key] = {"empty": True}
                         log.write(json.dumps({"key": key, "empty": True}) + "\n")
                         continue
-                    rows.append(tile_row[0])
-                    meta[key] = {"row": row, "col": col, "window": tile_row[1]}
+                    rows.append(tile[0])
+                    meta[key] = {"row": row, "col": col, "window": tile[1]}  # window: the valid pixels
                 if rows:
                     if model is None:
                         model = run_model(run_dir, config, "finetuned", model_path)
