@@ -5,8 +5,9 @@ import torch
 from conftest import SYNTH_CLASSES
 
 from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder, to_conversations
+from pixtral_lora.evaluation import scoring
 from pixtral_lora.evaluation.evaluate import _batch_inputs, answer_token_ids, load_eval_model
-from pixtral_lora.evaluation.scoring import score_batch
+from pixtral_lora.evaluation.scoring import score_batch, score_positions
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, prompt_messages
 
@@ -40,3 +41,38 @@ def test_batched_scores_equal_full_forward_scores(tiny_model_dir, processor, aid
         assert scores.keys() == reference.keys()
         for name in class_names:
             assert scores[name] == pytest.approx(reference[name], abs=1e-4), name
+
+
+def test_score_positions_counts_what_score_batch_projects(tiny_model_dir, processor, aid_dir, monkeypatch):
+    """The benchmark's cost model of score mode is the implementation's: prefix + 1 positions from the
+    prompt forward, then one LM-head row per packed candidate token."""
+    model = load_eval_model(str(tiny_model_dir))
+    renderer = Renderer(processor, 64)
+    rows = list(
+        to_conversations(load_aid_folder(aid_dir).select([0, 13]), PromptConfig(), AID_CLASS_NAMES, False)
+    )
+    images = [renderer.load_images(row["images"]) for row in rows]
+    candidates = answer_token_ids(renderer.tokenizer, PromptConfig(), AID_CLASS_NAMES)
+    kept, head_rows = [], []
+    forward = type(model).forward
+
+    def counting_forward(self, *args, **kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+        return forward(self, *args, **kwargs)
+
+    head = scoring._head_log_probs
+
+    def counting_head(model, hidden, targets):
+        head_rows.append(hidden.shape[0])
+        return head(model, hidden, targets)
+
+    monkeypatch.setattr(type(model), "forward", counting_forward)
+    monkeypatch.setattr(scoring, "_head_log_probs", counting_head)
+    score_batch(model, _batch_inputs(model, renderer, rows, images), candidates)
+    counted = score_positions(candidates)
+    assert kept[0] == counted["shared_prefix"] + 1
+    assert head_rows == [len(rows) * counted["packed"]]
+    assert counted["score"] == kept[0] + counted["packed"]
+    lengths = [len(tokens) for tokens in candidates.values()]
+    assert counted["generate_mean"] == sum(lengths) / len(lengths)
+    assert counted["packed_distinct_contexts"] <= counted["packed"]

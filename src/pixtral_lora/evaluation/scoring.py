@@ -31,6 +31,29 @@ def _common_prefix(sequences: list[list[int]]) -> list[int]:
     return prefix
 
 
+def _shared_prefix(sequences: list[list[int]]) -> list[int]:
+    """The tokens every candidate starts with, short of the last when one candidate is all prefix."""
+    prefix = _common_prefix(sequences)
+    if any(len(s) == len(prefix) for s in sequences):  # one candidate is a prefix of another: no branch
+        prefix = prefix[:-1]
+    return prefix
+
+
+def score_positions(candidates: dict[str, list[int]]) -> dict:
+    """Positions per image that score mode projects onto the vocabulary (its cost on a model whose LM
+    head dominates), against the mean answer length free generation projects; for benchmarks."""
+    sequences = list(candidates.values())
+    prefix = _shared_prefix(sequences)
+    contexts = [tuple(s[len(prefix) : k + 1]) for s in sequences for k in range(len(prefix), len(s) - 1)]
+    return {
+        "shared_prefix": len(prefix),
+        "packed": len(contexts),
+        "packed_distinct_contexts": len(set(contexts)),
+        "score": len(prefix) + 1 + len(contexts),
+        "generate_mean": sum(map(len, sequences)) / len(sequences),
+    }
+
+
 @functools.cache
 def _cache_argument() -> str:
     """The prompt cache's name in the installed transformers: `cache` (5.2x on; the old name warns
@@ -60,9 +83,7 @@ def score_batch(model, inputs: dict, candidates: dict[str, list[int]]) -> list[d
     """
     names = list(candidates)
     sequences = [candidates[name] for name in names]
-    prefix = _common_prefix(sequences)
-    if any(len(s) == len(prefix) for s in sequences):  # one candidate is a prefix of another: no branch
-        prefix = prefix[:-1]
+    prefix = _shared_prefix(sequences)
     device = inputs["input_ids"].device
     batch = inputs["input_ids"].shape[0]
     prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device).expand(batch, -1)
