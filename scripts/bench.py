@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.loaders import to_conversations  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
-from pixtral_lora.evaluation.evaluate import load_eval_model, predict_rows  # noqa: E402
+from pixtral_lora.evaluation.evaluate import answer_token_ids, load_eval_model, predict_rows  # noqa: E402
+from pixtral_lora.evaluation.scoring import score_positions  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.modeling import best_device, build_tiny_model, load_processor  # noqa: E402
 from pixtral_lora.render import Renderer, render_dataset  # noqa: E402
@@ -125,7 +126,14 @@ def scoring_vs_generate(model, renderer, rows, config) -> dict:
                 max_new_tokens=config.eval.max_new_tokens,
             )
             figures[mode] = speed
-        out[name] = {**figures, "score_over_generate": figures["score"] / figures["generate"]}
+        # the count that bounds the ratio on a model whose LM head dominates (the tiny one)
+        positions = score_positions(answer_token_ids(renderer.tokenizer, config.prompt, classes))
+        out[name] = {
+            **figures,
+            "score_over_generate": figures["score"] / figures["generate"],
+            "projected_positions": positions,
+            "lm_head_bound_ratio": positions["generate_mean"] / positions["score"],
+        }
     return out
 
 
