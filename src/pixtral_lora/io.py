@@ -198,6 +198,26 @@ def _tree_size(path: Path) -> int:
 
 
 @contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path, needed_bytes: int | None) -> Iterator[None]:
+    """Remove the temporary file or directory `tmp` if the block fails; a full disk becomes one line."""
+
+    def remove() -> None:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+    try:
+        yield
+    except OSError as err:
+        written = _tree_size(tmp) if tmp.exists() else 0
+        remove()
+        if err.errno == errno.ENOSPC:
+            raise _disk_full(final, written, needed_bytes) from None
+        raise
+    except BaseException:
+        remove()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(
     final: str | Path, owned: Iterable[str] = (), overwrite: bool = False, needed_bytes: int | None = None
 ) -> Iterator[Path]:
@@ -210,17 +230,8 @@ def atomic_directory(
     check_replaceable(final, owned, overwrite)
     _remove_stale_partials(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
-    try:
+    with _removed_on_failure(tmp, final, needed_bytes):
         yield tmp
-    except OSError as err:
-        written = _tree_size(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise _disk_full(final, written, needed_bytes) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # mkdtemp/mkstemp create owner-only entries; outputs are for servers and colleagues to read too.
     tmp.chmod(0o755)
     for path in tmp.rglob("*"):
@@ -254,20 +265,11 @@ def atomic_file(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    try:
+    with _removed_on_failure(tmp, final, needed_bytes):
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
         tmp.chmod(0o644)
         tmp.replace(final)
-    except OSError as err:
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise _disk_full(final, written, needed_bytes) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: str | Path, payload) -> None:
