@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,12 +139,14 @@ def _jpeg(image) -> bytes:
 def prepare_inputs(tmp: Path, args, device: str) -> dict:
     """The random checkpoint (tmp/model) and AID-sized scenes (tmp/data) every training run uses."""
     start = time.perf_counter()
-    write_random_checkpoint(tmp / "model", TinyPixtralSizes() if args.tiny else None, device)
+    write_random_checkpoint(tmp / "model", TinyPixtralSizes() if args.tiny else None, device, args.layers)
     build_s = time.perf_counter() - start
     aid = load_config(ROOT / "configs" / "aid.yaml")
     per_step = aid.training.per_device_train_batch_size * aid.training.gradient_accumulation_steps
     needed = (args.warmup + args.steps) * per_step / 0.78 + args.eval_images / 0.2
-    write_aid_sized_data(tmp / "data", int(needed / len(AID_CLASS_NAMES)) + 2, 600)
+    # the stratified split puts every class in the test split: at least 1 / test_size images per class
+    per_class = max(int(needed / len(AID_CLASS_NAMES)) + 2, math.ceil(1 / aid.data.test_size))
+    write_aid_sized_data(tmp / "data", per_class, 600)
     return {"checkpoint_build_s": build_s}
 
 
@@ -271,22 +275,37 @@ def child_environment() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
+# Runs a script and reports its process's peak RSS (VmHWM) on stderr when it exits. Not ru_maxrss: a
+# child of this process inherits at exec the high-water mark of the memory it was forked from (this
+# whole benchmark's), so it would report that instead of the exporter's own peak.
+PEAK_RSS_PROBE = """
+import atexit, runpy, sys
+def report():
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    sys.stderr.write(f"\\nVmHWM_kB {peak}\\n")
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def stage_export(model_dir: Path, run_dir: Path, out: Path) -> dict:
     """Seconds and peak RSS of the exporter in a fresh process."""
-    command = [sys.executable, str(ROOT / "scripts" / "convert_to_mistral.py"), "--model", str(model_dir)]
+    script = ROOT / "scripts" / "convert_to_mistral.py"
+    command = [sys.executable, "-c", PEAK_RSS_PROBE, str(script), "--model", str(model_dir)]
     command += ["--adapter", str(run_dir / "adapter"), "--out", str(out)]
-    env = child_environment()
     start = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status:
-        raise RuntimeError(f"export failed: {child.stderr.read().decode()[-2000:]}")
+    # run() reads stderr while the child runs: its progress bar alone can fill a pipe's buffer
+    child = subprocess.run(
+        command, env=child_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    seconds = time.perf_counter() - start
+    if child.returncode:
+        raise RuntimeError(f"export failed: {child.stderr[-2000:]}")
+    peak_kib = int(re.findall(r"VmHWM_kB (\d+)", child.stderr)[-1])
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return {
-        "seconds": time.perf_counter() - start,
-        "peak_rss_gib": usage.ru_maxrss / 2**20,
-        "output_gib": size / 2**30,
-    }
+    return {"seconds": seconds, "peak_rss_gib": peak_kib / 2**20, "output_gib": size / 2**30}
 
 
 def stage_logits(tmp: Path, args, device: str) -> dict:
@@ -365,20 +384,31 @@ def main() -> int:
     parser.add_argument("--logit-layers", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="the tiny shape: checks the script without a GPU")
     parser.add_argument(
+        "--layers",
+        type=int,
+        help="cut the trained model to this many text (and vision) layers: with the 12B widths, a CPU "
+        "dry run of every stage at full width (slow; its speed figures mean nothing)",
+    )
+    parser.add_argument(
         "--skip", default="", help="comma-separated stages to skip: evaluation,logits,export,speed_options"
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-gpu-12b.json"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not args.tiny and device != "cuda":
-        print("error: the 12B check needs a CUDA GPU; --tiny runs the same code on a CPU", file=sys.stderr)
+    if not args.tiny and not args.layers and device != "cuda":
+        print(
+            "error: the 12B check needs a CUDA GPU; --tiny runs the same code on a CPU, and --layers N "
+            "runs it at the 12B widths cut to N layers",
+            file=sys.stderr,
+        )
         return 2
     import transformers
 
     results: dict = {
-        "benchmark": "Pixtral-12B shape, random weights (configs/aid.yaml)"
-        if not args.tiny
-        else "tiny shape (script check)",
+        "benchmark": "tiny shape (script check)"
+        if args.tiny
+        else "Pixtral-12B shape, random weights (configs/aid.yaml)"
+        + (f", cut to {args.layers} layers" if args.layers else ""),
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": {
