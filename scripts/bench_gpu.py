@@ -215,10 +215,15 @@ def measure_training(
     return figures, run_dir
 
 
-def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path, Path]:
+def stage_training(tmp: Path, args, device: str) -> tuple[dict, Path]:
     built = prepare_inputs(tmp, args, device)
     figures, run_dir = measure_training(tmp, args, device)
-    return {**built, **figures}, run_dir, tmp / "model"
+    return {**built, **figures}, run_dir
+
+
+def error_record(err: Exception) -> dict:
+    """What the results file keeps of a failure (called inside the `except` that caught it)."""
+    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
 
 
 # The speed options of issue #12: package that provides it, config overrides, CUDA only.
@@ -243,10 +248,7 @@ def stage_speed_options(tmp: Path, args, device: str, baseline_step_s: float | N
         try:
             figures, _ = measure_training(tmp, args, device, f"run-{name}", overrides, min(args.steps, 4))
         except Exception as err:  # one option failing must not hide the other's figures
-            results[name] = {
-                "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc()[-4000:],
-            }
+            results[name] = error_record(err)
             continue
         keys = (
             "seconds_per_optimizer_step",
@@ -431,9 +433,8 @@ def main() -> int:
             results[name] = function(*arguments)
         except Exception as err:  # recorded; the stages that do not depend on it still run
             failed.append(name)
-            trace = traceback.format_exc()
-            results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": trace[-4000:]}
-            print(trace, file=sys.stderr, flush=True)
+            results[name] = error_record(err)
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
         results.setdefault("stage_seconds", {})[name] = time.perf_counter() - begun
         results["total_s"] = time.perf_counter() - started
         write_json(args.out, results)
@@ -443,7 +444,7 @@ def main() -> int:
         trained: dict = {}
 
         def training() -> dict:
-            figures, trained["run"], trained["model"] = stage_training(tmp, args, device)
+            figures, trained["run"] = stage_training(tmp, args, device)
             return figures
 
         stage("training", training)
@@ -454,7 +455,7 @@ def main() -> int:
             for folder in ("wide", "wide-mistral"):  # ~6 GB at full width, even after a failure: the
                 shutil.rmtree(tmp / folder, ignore_errors=True)  # export stage needs the disk
         if "export" not in skip and trained:
-            stage("export", stage_export, trained["model"], trained["run"], tmp / "mistral")
+            stage("export", stage_export, tmp / "model", trained["run"], tmp / "mistral")
             for path in (tmp / "mistral").glob("*.safetensors"):
                 path.unlink()  # the disk of a GPU machine holds one 12B copy beside the base, not two
         if "speed_options" not in skip and trained:  # last: the least needed figures
