@@ -31,6 +31,7 @@ def test_map_finds_the_true_classes_with_exact_polygons_in_the_scenes_crs(tiny_r
     assert collection["crs"]["properties"]["name"] == "EPSG:32633"
     features = collection["features"]
     assert len(features) == 20 == summary["classified"]
+    assert summary["tile_pixels"] == 64
     correct = sum(
         f["properties"]["label"] == layout[f["properties"]["row"]][f["properties"]["col"]] for f in features
     )
@@ -58,7 +59,8 @@ def test_map_in_wgs84_and_as_a_geopackage(tiny_run, mosaic, tmp_path):
     for x, y in collection["features"][0]["geometry"]["coordinates"][0]:
         assert 14 < x < 16 and 45 < y < 46  # UTM 33N, 500 km east, 5,000 km north: near 15 E, 45.1 N
     pyogrio = pytest.importorskip("pyogrio", reason="GeoPackage output needs pyogrio")
-    map_scene(scene, tiny_run, tmp_path / "map.gpkg", tile=64)
+    summary = map_scene(scene, tiny_run, tmp_path / "map.gpkg", tile_m=640.0)  # 10 m pixels: 64 px
+    assert summary["tile_pixels"] == 64
     frame = pyogrio.raw.read(tmp_path / "map.gpkg")
     assert len(frame[2]) == 20 and "32633" in frame[0]["crs"]
 
@@ -76,7 +78,7 @@ def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
     write_geotiff(tmp_path / "s.tif", array)
     out = tmp_path / "m.geojson"
     summary = scene_map.map_scene(tmp_path / "s.tif", tiny_run, out, tile=48)
-    assert summary["classified"] == 1 and summary["empty"] == 3
+    assert summary["classified"] == 1 and summary["empty"] == 3 and summary["tile_pixels"] == 48
     with pytest.raises(DataError, match="smaller than one 128-pixel tile"):
         scene_map.map_scene(tmp_path / "s.tif", tiny_run, tmp_path / "x.geojson", tile=128)
 

@@ -143,13 +143,14 @@ def map_scene(
                 rows, meta = [], {}
                 for row, col, window, partial in pending[begin : begin + batch_size]:
                     key = f"{row},{col}"
-                    tile = _tile_row(dataset, bands, scene, window, partial, key, messages)
-                    if tile is None:
+                    read = _tile_row(dataset, bands, scene, window, partial, key, messages)
+                    if read is None:
                         done[key] = {"empty": True}
                         log.write(json.dumps({"key": key, "empty": True}) + "\n")
                         continue
-                    rows.append(tile[0])
-                    meta[key] = {"row": row, "col": col, "window": tile[1]}  # window: the valid pixels
+                    sample, valid_window = read
+                    rows.append(sample)
+                    meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
                 if rows:
                     if model is None:
                         model = run_model(run_dir, config, "finetuned", model_path)
