@@ -1,6 +1,6 @@
 """Accuracy while training: the validation split classified at every `training.eval_steps`.
 
-The predictions come from `evaluation.evaluate.predict_rows`, the code `pixtral-lora eval` runs, in one mode
+The predictions come from `evaluation.evaluate.predict_for_run`, the code `pixtral-lora eval` runs, in one mode
 (`training.eval_classification.mode`). Under data parallel each process classifies a shard and the
 predictions are gathered once, so every process computes the same metrics (and so takes the same
 best-checkpoint and early-stopping decisions).
@@ -12,7 +12,7 @@ import logging
 import time
 
 from pixtral_lora.config import Config
-from pixtral_lora.evaluation.evaluate import predict_rows, summarise
+from pixtral_lora.evaluation.evaluate import predict_for_run, summarise
 from pixtral_lora.render import Renderer
 
 logger = logging.getLogger(__name__)
@@ -51,16 +51,14 @@ class ValidationClassifier:
         start = time.perf_counter()
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         model.eval()
-        predictions, _ = predict_rows(
+        predictions, _ = predict_for_run(
             model,
             self.renderer,
             self.rows[rank::world],
             self.class_names,
-            self.config.prompt,
+            self.config,
             self.settings.mode,
             batch_size=self.config.training.per_device_eval_batch_size,
-            max_new_tokens=self.config.eval.max_new_tokens,
-            strict=self.config.eval.strict,
             desc=f"classifying validation ({self.settings.mode})",
         )
         if world > 1:
