@@ -164,10 +164,15 @@ def _remove_stale_partials(final: Path) -> None:
         pid_text = stale.name[len(f".{final.name}.partial-") :].split("-", 1)[0]
         if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
             continue
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+        _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a directory tree, whichever `path` is (gone already is fine)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _disk_full(final: Path, written: int, needed: int | None) -> OutputError:
@@ -200,20 +205,16 @@ def _tree_size(path: Path) -> int:
 @contextlib.contextmanager
 def _removed_on_failure(tmp: Path, final: Path, needed_bytes: int | None) -> Iterator[None]:
     """Remove the temporary file or directory `tmp` if the block fails; a full disk becomes one line."""
-
-    def remove() -> None:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-
     try:
         yield
     except OSError as err:
         written = _tree_size(tmp) if tmp.exists() else 0
-        remove()
+        _remove(tmp)
         if err.errno == errno.ENOSPC:
             raise _disk_full(final, written, needed_bytes) from None
         raise
     except BaseException:
-        remove()
+        _remove(tmp)
         raise
 
 
@@ -241,7 +242,7 @@ def atomic_directory(
         old = final.with_name(f".{final.name}.partial-{os.getpid()}-old")
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        _remove(old)
     else:
         tmp.rename(final)
 
