@@ -105,3 +105,34 @@ def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_pa
     summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
     assert sum(calls) == 20 - 8 and summary["classified"] == 20  # only the 12 tiles not yet done
     assert not (tmp_path / ".m.geojson.journal.jsonl").exists()
+
+
+def test_a_map_killed_while_writing_its_journal_loses_only_that_tile(tiny_run, mosaic, tmp_path, monkeypatch):
+    import pixtral_lora.evaluation.evaluate as evaluation
+    from pixtral_lora.inference.scene_map import map_scene
+
+    scene, _ = mosaic
+    journal = tmp_path / ".m.geojson.journal.jsonl"
+    real, calls = evaluation.predict_rows, []
+
+    def dies_on_batch(n):
+        def predict(*args, **kwargs):
+            calls.append(len(args[2]))
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return predict
+
+    monkeypatch.setattr(evaluation, "predict_rows", dies_on_batch(3))
+    with pytest.raises(KeyboardInterrupt):
+        map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    journal.write_bytes(journal.read_bytes()[:-10])  # a kill in the middle of the last record: 7 tiles kept
+    calls.clear()
+    monkeypatch.setattr(evaluation, "predict_rows", dies_on_batch(2))
+    with pytest.raises(KeyboardInterrupt):  # the torn tile and 3 more, then killed again
+        map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    calls.clear()
+    monkeypatch.setattr(evaluation, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    assert sum(calls) == 20 - 7 - 4 and summary["classified"] == 20

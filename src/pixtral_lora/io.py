@@ -5,6 +5,7 @@
   entries match the kind's file patterns); anything else is refused unless `overwrite=True`. A
   temporary left by a killed writer (`.NAME.partial-PID-*`) is removed by the next writer to that path.
 - A full disk becomes an `OutputError` saying how much space was needed and where, not a traceback.
+- `drop_torn_tail`: a journal appended to after a kill goes on from its last complete line.
 - `run_lock`: an OS-level lock on a run directory, held for the life of the process that trains in it
   (the kernel releases it when that process dies, however it dies).
 """
@@ -271,6 +272,14 @@ def atomic_file(
             yield handle
         tmp.chmod(0o644)
         tmp.replace(final)
+
+
+def drop_torn_tail(path: str | Path) -> None:
+    """Cut a last line a kill left unfinished, so lines appended to a journal start on their own."""
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def write_json(path: str | Path, payload) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pixtral_lora.data.loaders import IMAGE_SUFFIXES, DataError
 from pixtral_lora.images import ImageError, read_image_bytes
-from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
+from pixtral_lora.io import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class _Appender:
         self.path = path
         new = not path.exists() or path.stat().st_size == 0
         if path.exists():
-            _drop_torn_tail(path)
+            drop_torn_tail(path)
         self.handle = open(path, "a", encoding="utf-8", newline="")
         self.csv = csv.DictWriter(self.handle, fieldnames=COLUMNS) if path.suffix == ".csv" else None
         if self.csv and new:
@@ -202,14 +202,6 @@ class _Appender:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line a kill left unfinished, so appended rows start on a line of their own."""
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data and not data.endswith(b"\n"):
-            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def _journal(out: Path, rank: int, world: int) -> Path:

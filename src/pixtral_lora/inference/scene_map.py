@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pixtral_lora.data.geo import read_rgb
 from pixtral_lora.data.loaders import DataError
-from pixtral_lora.io import atomic_file, check_replaceable_file, locks_its_output
+from pixtral_lora.io import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ def map_scene(
         messages = messages_to_json(config.prompt.messages(class_names))
         model = renderer = None
         batch_size = batch_size or config.eval.batch_size
+        if journal.exists():
+            drop_torn_tail(journal)
         with open(journal, "a", encoding="utf-8") as log:
             if not done:
                 log.write(json.dumps({"identity": identity}) + "\n")
