@@ -378,6 +378,38 @@ def predict_for_run(
     )
 
 
+class RunClassifier:
+    """A run's fine-tuned model classifying new images (`predict`, `map`): the run's config, classes
+    and prompt. The model loads at the first batch, so a rerun with nothing left to do loads none."""
+
+    def __init__(self, run_dir: str | Path, model_path: str | None = None, resize_to: int | None = None):
+        from pixtral_lora.config import load_config
+        from pixtral_lora.prompt import messages_to_json
+
+        self.run_dir = Path(run_dir)
+        check_run_dir(self.run_dir, needs_adapter=model_path is None)
+        self.config = load_config(self.run_dir / "config.yaml")
+        self.class_names = json.loads((self.run_dir / "split.json").read_text())["class_names"]
+        self._messages = messages_to_json(self.config.prompt.messages(self.class_names))
+        self._model_path, self._resize_to = model_path, resize_to
+        self._model = self._renderer = None
+
+    def row(self, key: str, image: dict) -> dict:
+        """A row to classify: the run's prompt and one image (`{"path": ..., "bytes": ...}`)."""
+        return {"id": key, "messages": self._messages, "images": [image], "label": ""}
+
+    def __call__(self, rows: list[dict], mode: str, batch_size: int | None = None) -> list[Prediction]:
+        if self._model is None:
+            self._model = run_model(self.run_dir, self.config, "finetuned", self._model_path)
+            self._renderer = run_renderer(self.run_dir, self.config)
+            if self._resize_to:
+                self._renderer.image_longest_edge = self._resize_to
+        predictions, _ = predict_for_run(
+            self._model, self._renderer, rows, self.class_names, self.config, mode, batch_size=batch_size
+        )
+        return predictions
+
+
 def evaluate_run(
     run_dir: str | Path,
     modes: list[str] | None = None,

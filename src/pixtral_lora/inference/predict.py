@@ -247,16 +247,13 @@ def predict_archive(
     merges. Process 0 holds a lock on FILE: a second command on it fails at once. See the module
     docstring.
     """
-    from pixtral_lora.config import load_config
-    from pixtral_lora.evaluation.evaluate import check_run_dir, predict_for_run, run_model, run_renderer
-    from pixtral_lora.prompt import messages_to_json
+    from pixtral_lora.evaluation.evaluate import RunClassifier
 
     out = Path(out)
     if out.suffix not in SUFFIXES:
         raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
     check_replaceable_file(out, is_predictions_file, overwrite)
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, needs_adapter=model_path is None)
+    classify = RunClassifier(run_dir, model_path)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         import torch.distributed as dist
@@ -277,13 +274,9 @@ def predict_archive(
         done[row["path"]] = row
     mine = items[rank::world]
     logger.info("process %d of %d: %d of %d inputs", rank, world, len(mine), len(items))
-    config = load_config(run_dir / "config.yaml")
-    class_names = json.loads((run_dir / "split.json").read_text())["class_names"]
-    messages = messages_to_json(config.prompt.messages(class_names))
     direct = world == 1 and out.suffix in (".jsonl", ".csv")
     writer = _Appender(out if direct else _journal(out, rank, world))
-    model = renderer = None
-    batch_size = batch_size or config.eval.batch_size
+    batch_size = batch_size or classify.config.eval.batch_size
     skipped = 0
     started = time.perf_counter()
     progress = tqdm(total=len(mine), desc=f"predicting ({mode})", unit="img", disable=None)
@@ -301,15 +294,9 @@ def predict_archive(
                 if earlier is not None and earlier.get("sha256") == hashes[item.key]:
                     skipped += 1
                     continue
-                rows.append({"id": item.key, "messages": messages, "images": [ref], "label": ""})
+                rows.append(classify.row(item.key, ref))
             if rows:
-                if model is None:
-                    model = run_model(run_dir, config, "finetuned", model_path)
-                    renderer = run_renderer(run_dir, config)
-                predictions, _ = predict_for_run(
-                    model, renderer, rows, class_names, config, mode, batch_size=batch_size
-                )
-                writer.write(_rows_of(predictions, hashes))
+                writer.write(_rows_of(classify(rows, mode, batch_size), hashes))
             progress.update(len(batch))
     finally:
         progress.close()

@@ -92,20 +92,16 @@ def map_scene(
     """
     import rasterio
 
-    from pixtral_lora.config import load_config
-    from pixtral_lora.evaluation.evaluate import check_run_dir, predict_for_run, run_model, run_renderer
-    from pixtral_lora.prompt import messages_to_json
+    from pixtral_lora.evaluation.evaluate import RunClassifier
 
     out, scene, run_dir = Path(out), Path(scene), Path(run_dir)
     if out.suffix not in (".geojson", ".json", ".gpkg"):
         raise DataError(f"--out {out}: use a .geojson or .gpkg file name")
     check_replaceable_file(out, _is_mappable, overwrite)
-    check_run_dir(run_dir, needs_adapter=model_path is None)
+    classify = RunClassifier(run_dir, model_path, resize_to)
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
-    config = load_config(run_dir / "config.yaml")
-    class_names = json.loads((run_dir / "split.json").read_text())["class_names"]
-    bands = config.data.band_options()
+    bands = classify.config.data.band_options()
     try:
         dataset = rasterio.open(scene)
     except rasterio.errors.RasterioIOError as err:
@@ -132,9 +128,7 @@ def map_scene(
         }
         done = _read_journal(journal, identity)
         windows = list(_windows(dataset.width, dataset.height, tile, stride, edges))
-        messages = messages_to_json(config.prompt.messages(class_names))
-        model = renderer = None
-        batch_size = batch_size or config.eval.batch_size
+        batch_size = batch_size or classify.config.eval.batch_size
         if journal.exists():
             drop_torn_tail(journal)
         with open(journal, "a", encoding="utf-8") as log:
@@ -145,24 +139,16 @@ def map_scene(
                 rows, meta = [], {}
                 for row, col, window, partial in pending[begin : begin + batch_size]:
                     key = f"{row},{col}"
-                    read = _tile_row(dataset, bands, scene, window, partial, key, messages)
+                    read = _read_tile(dataset, bands, scene, window, partial)
                     if read is None:
                         done[key] = {"empty": True}
                         log.write(json.dumps({"key": key, "empty": True}) + "\n")
                         continue
-                    sample, valid_window = read
-                    rows.append(sample)
+                    png, valid_window = read
+                    rows.append(classify.row(key, {"path": None, "bytes": png}))
                     meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
                 if rows:
-                    if model is None:
-                        model = run_model(run_dir, config, "finetuned", model_path)
-                        renderer = run_renderer(run_dir, config)
-                        if resize_to:
-                            renderer.image_longest_edge = resize_to
-                    predictions, _ = predict_for_run(
-                        model, renderer, rows, class_names, config, mode, batch_size=batch_size
-                    )
-                    for p in predictions:
+                    for p in classify(rows, mode, batch_size):
                         record = {
                             "key": p.id,
                             **meta[p.id],
@@ -179,7 +165,7 @@ def map_scene(
         empty = len(windows) - len(features)
         crs = "EPSG:4326" if to_wgs84 else dataset.crs.to_string()
         legend = _plot_map(
-            dataset, bands, features, class_names, out.with_suffix(".png"), tile, min_confidence
+            dataset, bands, features, classify.class_names, out.with_suffix(".png"), tile, min_confidence
         )
     _write_vector(out, features, crs, overwrite=True)
     journal.unlink(missing_ok=True)
@@ -200,20 +186,14 @@ def map_scene(
     }
 
 
-def _tile_row(dataset, bands, scene: Path, window, partial: bool, key: str, messages) -> tuple | None:
-    """One tile as a prediction row and its valid pixels' window [column, row, width, height];
-    None when the tile holds no data (nodata everywhere, or all black)."""
+def _read_tile(dataset, bands, scene: Path, window, partial: bool) -> tuple | None:
+    """One tile as PNG bytes and its valid pixels' window [column, row, width, height]; None when
+    the tile holds no data (nodata everywhere, or all black)."""
     rgb, valid = read_rgb(dataset, bands, str(scene), window, boundless=partial)
     if not valid.any() or not rgb.any():
         return None
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
-    row = {
-        "id": key,
-        "messages": messages,
-        "images": [{"path": None, "bytes": buffer.getvalue()}],
-        "label": "",
-    }
     valid_rows, valid_cols = valid.any(axis=1).nonzero()[0], valid.any(axis=0).nonzero()[0]
     pixels = [
         int(window.col_off) + int(valid_cols.min()),
@@ -221,7 +201,7 @@ def _tile_row(dataset, bands, scene: Path, window, partial: bool, key: str, mess
         int(valid_cols.max() - valid_cols.min() + 1),
         int(valid_rows.max() - valid_rows.min() + 1),
     ]
-    return row, pixels
+    return buffer.getvalue(), pixels
 
 
 def _features(windows, done: dict, dataset, to_wgs84: bool, min_confidence: float) -> list[dict]:
