@@ -208,6 +208,11 @@ def _journal(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f".{out.name}.journal-{rank}of{world}.jsonl")
 
 
+def _journals(out: Path) -> list[Path]:
+    """The journals beside FILE, of this launch and of earlier ones (any process count)."""
+    return sorted(out.parent.glob(f".{out.name}.journal-*of*.jsonl"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prediction
 
@@ -268,7 +273,7 @@ def predict_archive(
         out.unlink()  # --overwrite of a file that is not a predictions file: start it afresh
     done = {}
     previous = _read_rows(out) if ours else []
-    for journal in out.parent.glob(f".{out.name}.journal-*.jsonl"):
+    for journal in _journals(out):
         previous += _read_rows(journal)
     for row in previous:
         done[row["path"]] = row
@@ -316,7 +321,7 @@ def predict_archive(
 
 def _finalise(out: Path, items: list[Item], overwrite: bool, images_per_second: float, skipped: int) -> dict:
     """Rewrite FILE with every input exactly once, in input order; remove the journals."""
-    journals = sorted(out.parent.glob(f".{out.name}.journal-*.jsonl"))
+    journals = _journals(out)
     latest: dict[str, dict] = {}
     for row in _read_rows(out) if out.exists() else []:
         latest[row["path"]] = row
