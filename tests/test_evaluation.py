@@ -5,6 +5,7 @@ import pytest
 
 from pixtral_lora.cli import main
 from pixtral_lora.data.loaders import load_aid_folder, to_conversations
+from pixtral_lora.errors import UserError
 from pixtral_lora.evaluation.evaluate import AnswerTrie, answer_token_ids, load_eval_model, predict_rows
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer
@@ -140,5 +141,5 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
         pytest.skip("vllm is installed here")
     except ImportError:
         pass
-    with pytest.raises(RuntimeError, match="needs vllm"):
+    with pytest.raises(UserError, match="needs vllm"):
         vllm_generate(tmp_path, [{"images": []}], None, 8)

@@ -18,7 +18,7 @@ from conftest import SYNTH_CLASSES, tiny_config
 from PIL import Image
 
 from pixtral_lora.cli import main
-from pixtral_lora.data.loaders import DataError
+from pixtral_lora.errors import DataError
 from pixtral_lora.io import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]

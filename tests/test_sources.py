@@ -9,7 +9,7 @@ import pytest
 from conftest import SYNTH_CLASSES, tiny_config
 from PIL import Image
 
-from pixtral_lora.data.loaders import DataError
+from pixtral_lora.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,8 +171,8 @@ BENCHMARKS = {
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_layouts_load_with_readable_labels_and_back(name, tmp_path, processor):
     from pixtral_lora.config import load_config
+    from pixtral_lora.data.splits import load_run_data
     from pixtral_lora.render import Renderer
-    from pixtral_lora.training import load_run_data
 
     folders, suffix, size, (folder, label) = BENCHMARKS[name]
     folders = folders.split()
@@ -202,8 +202,8 @@ def test_benchmark_layouts_load_with_readable_labels_and_back(name, tmp_path, pr
 
 
 def test_band_selection_and_percentile_stretch_are_exact(tmp_path):
-    from pixtral_lora.data.geo import BandOptions, write_geotiff
     from pixtral_lora.images import load_image
+    from pixtral_lora.raster import BandOptions, write_geotiff
 
     # 4 bands, uint16; band b holds the values 1000*b + 0..99 in a 10x10 ramp, plus a nodata corner
     ramp = np.arange(100, dtype=np.uint16).reshape(10, 10)
@@ -228,7 +228,7 @@ def test_trains_from_a_13_band_geotiff_folder_and_preview_shows_the_same_pixels(
     tiny_model_dir, aid_dir, tmp_path
 ):
     from pixtral_lora.cli import main
-    from pixtral_lora.data.geo import write_geotiff
+    from pixtral_lora.raster import write_geotiff
 
     data = tmp_path / "ms"
     for name in SYNTH_CLASSES:
@@ -285,7 +285,7 @@ def test_a_test_path_that_is_an_hf_dataset_with_splits_is_all_test_data(aid_dir,
     from datasets import DatasetDict
 
     from pixtral_lora.config import load_config
-    from pixtral_lora.training import load_run_data
+    from pixtral_lora.data.splits import load_run_data
 
     train_part, test_part = _hub_splits(aid_dir)
     train_part.to_parquet(tmp_path / "train.parquet")

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from pixtral_lora.config import ConfigError
-from pixtral_lora.data.loaders import DataError
+from pixtral_lora.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,11 +43,31 @@ def _class_names_arg(value: str | None) -> list[str] | None:
 def _data_validate(args) -> int:
     from pixtral_lora.data.validate import validate
 
+    class_names, test_path, allowed, hf_settings = (
+        _class_names_arg(args.classes),
+        args.test,
+        args.allow_path,
+        {},
+    )
+    if args.config:  # the data settings training will use
+        from pixtral_lora.config import load_config
+
+        data = load_config(args.config).data
+        class_names = class_names or data.class_names
+        test_path = test_path or data.test_path
+        allowed = [*allowed, *data.allow_paths_outside]
+        hf_settings = {
+            "image_column": data.image_column,
+            "label_column": data.label_column,
+            "hub_config": data.hub_config,
+            "hub_revision": data.hub_revision,
+        }
     problems = validate(
         args.path,
-        class_names=_class_names_arg(args.classes),
-        test_path=args.test,
-        allowed_roots=args.allow_path,
+        class_names=class_names,
+        test_path=test_path,
+        allowed_roots=allowed,
+        hf_settings=hf_settings,
     )
     errors = [p for p in problems if p.severity == "error"]
     for problem in problems:

@@ -12,13 +12,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pixtral_lora.answers import class_name_problem
+from pixtral_lora.errors import UserError
 from pixtral_lora.modeling import PIXTRAL_12B
 from pixtral_lora.prompt import PromptConfig
 
 LANGUAGE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid configuration; the message says where and what to do."""
 
 
@@ -110,8 +111,8 @@ class DataSection(_Section):
         return self
 
     def band_options(self):
-        """The `data.geo.BandOptions` images are read with (None: the defaults)."""
-        from pixtral_lora.data.geo import BandOptions
+        """The `raster.BandOptions` images are read with (None: the defaults)."""
+        from pixtral_lora.raster import BandOptions
 
         stretch = self.stretch if self.stretch == "percentile" else tuple(tuple(r) for r in self.stretch)
         return BandOptions(

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from pixtral_lora.errors import UserError
 from pixtral_lora.io import (
     ADAPTER_FILES,
     HF_CHECKPOINT_FILES,
@@ -49,7 +50,7 @@ from pixtral_lora.modeling import (
 logger = logging.getLogger(__name__)
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The checkpoint or adapter cannot be exported as asked."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from pixtral_lora.errors import UserError
+
 PATCH_SIZE = 16
 # Pixtral's vision encoder sees at most 1024x1024; anything bigger than this many pixels is not a
 # photo we want to decode (PIL's own default bomb limit is ~89 Mpx and only warns below 2x that).
@@ -29,7 +31,7 @@ MAX_IMAGE_BYTES = 256 * 1024 * 1024
 DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,(?P<payload>.*)$", re.DOTALL)
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used, with the reason and where it came from."""
 
 
@@ -109,18 +111,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, bands=None) -> Image.Image:
     """Decode an image file, data URI or bytes into an upright 8-bit RGB PIL image.
 
-    Multi-band, 16-bit and float TIFFs (and any TIFF when `bands`, a `data.geo.BandOptions`, asks for a
-    band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`data.geo`).
+    Multi-band, 16-bit and float TIFFs (and any TIFF when `bands`, a `raster.BandOptions`, asks for a
+    band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`raster`).
     Raises `ImageError` for missing, truncated, corrupt or oversized images.
     """
-    from pixtral_lora.data import geo
+    from pixtral_lora import raster
 
     name = describe_source(source)
     data = read_image_bytes(source)
-    if geo.needs_raster_reader(data, bands):
+    if raster.needs_raster_reader(data, bands):
         try:
-            image = geo.read_raster(data, bands or geo.BandOptions(), name)
-        except geo.GeoError as err:
+            image = raster.read_raster(data, bands or raster.BandOptions(), name)
+        except raster.GeoError as err:
             raise ImageError(str(err)) from err
         except Exception as err:  # rasterio raises its own error types for unreadable rasters
             raise ImageError(f"{name}: cannot read raster ({err})") from err

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from pixtral_lora.errors import UserError
+
 # Entries a previous output of each kind may hold; a directory holding anything else is not replaced.
 PROCESSOR_FILES = (
     "tokenizer.json",
@@ -69,7 +71,7 @@ EVAL_REPORT_FILES = (
 )
 
 
-class OutputError(ValueError):
+class OutputError(UserError):
     """An output that cannot be written as asked (exists and is not ours, disk full, not writable)."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pixtral_lora.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 PIXTRAL_12B = "mistral-community/pixtral-12b"
@@ -207,7 +209,7 @@ def load_processor(model_name_or_path: str | os.PathLike):
     return processor
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """A model reference that is neither a local checkpoint nor a reachable hub model."""
 
 

@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset
 
 from pixtral_lora.data.loaders import image_source
+from pixtral_lora.errors import UserError
 from pixtral_lora.images import image_token_count, load_image, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-class RenderError(ValueError):
+class RenderError(UserError):
     """A sample that cannot be rendered (template mismatch, image token mismatch, ...)."""
 
 

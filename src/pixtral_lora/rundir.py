@@ -20,14 +20,11 @@ import torch
 
 from pixtral_lora.config import Config, dump_config
 from pixtral_lora.data.loaders import check_data_path
+from pixtral_lora.errors import RunDirError
 from pixtral_lora.io import atomic_file, check_writable, run_lock
 from pixtral_lora.modeling import check_model_source, checkpoint_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-class RunDirError(ValueError):
-    """The run directory holds a different run, or is not (yet) what the command needs."""
 
 
 def environment(config: Config, device: str) -> dict:

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import glob
 import logging
+import re
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from pixtral_lora.data.loaders import DataError
+from pixtral_lora.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf://"
 _METADATA = ("metadata.csv", "metadata.jsonl")
+_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def is_hf_source(path: str | Path) -> bool:
@@ -50,21 +52,37 @@ def is_hf_source(path: str | Path) -> bool:
     )
 
 
+def _load_hub(repo: str, hub_config: str | None, hub_revision: str | None):
+    """A Hub dataset through `datasets`; without network, the snapshot the Hub client cached
+    (`HF_HUB_CACHE/datasets--OWNER--NAME/snapshots/...`), which `load_dataset` does not look in offline."""
+    from datasets import load_dataset
+    from huggingface_hub import constants, snapshot_download
+
+    if not _HUB_REPO.fullmatch(repo):
+        raise DataError(f"data.path: hf://{repo}: a Hub dataset id is hf://OWNER/NAME")
+    try:
+        return load_dataset(repo, hub_config, revision=hub_revision)
+    except Exception as err:  # offline, unreachable, unknown: datasets raises many types
+        first = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    try:
+        snapshot = snapshot_download(repo, repo_type="dataset", revision=hub_revision, local_files_only=True)
+    except Exception:  # not in the Hub client's cache either (LocalEntryNotFoundError and kin)
+        from datasets import config as datasets_config
+
+        raise DataError(
+            f"data.path: hf://{repo}: cannot load the Hub dataset ({first}); it is not in the HF hub cache "
+            f"{constants.HF_HUB_CACHE} nor the datasets cache {datasets_config.HF_DATASETS_CACHE} "
+            "(download it once online, or set data.path to a local copy)"
+        ) from None
+    logger.info("hf://%s: loading the cached snapshot %s", repo, snapshot)
+    return load_dataset(snapshot, hub_config)
+
+
 def _load_raw(path: str, hub_config: str | None, hub_revision: str | None) -> dict[str, Dataset]:
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if path.startswith(HUB_PREFIX):
-        repo = path[len(HUB_PREFIX) :]
-        try:
-            loaded = load_dataset(repo, hub_config, revision=hub_revision)
-        except Exception as err:  # offline, unreachable, unknown: datasets raises many types
-            from datasets import config as datasets_config
-
-            raise DataError(
-                f"data.path: {path}: cannot load the Hub dataset {repo!r} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:160]}); looked in the HF datasets cache "
-                f"{datasets_config.HF_DATASETS_CACHE} (download it once online, or set data.path to a local copy)"
-            ) from None
+        loaded = _load_hub(path[len(HUB_PREFIX) :], hub_config, hub_revision)
     elif any(ch in path for ch in "*?[") or Path(path).suffix == ".parquet":
         files = sorted(glob.glob(path))
         if not files:
@@ -82,6 +100,8 @@ def _load_raw(path: str, hub_config: str | None, hub_revision: str | None) -> di
 
 
 def _class_names(raw: dict[str, Dataset], label_column: str, class_names: list[str] | None, path: str):
+    """The class names and how labels name them: "index" (a ClassLabel, or integers with
+    `data.class_names`: positions in the list) or "name" (strings)."""
     features = [split.features[label_column] for split in raw.values()]
     if all(isinstance(f, ClassLabel) for f in features):
         names = list(features[0].names)
@@ -91,12 +111,32 @@ def _class_names(raw: dict[str, Dataset], label_column: str, class_names: list[s
             raise DataError(
                 f"data.class_names {class_names} differ from the dataset's ClassLabel names {names}"
             )
-        return names, True
+        return names, "index"
+    integers = all(isinstance(f, Value) and f.dtype.startswith(("int", "uint")) for f in features)
     if class_names:
-        return list(class_names), False
-    names = sorted({str(v) for split in raw.values() for v in split[label_column]})
+        return list(class_names), "index" if integers else "name"
+    names = sorted({str(v) for split in raw.values() for v in split[label_column] if v is not None})
     logger.info("%s: string labels; class names are their sorted distinct values: %s", path, names)
-    return names, False
+    return names, "name"
+
+
+def _label_problems(labels: list, names: list[str], by_index: bool, column: str) -> list[tuple[int, str]]:
+    """(row, why) for every label that names no class: the Hub's -1 ("no label"), an index outside
+    the ClassLabel, a null, or a string that is not one of the class names."""
+    problems = []
+    known = set(names)
+    for row, value in enumerate(labels):
+        if value is None:
+            problems.append((row, f"{column}: no label (null)"))
+        elif by_index and value == -1:
+            problems.append((row, f"{column}: no label (-1, the Hub's 'unlabelled')"))
+        elif by_index and not 0 <= value < len(names):
+            problems.append(
+                (row, f"{column}: {value} is outside the {len(names)} classes (0..{len(names) - 1})")
+            )
+        elif not by_index and str(value) not in known:
+            problems.append((row, f"{column}: {value!r} is not one of the {len(names)} classes"))
+    return problems
 
 
 def load_hf_splits(
@@ -106,8 +146,14 @@ def load_hf_splits(
     class_names: list[str] | None = None,
     hub_config: str | None = None,
     hub_revision: str | None = None,
+    bad_labels: list[tuple[str, int, str]] | None = None,
 ) -> tuple[dict[str, Dataset], list[str]]:
-    """Each split of the source as a classification dataset (id, image, label), and the class names."""
+    """Each split of the source as a classification dataset (id, image, label), and the class names.
+
+    Every label is checked against the class list. A row whose label names no class is an error
+    (`DataError` naming split, row and value), or, when `bad_labels` is given, is left out and listed
+    there as (split, row, why) for the caller to report (`data validate` does).
+    """
     raw = _load_raw(str(path), hub_config, hub_revision)
     for name, split in raw.items():
         missing = [c for c in (image_column, label_column) if c not in split.column_names]
@@ -116,7 +162,7 @@ def load_hf_splits(
                 f"data.path: {path} [{name}]: no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
                 "set data.image_column / data.label_column"
             )
-    names, is_class_label = _class_names(raw, label_column, class_names, str(path))
+    names, labelled_by = _class_names(raw, label_column, class_names, str(path))
     features = Features(
         {"id": Value("string"), "image": Image(decode=False), "label": ClassLabel(names=names)}
     )
@@ -124,17 +170,21 @@ def load_hf_splits(
     for split_name, split in raw.items():
         split = split.select_columns([image_column, label_column])
         split = split.cast_column(image_column, Image(decode=False))
-        if not is_class_label:
-            known = set(names)
-            for row, value in enumerate(split[label_column]):
-                if str(value) not in known:
-                    raise DataError(
-                        f"data.path: {path} [{split_name}:{row}] {label_column}: {value!r} is not one of "
-                        f"the {len(names)} classes"
-                    )
+        split = split.add_column("id", [f"{split_name}/{row}" for row in range(len(split))])
+        problems = _label_problems(split[label_column], names, labelled_by == "index", label_column)
+        if problems and bad_labels is None:
+            row, why = problems[0]
+            raise DataError(
+                f"data.path: {path} [{split_name}:{row}] {why}; {len(problems)} row(s) of split {split_name!r} "
+                "have a label outside the class list (`pixtral-lora data validate` lists them all)"
+            )
+        if problems:
+            bad_labels += [(split_name, row, why) for row, why in problems]
+            bad = {row for row, _ in problems}
+            split = split.select([row for row in range(len(split)) if row not in bad])
+        if labelled_by == "name":
             split = split.map(lambda v: {label_column: str(v)}, input_columns=label_column)
         renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
         split = split.rename_columns(renames) if renames else split
-        split = split.add_column("id", [f"{split_name}/{row}" for row in range(len(split))])
         out[split_name] = split.select_columns(["id", "image", "label"]).cast(features)
     return out, names

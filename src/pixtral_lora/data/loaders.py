@@ -22,6 +22,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
 
 from pixtral_lora.answers import class_name_problem
+from pixtral_lora.errors import DataError
 from pixtral_lora.images import DATA_URI, ImageError, encode_data_uri, load_image, read_image_bytes
 from pixtral_lora.prompt import PromptConfig, messages_to_json
 
@@ -74,10 +75,6 @@ CONVERSATION_FEATURES = Features(
         "label": Value("string"),
     }
 )
-
-
-class DataError(ValueError):
-    """A problem in user data, with file/line/field in the message."""
 
 
 @dataclass
@@ -461,8 +458,10 @@ def export_mistral_jsonl(
     return count
 
 
-def image_source(ref: dict) -> str | bytes:
-    """The loadable source of an undecoded `Image` feature value."""
+def image_source(ref: dict | None) -> str | bytes:
+    """The loadable source of an undecoded `Image` feature value (a null image is an `ImageError`)."""
+    if ref is None:
+        raise ImageError("no image (the image cell is null)")
     if ref.get("bytes"):
         return ref["bytes"]
     if ref.get("path"):
@@ -470,11 +469,12 @@ def image_source(ref: dict) -> str | bytes:
     raise ImageError("image reference has neither bytes nor path")
 
 
-def check_data_path(path: str | Path, field_name: str = "data.path") -> Path:
+def check_data_path(path: str | Path, field_name: str = "data.path") -> str | Path:
     """The data source must exist: a folder, a .jsonl/.csv/.parquet file, a glob or an hf:// id
-    (those two are checked when loaded); a one-line `DataError` otherwise."""
+    (those two are checked when loaded, and come back as the string they are: `Path` would turn
+    `hf://owner/name` into `hf:/owner/name`); a one-line `DataError` otherwise."""
     if str(path).startswith("hf://") or any(ch in str(path) for ch in "*?["):
-        return Path(path)
+        return str(path)
     path = Path(path)
     if not path.exists():
         hint = ""
@@ -537,6 +537,7 @@ def load_any(
 
         splits, names = load_hf_splits(str(path), class_names=class_names)
         return concatenate_datasets(list(splits.values())), names
+    path = Path(path)
     if path.is_dir():
         dataset = load_aid_folder(path, allowed_roots=allowed_roots)
         return dataset, class_names_of(dataset)

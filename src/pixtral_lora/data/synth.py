@@ -197,7 +197,7 @@ def generate_scene_mosaic(
     import numpy as np
     from rasterio.transform import from_origin
 
-    from pixtral_lora.data.geo import write_geotiff
+    from pixtral_lora.raster import write_geotiff
 
     classes = classes or sorted(SCENES)
     rng = random.Random(seed)

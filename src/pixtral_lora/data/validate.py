@@ -147,19 +147,24 @@ def _folder_samples(
     return samples, class_names
 
 
-def _hf_samples(path: str, settings: dict) -> tuple[list[_Sample], list[str]]:
-    """One sample per row of every split, its image read only when checked (the source streams)."""
+def _hf_samples(path: str, settings: dict, problems: list[Problem]) -> tuple[list[_Sample], list[str]]:
+    """One sample per row of every split, its image read only when checked (the source streams); a
+    row whose label names no class is a problem, not a sample."""
     from pixtral_lora.data.hf import load_hf_splits
 
-    splits, class_names = load_hf_splits(path, **settings)
+    bad_labels: list[tuple[str, int, str]] = []
+    splits, class_names = load_hf_splits(path, **settings, bad_labels=bad_labels)
+    for split_name, row, why in bad_labels:
+        problems.append(Problem(f"{path} [{split_name}:{row}]", "label", why))
     samples = []
     for split_name, split in splits.items():
         names = split.features["label"].names
-        for row, label in enumerate(split["label"]):
+        for position, (row_id, label) in enumerate(zip(split["id"], split["label"], strict=True)):
 
-            def ref(split=split, row=row):
-                return image_source(split[row]["image"])
+            def ref(split=split, position=position):
+                return image_source(split[position]["image"])
 
+            row = row_id.split("/", 1)[1]
             samples.append(
                 _Sample(f"{path} [{split_name}:{row}]", [("image", ref)], None, label=names[label])
             )
@@ -167,13 +172,14 @@ def _hf_samples(path: str, settings: dict) -> tuple[list[_Sample], list[str]]:
 
 
 def _collect(
-    path: Path, problems: list[Problem], allowed_roots: list[str], hf_settings: dict | None = None
+    path: str | Path, problems: list[Problem], allowed_roots: list[str], hf_settings: dict | None = None
 ) -> tuple[list[_Sample], list[str] | None]:
     from pixtral_lora.data.hf import is_hf_source
 
     path = check_data_path(path, "data")
     if is_hf_source(path):
-        return _hf_samples(str(path), hf_settings or {})
+        return _hf_samples(str(path), hf_settings or {}, problems)
+    path = Path(path)
     if path.is_dir():
         return _folder_samples(path, problems, allowed_roots)
     if path.suffix == ".jsonl":
@@ -212,10 +218,21 @@ def validate(
     """
     problems: list[Problem] = []
     allowed_roots = list(allowed_roots or [])
-    samples, folder_classes = _collect(
-        Path(path) if not str(path).startswith("hf://") else path, problems, allowed_roots, hf_settings
-    )
-    class_names = class_names or folder_classes
+    hf_settings = dict(hf_settings or {})
+    if class_names:
+        hf_settings.setdefault("class_names", class_names)  # string labels are checked row by row
+    samples, source_classes = _collect(path, problems, allowed_roots, hf_settings)
+    if class_names and source_classes and sorted(source_classes) != sorted(class_names):
+        outside = [name for name in source_classes if name not in class_names]
+        problems.append(
+            Problem(
+                str(path),
+                "class_names",
+                f"the data's classes differ from --classes / data.class_names: {outside[:5] or 'fewer classes'} "
+                f"not in {class_names[:5]}{'...' if len(class_names) > 5 else ''}",
+            )
+        )
+    class_names = class_names or source_classes
     if not samples and not problems:
         problems.append(Problem(str(path), "", "no samples"))
     if class_names and (problem := class_name_problem(class_names)):
@@ -282,7 +299,7 @@ def validate(
             )
     if test_path is not None:
         test_problems: list[Problem] = []
-        test_samples, _ = _collect(Path(test_path), test_problems, allowed_roots, hf_settings)
+        test_samples, _ = _collect(test_path, test_problems, allowed_roots, hf_settings)
         problems += test_problems
         test_hashes = _check_images(test_samples, problems)
         for digest, where_list in hashes.items():

@@ -29,6 +29,7 @@ from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.evaluation.scoring import score_batch
 from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, pad_batch, prompt_messages
+from pixtral_lora.run import Run, load_eval_model  # noqa: F401  (load_eval_model: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -71,21 +72,6 @@ class Prediction:
 
 # ---------------------------------------------------------------------------------------------------
 # Models
-
-
-def load_eval_model(
-    base: str, adapter: str | Path | None = None, quantization: str | None = None, dtype: str = "auto"
-):
-    """The base model, with a LoRA adapter applied when given; in eval mode."""
-    from pixtral_lora.modeling import load_model
-
-    model = load_model(base, quantization=quantization, dtype=dtype)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    model.eval()
-    return model
 
 
 def _device_of(model) -> torch.device:
@@ -292,64 +278,6 @@ def summarise(predictions: list[Prediction], class_names: list[str]):
 # Entry points
 
 
-def run_renderer(run_dir: Path, config) -> Renderer:
-    """The processor the run saved with its adapter (else the base's), with the run's image size."""
-    from pixtral_lora.modeling import load_processor
-
-    adapter = run_dir / "adapter"
-    processor = load_processor(adapter if adapter.is_dir() else config.model.name_or_path)
-    return Renderer(processor, config.data.image_longest_edge, bands=config.data.band_options())
-
-
-def run_model(run_dir: Path, config, which: str, merged: str | Path | None = None):
-    """ "base", or the fine-tuned model: the run's adapter on the base, or a merged checkpoint."""
-    if which == "base":
-        return load_eval_model(config.model.name_or_path, None, config.model.quantization, config.model.dtype)
-    if merged is not None:
-        return load_eval_model(str(merged), None, None, config.model.dtype)
-    return load_eval_model(
-        config.model.name_or_path, run_dir / "adapter", config.model.quantization, config.model.dtype
-    )
-
-
-def check_run_dir(run_dir: Path, needs_adapter: bool = True) -> None:
-    """A run directory eval/predict can use: config, split and (unless a merged model is given) adapter."""
-    from pixtral_lora.rundir import RunDirError
-
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory")
-    for name in ("config.yaml", "split.json"):
-        if not (run_dir / name).is_file():
-            raise RunDirError(f"{run_dir}: no {name}; is this a run directory written by train.py?")
-    if needs_adapter and not (run_dir / "adapter" / "adapter_config.json").is_file():
-        checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
-        progress = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
-        raise RunDirError(
-            f"{run_dir}: no adapter/ yet: training has not finished{progress} (rerun train.py to resume, "
-            "or evaluate a merged model with --merged)"
-        )
-
-
-def held_out_rows(run_dir: Path, limit: int | None):
-    """The run's config, class names, its recorded test split as prompt rows (first `limit`) and the
-    test images training found unreadable (id -> reason)."""
-    from pixtral_lora.config import load_config
-    from pixtral_lora.data.loaders import as_conversations, select_ids
-    from pixtral_lora.training import load_run_data
-
-    config = load_config(run_dir / "config.yaml")
-    split = json.loads((run_dir / "split.json").read_text())
-    class_names = split["class_names"]
-    test = select_ids(load_run_data(config).splits.test, split["ids"]["test"])
-    if limit:
-        test = test.select(range(min(limit, len(test))))
-    rows = list(as_conversations(test, config.prompt, class_names, with_answer=False))
-    unreadable = {
-        i: "unreadable when the run was trained" for i in split.get("unreadable", {}).get("test", [])
-    }
-    return config, class_names, rows, unreadable
-
-
 def predict_for_run(
     model,
     renderer: Renderer,
@@ -383,16 +311,17 @@ class RunClassifier:
     and prompt. The model loads at the first batch, so a rerun with nothing left to do loads none."""
 
     def __init__(self, run_dir: str | Path, model_path: str | None = None, resize_to: int | None = None):
-        from pixtral_lora.config import load_config
         from pixtral_lora.prompt import messages_to_json
 
-        self.run_dir = Path(run_dir)
-        check_run_dir(self.run_dir, needs_adapter=model_path is None)
-        self.config = load_config(self.run_dir / "config.yaml")
-        self.class_names = json.loads((self.run_dir / "split.json").read_text())["class_names"]
+        self.run = Run.open(run_dir, needs_adapter=model_path is None, needs_base=model_path is None)
+        self.run_dir, self.config, self.class_names = self.run.run_dir, self.run.config, self.run.class_names
         self._messages = messages_to_json(self.config.prompt.messages(self.class_names))
         self._model_path, self._resize_to = model_path, resize_to
         self._model = self._renderer = None
+
+    def identity(self) -> str:
+        """What the answers come from (`Run.model_identity`): resumed results must share it."""
+        return self.run.model_identity(self._model_path)
 
     def row(self, key: str, image: dict) -> dict:
         """A row to classify: the run's prompt and one image (`{"path": ..., "bytes": ...}`)."""
@@ -400,10 +329,8 @@ class RunClassifier:
 
     def __call__(self, rows: list[dict], mode: str, batch_size: int | None = None) -> list[Prediction]:
         if self._model is None:
-            self._model = run_model(self.run_dir, self.config, "finetuned", self._model_path)
-            self._renderer = run_renderer(self.run_dir, self.config)
-            if self._resize_to:
-                self._renderer.image_longest_edge = self._resize_to
+            self._model = self.run.model("finetuned", self._model_path)
+            self._renderer = self.run.renderer(self._resize_to)
         predictions, _ = predict_for_run(
             self._model, self._renderer, rows, self.class_names, self.config, mode, batch_size=batch_size
         )
@@ -426,18 +353,20 @@ def evaluate_run(
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     The report directory replaces a previous report only (anything else needs `overwrite`).
     """
-    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
+    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable, check_writable
 
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, needs_adapter="finetuned" in models and merged is None)
-    config, class_names, rows, unreadable = held_out_rows(run_dir, limit)
+    needs_adapter = "finetuned" in models and merged is None
+    run = Run.open(run_dir, needs_adapter=needs_adapter, needs_base="base" in models or needs_adapter)
+    run_dir, config, class_names = run.run_dir, run.config, run.class_names
     out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
     check_replaceable(out, EVAL_REPORT_FILES, overwrite)
-    renderer = run_renderer(run_dir, config)
+    check_writable(out.parent, "--out")
+    rows, unreadable = run.test_rows(limit)
+    renderer = run.renderer()
     results: dict = {}
     predictions: dict = {}
     for model_name in models:
-        model = run_model(run_dir, config, model_name, merged)
+        model = run.model(model_name, merged)
         results[model_name] = {}
         for mode in modes or config.eval.modes:
             preds, speed = predict_for_run(

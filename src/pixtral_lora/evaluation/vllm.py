@@ -10,16 +10,11 @@ import time
 from pathlib import Path
 
 from pixtral_lora.answers import AnswerParser
-from pixtral_lora.evaluation.evaluate import (
-    check_run_dir,
-    held_out_rows,
-    parsed_predictions,
-    run_facts,
-    run_renderer,
-    summarise,
-)
+from pixtral_lora.errors import UserError
+from pixtral_lora.evaluation.evaluate import parsed_predictions, run_facts, summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.render import Renderer, prompt_messages
+from pixtral_lora.run import Run
 
 
 def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
@@ -53,7 +48,7 @@ def vllm_generate(
     try:
         from vllm import LLM, SamplingParams
     except ImportError as err:
-        raise RuntimeError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
+        raise UserError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
     llm = LLM(
         model=str(model_dir),
         tokenizer_mode="mistral",
@@ -76,12 +71,12 @@ def evaluate_run_vllm(
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
     from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
 
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, needs_adapter=False)
+    run = Run.open(run_dir, needs_adapter=False, needs_base=False)
+    run_dir, config, class_names = run.run_dir, run.config, run.class_names
     out = Path(out_dir or run_dir / "eval-vllm")
     check_replaceable(out, EVAL_REPORT_FILES, overwrite)
-    config, class_names, rows, _ = held_out_rows(run_dir, limit)
-    renderer = run_renderer(run_dir, config)
+    rows, _ = run.test_rows(limit)
+    renderer = run.renderer()
     parser = AnswerParser(class_names, strict=config.eval.strict)
     results, predictions = {}, {}
     for name, model_dir in models.items():

@@ -26,9 +26,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pixtral_lora.data.geo import read_rgb
-from pixtral_lora.data.loaders import DataError
+from pixtral_lora.errors import DataError
 from pixtral_lora.io import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
+from pixtral_lora.raster import read_rgb
 
 logger = logging.getLogger(__name__)
 

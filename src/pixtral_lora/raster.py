@@ -1,4 +1,4 @@
-"""Multi-band and georeferenced rasters: three bands picked, stretched to 8-bit RGB, what Pixtral sees.
+"""Multi-band and georeferenced rasters (GeoTIFF, COG): three bands picked, stretched to 8-bit RGB, what Pixtral sees.
 
 Reads GeoTIFF / multi-band TIFF tiles (uint8, uint16, float) with rasterio (`pip install -e '.[geo]'`).
 `BandOptions.bands` picks three bands, 1-based as GDAL numbers them (EuroSAT-MS true colour: 4, 3, 2);
@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pixtral_lora.errors import UserError
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-class GeoError(ValueError):
+class GeoError(UserError):
     """A raster that cannot be read as asked (missing rasterio, band out of range, ...)."""
 
 

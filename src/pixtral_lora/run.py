@@ -1,0 +1,132 @@
+"""A trained run, opened once: its checks, config, classes, recorded split, renderer and models.
+
+`Run.open(run_dir)` is what `eval`, `predict`, `map` and the vLLM evaluation start from: it checks the
+directory, reads `config.yaml` and `split.json` once, and checks the base model is reachable before
+anything loads (a run trained on a local base that has since moved is one line, not a minute of
+waiting on the Hub). It sits below training, evaluation and inference; none of them imports another
+to read a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixtral_lora.config import Config, load_config
+from pixtral_lora.errors import RunDirError
+
+
+def load_eval_model(
+    base: str, adapter: str | Path | None = None, quantization: str | None = None, dtype: str = "auto"
+):
+    """The base model, with a LoRA adapter applied when given; in eval mode."""
+    from pixtral_lora.modeling import load_model
+
+    model = load_model(base, quantization=quantization, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.eval()
+    return model
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Run:
+    """A run directory written by `train.py` (see `training`'s docstring for its layout)."""
+
+    run_dir: Path
+    config: Config
+    class_names: list[str]
+    split: dict
+
+    @classmethod
+    def open(cls, run_dir: str | Path, needs_adapter: bool = True, needs_base: bool = True) -> Run:
+        """Check and read a run directory; `needs_adapter` unless a merged model stands in for it,
+        `needs_base` when the base model will be loaded (its source is checked now, in one line)."""
+        from pixtral_lora.modeling import check_model_source
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise RunDirError(f"{run_dir}: no such run directory")
+        for name in ("config.yaml", "split.json"):
+            if not (run_dir / name).is_file():
+                raise RunDirError(f"{run_dir}: no {name}; is this a run directory written by train.py?")
+        if needs_adapter and not (run_dir / "adapter" / "adapter_config.json").is_file():
+            checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+            progress = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
+            raise RunDirError(
+                f"{run_dir}: no adapter/ yet: training has not finished{progress} (rerun train.py to resume, "
+                "or evaluate a merged model with --merged)"
+            )
+        config = load_config(run_dir / "config.yaml")
+        try:
+            split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+            class_names = list(split["class_names"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunDirError(f"{run_dir / 'split.json'}: not a split written by train.py ({err})") from None
+        if needs_base:
+            check_model_source(config.model.name_or_path, f"{run_dir / 'config.yaml'}: model.name_or_path")
+        return cls(run_dir, config, class_names, split)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+    def model_identity(self, model_path: str | None = None) -> str:
+        """What answers come from: the adapter's sha256 on the base, or a merged checkpoint's path.
+
+        Resumable commands (`predict`, `map`) keep earlier results only when this is unchanged.
+        """
+        if model_path is not None:
+            return f"merged:{Path(model_path).resolve()}"
+        weights = self.adapter_dir / "adapter_model.safetensors"
+        adapter = file_sha256(weights) if weights.is_file() else "none"
+        return f"{self.config.model.name_or_path}+adapter:{adapter}"
+
+    def test_rows(self, limit: int | None = None) -> tuple[list[dict], dict[str, str]]:
+        """The recorded test split as prompt rows (first `limit`), and the test images training
+        found unreadable (id -> reason)."""
+        from pixtral_lora.data.loaders import as_conversations, select_ids
+        from pixtral_lora.data.splits import load_run_data
+
+        test = select_ids(load_run_data(self.config).splits.test, self.split["ids"]["test"])
+        if limit:
+            test = test.select(range(min(limit, len(test))))
+        rows = list(as_conversations(test, self.config.prompt, self.class_names, with_answer=False))
+        unreadable = {
+            i: "unreadable when the run was trained" for i in self.split.get("unreadable", {}).get("test", [])
+        }
+        return rows, unreadable
+
+    def renderer(self, resize_to: int | None = None):
+        """The processor the run saved with its adapter (else the base's), with the run's image size."""
+        from pixtral_lora.modeling import load_processor
+        from pixtral_lora.render import Renderer
+
+        source = self.adapter_dir if self.adapter_dir.is_dir() else self.config.model.name_or_path
+        return Renderer(
+            load_processor(source),
+            resize_to or self.config.data.image_longest_edge,
+            bands=self.config.data.band_options(),
+        )
+
+    def model(self, which: str, merged: str | Path | None = None):
+        """ "base", or the fine-tuned model: the run's adapter on the base, or a merged checkpoint."""
+        model = self.config.model
+        if which == "base":
+            return load_eval_model(model.name_or_path, None, model.quantization, model.dtype)
+        if merged is not None:
+            return load_eval_model(str(merged), None, None, model.dtype)
+        return load_eval_model(model.name_or_path, self.adapter_dir, model.quantization, model.dtype)
