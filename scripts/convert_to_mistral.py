@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 
+from pixtral_lora.config import PositiveFloat, cli_number
 from pixtral_lora.errors import user_errors
 from pixtral_lora.export import export_adapter_only, export_hf, export_mistral
 
@@ -54,7 +55,9 @@ def main() -> int:
         "--tekken", help="tekken.json to ship (default: the base's, else Pixtral-12B's from mistral-common)"
     )
     parser.add_argument(
-        "--max-shard-gb", type=float, help="split consolidated.safetensors into shards of this size"
+        "--max-shard-gb",
+        type=cli_number(PositiveFloat),
+        help="split consolidated.safetensors into shards of this size",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

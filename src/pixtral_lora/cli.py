@@ -197,6 +197,7 @@ def _predict(args) -> int:
             mode=args.mode,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
+            as_dataset=args.dataset,
         )
         if not summary:  # a non-zero rank of a multi-process launch: rank 0 reports
             return 0
@@ -238,10 +239,12 @@ def _map(args) -> int:
         edges=args.edges,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        min_valid=args.min_valid,
     )
     print(
-        f"{summary['classified']} tiles of {summary['tile_pixels']} px classified ({summary['empty']} empty "
-        f"skipped), CRS {summary['crs']}: " + ", ".join(f"{k} {v}" for k, v in summary["per_label"].items())
+        f"{summary['classified']} tiles of {summary['tile_pixels']} px classified ({summary['empty']} empty or "
+        f"mostly masked skipped), CRS {summary['crs']}: "
+        + ", ".join(f"{k} {v}" for k, v in summary["per_label"].items())
     )
     print(f"map: {summary['out']}\npicture: {summary['png']}")
     return 0
@@ -287,6 +290,21 @@ _ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from typing import Annotated
+
+    from pydantic import Field
+
+    from pixtral_lora.config import (
+        BatchSize,
+        Count,
+        ImageEdge,
+        NonNegativeCount,
+        Pixels,
+        PositiveFloat,
+        Probability,
+        cli_number,
+    )
+
     parser = argparse.ArgumentParser(prog="pixtral-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -301,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = data_commands.add_parser("generate", help="write synthetic AID-style scene folders")
     generate.add_argument("--out", required=True)
-    generate.add_argument("--per-class", type=int, default=20)
-    generate.add_argument("--size", type=int, default=600)
+    generate.add_argument("--per-class", type=cli_number(Count), default=20)
+    generate.add_argument("--size", type=cli_number(Pixels), default=600)
     generate.add_argument("--classes", help="comma-separated subset of the synthetic scene classes")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_data_generate)
@@ -310,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     scene = data_commands.add_parser("generate-scene", help="write a synthetic georeferenced scene (GeoTIFF)")
     scene.add_argument("--out", required=True)
     scene.add_argument("--grid", default="4x4", help="rows x columns of scenes")
-    scene.add_argument("--tile", type=int, default=64, help="pixels per grid cell")
+    scene.add_argument("--tile", type=cli_number(Pixels), default=64, help="pixels per grid cell")
     scene.add_argument("--classes", help="comma-separated synthetic scene classes")
     scene.add_argument("--seed", type=int, default=1)
     scene.set_defaults(func=_data_generate_scene)
@@ -329,14 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     preview = data_commands.add_parser("preview", help="show one sample exactly as the model sees it")
     preview.add_argument("path")
-    preview.add_argument("--index", type=int, default=0)
+    preview.add_argument("--index", type=cli_number(NonNegativeCount), default=0)
     preview.add_argument("--ids", action="store_true", help="print token ids, labels and loss mask as JSON")
     preview.add_argument(
         "--processor", help="model path or hub id whose processor to use (default: Pixtral's)"
     )
     preview.add_argument("--config", help="take prompt and image size from this run config")
     preview.add_argument("--classes", help="class names for JSONL/CSV data")
-    preview.add_argument("--image-longest-edge", type=int, default=300)
+    preview.add_argument("--image-longest-edge", type=cli_number(ImageEdge), default=300)
     preview.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
     preview.add_argument(
         "--save-image", metavar="PNG", help="also save the image exactly as the model sees it"
@@ -347,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     export.add_argument("--out", required=True)
     export.add_argument("--classes", help="class names for JSONL/CSV data")
-    export.add_argument("--image-longest-edge", type=int, default=300)
+    export.add_argument("--image-longest-edge", type=cli_number(ImageEdge), default=300)
     export.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
     export.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an export")
     export.set_defaults(func=_data_export)
@@ -359,14 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--models", default="base,finetuned", help="which of base,finetuned to evaluate")
     evaluate.add_argument("--merged", help="evaluate this merged HF checkpoint as the fine-tuned model")
-    evaluate.add_argument("--limit", type=int, help="only the first N test images")
+    evaluate.add_argument("--limit", type=cli_number(Count), help="only the first N test images")
     evaluate.add_argument("--strict", action="store_true", help="no label normalisation when parsing answers")
     evaluate.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
     evaluate.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it holds files other than a report"
     )
     evaluate.add_argument(
-        "--gallery-limit", type=int, default=200, help="mistakes shown per model and mode in report.html"
+        "--gallery-limit",
+        type=cli_number(NonNegativeCount),
+        default=200,
+        help="mistakes shown per model and mode in report.html",
     )
     evaluate.add_argument(
         "--backend",
@@ -398,20 +419,37 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument(
         "--out", required=True, help="map.geojson or map.gpkg (the picture goes beside it as .png)"
     )
-    mapping.add_argument("--tile", type=int, default=600, help="tile size in pixels (AID's scenes are 600)")
     mapping.add_argument(
-        "--tile-m", type=float, help="tile size in metres instead, from the raster's resolution"
+        "--tile", type=cli_number(Pixels), default=600, help="tile size in pixels (AID's scenes are 600)"
     )
-    mapping.add_argument("--stride", type=int, help="pixels between tiles (default: the tile size)")
-    mapping.add_argument("--resize-to", type=int, help="longest edge the model sees (default: the run's)")
+    mapping.add_argument(
+        "--tile-m",
+        type=cli_number(PositiveFloat),
+        help="tile size in metres instead, from the raster's resolution",
+    )
+    mapping.add_argument(
+        "--stride", type=cli_number(Pixels), help="pixels between tiles (default: the tile size)"
+    )
+    mapping.add_argument(
+        "--resize-to", type=cli_number(ImageEdge), help="longest edge the model sees (default: the run's)"
+    )
     mapping.add_argument("--mode", default="score", choices=["generate", "constrained", "score"])
     mapping.add_argument(
-        "--min-confidence", type=float, default=0.5, help="hatch tiles below this confidence"
+        "--min-confidence",
+        type=cli_number(Probability),
+        default=0.5,
+        help="hatch tiles below this confidence",
+    )
+    mapping.add_argument(
+        "--min-valid",
+        type=cli_number(Probability),
+        default=0.5,
+        help="least share of a tile's pixels that must be valid (alpha, mask, nodata) to classify it",
     )
     mapping.add_argument("--to-wgs84", action="store_true", help="write polygons in EPSG:4326")
     mapping.add_argument("--edges", choices=["pad", "skip"], default="pad", help="partial tiles at the edges")
     mapping.add_argument("--model", help="a merged HF checkpoint instead of base + adapter")
-    mapping.add_argument("--batch-size", type=int)
+    mapping.add_argument("--batch-size", type=cli_number(BatchSize))
     mapping.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a map")
     mapping.set_defaults(func=_map)
 
@@ -419,17 +457,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "images",
         metavar="SOURCE",
-        help="a folder (recursive), a glob, a .txt/.csv list of paths, or a dataset",
+        help="a folder of images (recursive), a glob, a .txt/.csv list of paths, a .parquet file or hf://OWNER/NAME",
+    )
+    predict.add_argument(
+        "--dataset",
+        action="store_true",
+        help="read a SOURCE folder as an HF dataset (Parquet, save_to_disk, imagefolder)",
     )
     predict.add_argument("--run", required=True, help="run directory (prompt, classes, adapter)")
     predict.add_argument("--model", help="use this merged/exported HF checkpoint instead of base + adapter")
     predict.add_argument("--mode", default="score", choices=["generate", "constrained", "score"])
     predict.add_argument("--out", help="write .jsonl, .csv or .parquet (resumable) instead of printing")
     predict.add_argument(
-        "--batch-size", type=int, help="images per batch (default: the run's eval.batch_size)"
+        "--batch-size",
+        type=cli_number(BatchSize),
+        help="images per batch (default: the run's eval.batch_size)",
     )
     predict.add_argument(
-        "--num-processes", type=int, default=1, help="split the inputs over N local processes (gloo on CPU)"
+        "--num-processes",
+        type=cli_number(Annotated[int, Field(ge=1, le=256)]),
+        default=1,
+        help="split the inputs over N local processes (gloo on CPU)",
     )
     predict.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"

@@ -5,11 +5,20 @@ Errors name the file, the line and the key, and list what is allowed, before any
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pixtral_lora.answers import class_name_problem
 from pixtral_lora.errors import UserError
@@ -17,10 +26,40 @@ from pixtral_lora.modeling import PIXTRAL_12B
 from pixtral_lora.prompt import PromptConfig
 
 LANGUAGE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LanguageTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ConfigError(UserError):
     """An invalid configuration; the message says where and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers: one set of constraints for config values and command-line options (`cli_number`)
+
+Count = Annotated[int, Field(ge=1)]
+NonNegativeCount = Annotated[int, Field(ge=0)]
+Pixels = Annotated[int, Field(ge=16, le=100_000)]  # a tile, a stride, an image edge
+ImageEdge = Annotated[int, Field(ge=16, le=1024)]  # what Pixtral is given (its max is 1024)
+BatchSize = Annotated[int, Field(ge=1, le=1024)]  # past this, memory runs out before it helps
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def cli_number(kind: Any) -> Callable[[str], Any]:
+    """An argparse `type=` that checks a command-line number against `kind` (one of the above):
+    `--tile 0` is then one line naming the option and the allowed range, before anything runs."""
+    import argparse
+
+    adapter = TypeAdapter(kind)
+
+    def parse(text: str):
+        try:
+            return adapter.validate_strings(text)
+        except ValidationError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err.errors()[0]['msg'].lower()}") from None
+
+    parse.__name__ = getattr(kind, "__name__", "number")
+    return parse
 
 
 class _Section(BaseModel):
@@ -63,7 +102,7 @@ class DataSection(_Section):
     validation_size: float = Field(0.0, ge=0, lt=1)  # fraction of train held out for validation loss
     split_seed: int = 42
     # Longest image side after resizing, rounded to the 16-px patch (AID 600x600 -> 300 -> 304x304).
-    image_longest_edge: int | None = Field(300, ge=16, le=1024)
+    image_longest_edge: ImageEdge | None = 300
     max_length: int = Field(2048, ge=32)
     limit_train: int | None = Field(None, ge=1)  # use only the first N training samples (smoke tests)
     # Multi-band / GeoTIFF tiles (needs `pip install -e '.[geo]'`): three bands, 1-based (EuroSAT-MS
@@ -127,7 +166,7 @@ class LoraSection(_Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     # Projections of the language model (what vLLM can serve as LoRA).
-    target_modules: list[str] = Field(default_factory=lambda: list(LANGUAGE_TARGETS))
+    target_modules: list[LanguageTarget] = Field(default_factory=lambda: list(LANGUAGE_TARGETS), min_length=1)
     train_vision_tower: bool = False  # also put LoRA on the vision encoder's attention/MLP
     train_projector: bool = False  # also put LoRA on the multimodal projector
 
@@ -143,10 +182,10 @@ class EvalClassificationSection(_Section):
 class TrainingSection(_Section):
     output_dir: str = "runs/aid"
     num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
-    per_device_train_batch_size: int = Field(4, ge=1)
-    per_device_eval_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_steps: int = Field(-1, ge=-1)  # -1: num_train_epochs decides; 0 is refused (it would train a step)
+    per_device_train_batch_size: BatchSize = 4
+    per_device_eval_batch_size: BatchSize = 4
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = 4
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -171,6 +210,36 @@ class TrainingSection(_Section):
     # Trainer; CUDA only (pip install liger-kernel). The answer-only loss stays the recipe's own.
     use_liger_kernel: bool = False
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("max_steps 0 would still train a step: give -1 (epochs decide) or a count >= 1")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _reporters_known_and_installed(cls, value):
+        if isinstance(value, str):
+            return value
+        from transformers.integrations.integration_utils import (
+            INTEGRATION_TO_CALLBACK,
+            get_available_reporting_integrations,
+        )
+
+        unknown = [name for name in value if name not in INTEGRATION_TO_CALLBACK]
+        if unknown:
+            raise ValueError(
+                f"unknown reporter {unknown[0]!r}; known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} "
+                "(or 'auto' / 'none')"
+            )
+        missing = [name for name in value if name not in get_available_reporting_integrations()]
+        if missing:
+            raise ValueError(
+                f"{missing[0]!r} is not installed here (pip install {missing[0]}), or use 'none'"
+            )
+        return value
+
     @field_validator("use_liger_kernel")
     @classmethod
     def _liger_available(cls, value: bool) -> bool:
@@ -187,7 +256,7 @@ class TrainingSection(_Section):
 
 
 class EvalSection(_Section):
-    batch_size: int = Field(8, ge=1)
+    batch_size: BatchSize = 8
     max_new_tokens: int = Field(32, ge=1)
     modes: list[Literal["generate", "constrained", "score"]] = Field(default_factory=lambda: ["generate"])
     strict: bool = False  # no label normalisation when parsing answers
@@ -225,6 +294,40 @@ class Config(_Section):
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # a real config has a few hundred
+
+
+def _check_expanded_size(node: yaml.Node | None, path: Path) -> None:
+    """Refuse a document whose aliases expand past MAX_CONFIG_NODES values ("billion laughs"): the
+    composed graph shares aliased nodes, so their expanded size is counted once each, not built."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(current: yaml.Node) -> int:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{path}: an alias refers to itself (a recursive YAML structure)")
+        open_nodes.add(key)
+        if isinstance(current, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in current.value)
+        elif isinstance(current, yaml.SequenceNode):
+            total = 1 + sum(size(item) for item in current.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        sizes[key] = min(total, MAX_CONFIG_NODES + 1)
+        return sizes[key]
+
+    if node is not None and size(node) > MAX_CONFIG_NODES:
+        raise ConfigError(
+            f"{path}: the YAML expands to more than {MAX_CONFIG_NODES} values through its aliases (&anchor/*alias); "
+            "a run config needs a few hundred"
+        )
 
 
 def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) -> dict[tuple, int]:
@@ -312,10 +415,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(data)} bytes; a config is at most {MAX_CONFIG_BYTES // 1024} KiB")
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8"
+        ) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_expanded_size(node, path)  # before anything is built: aliases expand only there
         raw = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -335,6 +448,31 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, str(path), lines, override_sources)) from None
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """The config with every local path made absolute (hub ids and hf:// ids stay as they are).
+
+    A run directory records this form, so `eval`, `predict` and `map` find the base model and the
+    data from any working directory (a relative `artifacts/tiny-pixtral` also reads as a hub id).
+    """
+    import os
+
+    def local(value: str | None, must_exist: bool = True) -> str | None:
+        if value is None or value.startswith("hf://"):
+            return value
+        if must_exist and not Path(value).exists() and not any(ch in value for ch in "*?["):
+            return value  # a hub id, or a mistake the preflight names
+        return os.path.abspath(value)
+
+    raw = config.model_dump(mode="json")
+    raw["model"]["name_or_path"] = local(raw["model"]["name_or_path"])
+    raw["data"]["path"] = local(raw["data"]["path"])
+    raw["data"]["test_path"] = local(raw["data"]["test_path"])
+    raw["data"]["allow_paths_outside"] = [local(p, False) for p in raw["data"]["allow_paths_outside"]]
+    raw["training"]["output_dir"] = local(raw["training"]["output_dir"], False)
+    raw["eval"]["output_dir"] = local(raw["eval"]["output_dir"], False)
+    return Config.model_validate(raw)
 
 
 def dump_config(config: Config) -> str:

@@ -42,8 +42,10 @@ from pixtral_lora.io import (
 from pixtral_lora.modeling import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
+    ModelSourceError,
     check_model_source,
     checkpoint_fingerprint,
+    read_adapter_config,
     tekken_path,
 )
 
@@ -171,9 +173,10 @@ class LoraDeltas:
             adapter_dir / "adapter_config.json",
             adapter_dir / "adapter_model.safetensors",
         )
-        if not config_path.is_file() or not weights_path.is_file():
-            raise ExportError(f"{adapter_dir}: expected adapter_config.json and adapter_model.safetensors")
-        config = json.loads(config_path.read_text())
+        try:
+            config = read_adapter_config(adapter_dir)  # config and tensor shapes agree, files complete
+        except ModelSourceError as err:
+            raise ExportError(str(err)) from None
         if config.get("peft_type") != "LORA":
             raise ExportError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
         for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
@@ -229,10 +232,13 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
                 f"{adapter} does not fit {model}: {module} is {list(shapes[module])} in the base but "
                 f"{wanted} in the adapter (trained on a base of another shape?)"
             )
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter)
     recorded = {}
     if (adapter / "base_model.json").is_file():
-        recorded = json.loads((adapter / "base_model.json").read_text())
+        try:
+            recorded = json.loads((adapter / "base_model.json").read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ExportError(f"{adapter / 'base_model.json'}: not valid JSON ({err})") from None
     trained_on = recorded.get("name_or_path") or config.get("base_model_name_or_path")
     fingerprint = recorded.get("fingerprint")
     if fingerprint and Path(model).is_dir():
@@ -523,7 +529,7 @@ def export_adapter_only(adapter: str | Path, out: str | Path, overwrite: bool = 
                     "(vision tower); export a merged model instead (without --adapter-only)"
                 )
             tensors[normalised] = handle.get_tensor(key)
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter)
     config["target_modules"] = sorted({re.search(r"\.(\w+)\.lora_", k).group(1) for k in tensors})
     with atomic_directory(out, ADAPTER_FILES, overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -230,6 +230,7 @@ def atomic_directory(
     An existing `final` is replaced only if `check_replaceable(final, owned, overwrite)` allows it.
     """
     final = Path(final)
+    check_writable(final.parent, "output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     check_replaceable(final, owned, overwrite)
     _remove_stale_partials(final)
@@ -263,6 +264,7 @@ def atomic_file(
     With `overwrite=False` an existing `final` is replaced only when `recognise(final)` is true.
     """
     final = Path(final)
+    check_writable(final.parent, "output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     check_replaceable_file(final, recognise, overwrite)
     _remove_stale_partials(final)
@@ -311,11 +313,17 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def output_lock(out: str | Path) -> Iterator[Path]:
-    """The same lock for a long-running command's output file: `.OUT.lock` beside it."""
+    """The same lock for a long-running command's output file: `.OUT.lock` beside it, removed again
+    when the command ends (a kill leaves it; the next command takes it over, the kernel having
+    released the lock)."""
     out = Path(out)
+    check_writable(out.parent, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with _flock(
-        out.with_name(f".{out.name}.lock"), f"{out} is being written by another command", "--out"
+        out.with_name(f".{out.name}.lock"),
+        f"{out} is being written by another command",
+        "--out",
+        remove=True,
     ) as path:
         yield path
 
@@ -339,16 +347,30 @@ def locks_its_output(function):
 
 
 @contextlib.contextmanager
-def _flock(lock_path: Path, busy: str, choose: str) -> Iterator[Path]:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _flock(lock_path: Path, busy: str, choose: str, remove: bool = False) -> Iterator[Path]:
+    """Hold an exclusive `flock` on `lock_path`; with `remove`, unlink it before letting go.
+
+    A lock file that is removed can be taken by two processes (one holding the unlinked file, one a
+    new one), so after locking we check the path still names the file we locked, and retry if not.
+    """
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             holder = lock_path.read_text(encoding="utf-8", errors="replace").strip() or "unknown process"
             raise RunLockedError(
                 f"{busy} ({holder}); wait for it to finish or choose another {choose}"
             ) from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed it as we opened it: lock the new one
+    try:
         info = (
             f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
             + " ".join(sys.argv)[:300]
@@ -357,4 +379,23 @@ def _flock(lock_path: Path, busy: str, choose: str) -> Iterator[Path]:
         os.pwrite(fd, info.encode("utf-8"), 0)
         yield lock_path
     finally:
+        if remove:  # while still holding it: nobody can have taken this file meanwhile
+            lock_path.unlink(missing_ok=True)
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures a command writes beside its output
+
+PNG_SOFTWARE = "pixtral-lora"
+
+
+def is_our_png(path: Path) -> bool:
+    """A PNG an earlier command wrote (its `Software` text chunk says pixtral-lora), so it may be replaced."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and str(image.info.get("Software", "")).startswith(PNG_SOFTWARE)
+    except Exception:  # not an image at all: not ours
+        return False

@@ -264,6 +264,54 @@ def check_model_source(name: str, field_name: str = "model") -> str:
     return "hub"
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a LoRA adapter, checked against its tensors' shapes (headers only).
+
+    A tampered rank, a truncated safetensors file or invalid JSON is a `ModelSourceError` naming the
+    file: PEFT would otherwise load the tensors under the wrong scale, or fail with a traceback.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise ModelSourceError(f"{adapter_dir}: expected adapter_config.json and adapter_model.safetensors")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelSourceError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{config_path}: not a JSON object")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ModelSourceError(
+            f"{config_path}: r ({rank!r}) and lora_alpha ({alpha!r}) must be positive numbers"
+        )
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ModelSourceError(
+            f"{weights}: not a complete safetensors file ({str(err).splitlines()[0][:160]})"
+        ) from None
+    for key, shape in shapes.items():
+        if (
+            key.endswith("lora_A.weight")
+            and shape[0] != rank
+            or key.endswith("lora_B.weight")
+            and shape[1] != rank
+        ):
+            raise ModelSourceError(
+                f"{config_path}: r is {rank} but {weights.name} holds {key} of shape {list(shape)} "
+                "(rank {}); the config does not belong to these weights".format(
+                    shape[0] if key.endswith("lora_A.weight") else shape[1]
+                )
+            )
+    return config
+
+
 def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -> str:
     """A cheap identity of a local checkpoint: config.json, and per safetensors file its size, header
     and the first and last `sample_bytes` of its data (seconds even for 25 GB; differs between two

@@ -78,7 +78,8 @@ def read_rgb(
 ):
     """(height, width, 3) uint8 of a window of an open rasterio dataset, and its valid-pixel mask.
 
-    Outside the raster (`boundless` windows at its edges) counts as nodata.
+    Valid pixels are those GDAL's dataset mask keeps (alpha band, internal mask, nodata); outside the
+    raster (`boundless` windows at its edges) counts as invalid.
     """
     count = dataset.count
     bands = options.bands or ((1, 2, 3) if count >= 3 else (1,))
@@ -93,9 +94,11 @@ def read_rgb(
         else {}
     )
     array = dataset.read(list(bands), window=window, out_shape=shape, **kwargs)
-    valid = np.ones(array.shape[1:], dtype=bool)
+    # GDAL's dataset mask: an alpha band, an internal or sidecar mask, else nodata; all valid otherwise
+    mask = dataset.dataset_mask(window=window, out_shape=out_shape, boundless=boundless)
+    valid = mask > 0
     if dataset.nodata is not None:
-        valid = ~np.all(array == dataset.nodata, axis=0)
+        valid &= ~np.all(array == dataset.nodata, axis=0)
     if boundless and window is not None:
         rows = np.arange(array.shape[1])[:, None] + int(window.row_off)
         cols = np.arange(array.shape[2])[None, :] + int(window.col_off)

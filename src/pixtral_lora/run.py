@@ -70,6 +70,10 @@ class Run:
                 f"{run_dir}: no adapter/ yet: training has not finished{progress} (rerun train.py to resume, "
                 "or evaluate a merged model with --merged)"
             )
+        if needs_adapter:
+            from pixtral_lora.modeling import read_adapter_config
+
+            read_adapter_config(run_dir / "adapter")  # complete, and its config agrees with its tensors
         config = load_config(run_dir / "config.yaml")
         try:
             split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))

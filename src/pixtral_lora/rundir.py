@@ -59,16 +59,26 @@ def environment(config: Config, device: str) -> dict:
     }
 
 
-def recorded_split(config: Config) -> dict | None:
+def recorded_split(config: Config, also_same: list[Config] = ()) -> dict | None:
     """The split recorded by an earlier run of this same config in its run directory (None if new).
 
-    A run directory that holds a different config is refused.
+    `also_same`: other forms of the config that count as the same run (as given, before paths were
+    made absolute: run directories written before they were). A run directory that holds a different
+    config is refused, unless nothing was trained in it yet (a start that died, e.g. of an impossible
+    batch size): then the new config starts it afresh.
     """
     run_dir = Path(config.training.output_dir)
     saved_config = run_dir / "config.yaml"
     if not saved_config.exists():
         return None
-    if saved_config.read_text(encoding="utf-8") != dump_config(config):
+    saved = saved_config.read_text(encoding="utf-8")
+    if saved not in {dump_config(c) for c in (config, *also_same)}:
+        trained = (run_dir / "adapter").exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
+        if not trained:
+            logger.warning(
+                "%s holds an earlier start with another config and no checkpoint: starting afresh", run_dir
+            )
+            return None
         raise RunDirError(
             f"{run_dir} holds a run with a different config ({saved_config}); "
             "choose another training.output_dir or delete that directory"

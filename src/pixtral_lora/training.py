@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.config import Config, best_metric, dump_config
+from pixtral_lora.config import Config, best_metric, dump_config, with_absolute_paths
 from pixtral_lora.data.loaders import as_conversations
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
@@ -237,15 +237,18 @@ def train(config: Config, resume: str = "auto", callbacks: list | None = None) -
     One run per directory: a second process on the same output_dir fails at once naming the holder.
     """
     preflight(config, resume)
+    as_given, config = config, with_absolute_paths(config)  # what the run directory records
     with run_directory(config) as run_dir:
-        return _train_in(config, run_dir, resume, callbacks or [])
+        return _train_in(config, run_dir, resume, callbacks or [], as_given)
 
 
-def _train_in(config: Config, run_dir: Path, resume: str, extra_callbacks: list) -> Path:
+def _train_in(
+    config: Config, run_dir: Path, resume: str, extra_callbacks: list, as_given: Config | None = None
+) -> Path:
     from transformers import EarlyStoppingCallback, set_seed
 
     # -- Config and run directory (locked: no second run writes here) -------------------------------
-    recorded = recorded_split(config)
+    recorded = recorded_split(config, also_same=[as_given] if as_given is not None else [])
     set_seed(config.training.seed)
     device = best_device()
     main_process = is_main_process()

@@ -144,11 +144,12 @@ def render_html(data: dict) -> str:
     header, rows = _rows(data)
     e = html.escape
     table = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    table += "".join("<tr>" + "".join(f"<td><bdi>{e(c)}</bdi></td>" for c in row) + "</tr>" for row in rows)
     tests = "".join(f"<li>{e(line)}</li>" for line in _test_lines(data))
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Run comparison</title><style>"
         "body{font:14px system-ui,sans-serif;margin:24px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}</style></head><body>"
+        "td,th{border:1px solid #ccc;padding:3px 8px;max-width:30em;overflow-wrap:anywhere}th{background:#f3f3f3}"
+        "bdi{unicode-bidi:isolate}</style></head><body>"
         f"<h1>Run comparison</h1><table>{table}</table><h2>Paired tests</h2><ul>{tests}</ul></body></html>\n"
     )

@@ -21,11 +21,14 @@ _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1b1b1b;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}h3{font-size:15px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}.ok{color:#1a7f37}.bad{color:#b42318}
+th{background:#f3f3f3}td.l,th.l{text-align:left;max-width:26em;overflow-wrap:anywhere}
+bdi{unicode-bidi:isolate}h4{overflow-wrap:anywhere}.ok{color:#1a7f37}.bad{color:#b42318}
 .bar{display:inline-block;height:9px;background:#4c78a8;vertical-align:middle}
 .cm td{min-width:22px;font-size:11px;text-align:center}.cm a{color:inherit}
-.cm th.rot{writing-mode:vertical-rl;transform:rotate(180deg);font-weight:normal;font-size:11px}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}.card{width:180px;border:1px solid #ddd;padding:6px;font-size:12px}
+.cm th.rot{writing-mode:vertical-rl;transform:rotate(180deg);font-weight:normal;font-size:11px;
+max-height:16em;overflow-wrap:anywhere}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}.card{width:180px;border:1px solid #ddd;padding:6px;font-size:12px;
+overflow-wrap:anywhere}
 .card img{width:168px;height:auto;image-rendering:auto}.card pre{white-space:pre-wrap;word-break:break-all;
 margin:4px 0;background:#f7f7f7;font-size:11px}.noimg{width:168px;height:100px;background:#eee;display:flex;
 align-items:center;justify-content:center;color:#777}dl.facts{display:grid;grid-template-columns:max-content 1fr;
@@ -35,6 +38,11 @@ gap:2px 14px}dl.facts dt{font-weight:600}
 
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _name(value) -> str:
+    """A class name or image id: escaped, and isolated so right-to-left text keeps the line's order."""
+    return f"<bdi>{_e(value)}</bdi>"
 
 
 def _pct(x: float) -> str:
@@ -113,7 +121,7 @@ def _per_class(report, class_names: list[str]) -> list[str]:
     for name in rows:
         c = report.per_class[name]
         out.append(
-            f"<tr><td class=l>{_e(name)}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
+            f"<tr><td class=l>{_name(name)}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
             f"<td>{c['f1']:.3f}</td><td class=l><span class=bar style='width:{c['f1'] * 120:.0f}px'></span>"
             f"</td><td>{c['support']}</td></tr>"
         )
@@ -126,10 +134,10 @@ def _confusion(report, class_names: list[str], section: int, shown: set[tuple[st
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
     out = ["<table class=cm><tr><th class=l>gold \\ predicted</th>"]
-    out += [f"<th class=rot>{_e(column)}</th>" for column in report.confusion_columns]
+    out += [f"<th class=rot>{_name(column)}</th>" for column in report.confusion_columns]
     out.append("</tr>")
     for i, gold in enumerate(class_names):
-        out.append(f"<tr><th class=l>{_e(gold)}</th>")
+        out.append(f"<tr><th class=l>{_name(gold)}</th>")
         for j, column in enumerate(report.confusion_columns):
             count = int(matrix[i, j])
             shade = int(255 - 180 * share[i, j])
@@ -164,7 +172,7 @@ def _gallery(
     out = [f"<h3>Error gallery ({len(mistakes)} of {total} mistakes shown)</h3>"]
     for (gold, predicted), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         i, j = class_names.index(gold), columns.index(predicted)
-        out.append(f"<h4 id='g{section}-{i}-{j}'>{_e(gold)} &rarr; {_e(predicted)} ({len(items)})</h4>")
+        out.append(f"<h4 id='g{section}-{i}-{j}'>{_name(gold)} &rarr; {_name(predicted)} ({len(items)})</h4>")
         out.append("<div class=gallery>")
         for p in items:
             image = thumbnails.get(p.id)
@@ -172,8 +180,8 @@ def _gallery(
             confidence = "" if p.confidence is None else f"<br>confidence {p.confidence:.3f}"
             detail = f"<pre>{_e(p.error)}</pre>" if p.error else f"<pre>{_e(p.raw_answer)}</pre>"
             out.append(
-                f"<div class=card>{picture}<br><b>{_e(p.id)}</b><br>gold {_e(p.gold)}<br>"
-                f"predicted {_e(predicted)}{confidence}{detail}</div>"
+                f"<div class=card>{picture}<br><b>{_name(p.id)}</b><br>gold {_name(p.gold)}<br>"
+                f"predicted {_name(predicted)}{confidence}{detail}</div>"
             )
         out.append("</div>")
     return out, set(groups)

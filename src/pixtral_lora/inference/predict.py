@@ -1,13 +1,16 @@
 """Archive-scale prediction: `pixtral-lora predict SOURCE --run RUN --out FILE`.
 
-- SOURCE: a folder (searched recursively for image files), a glob, a .txt/.csv list of paths, or any
-  HF dataset source training accepts (Parquet, save_to_disk, imagefolder, hf://...).
+- SOURCE: a folder (searched recursively for image files, whatever else it holds), a glob, a
+  .txt/.csv list of paths, an hf://OWNER/NAME id or a .parquet file; with `--dataset`, a folder is
+  read as an HF dataset instead (Parquet files, save_to_disk, imagefolder).
 - Streams: images are read a batch at a time; results are written as they come (flushed per batch)
   to FILE (.jsonl or .csv, appended) or, for .parquet and for several processes, to hidden journals
   beside it; at the end FILE is rewritten once, atomically, with every input exactly once in input
   order.
 - Resumable: a rerun after a kill skips every input already predicted with the same content (path +
-  sha256 of its bytes), whether in FILE or in a journal.
+  sha256 of its bytes), whether in FILE or in a journal, by the same model (every row names it: the
+  adapter's sha256 on its base, or the merged checkpoint) in the same mode. FILE written by another
+  model or mode is refused in one line (`--overwrite` starts it afresh).
 - Data parallel: `--num-processes N` (or `accelerate launch -m pixtral_lora.cli predict ...`) splits the
   inputs deterministically (input i goes to process i mod N); each writes its journal, and process 0
   merges after a barrier.
@@ -41,7 +44,7 @@ from pixtral_lora.io import atomic_file, check_replaceable_file, drop_torn_tail,
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
-COLUMNS = ["path", "label", "confidence", "top3", "raw_answer", "outcome", "error", "sha256"]
+COLUMNS = ["path", "label", "confidence", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model"]
 
 
 @dataclass
@@ -56,12 +59,13 @@ def _file_item(path: Path) -> Item:
     return Item(str(path), lambda: read_image_bytes(path))
 
 
-def collect_inputs(source: str) -> list[Item]:
+def collect_inputs(source: str, as_dataset: bool = False) -> list[Item]:
     """The inputs of SOURCE in a fixed order (see the module docstring)."""
-    from pixtral_lora.data.hf import is_hf_source, load_hf_splits
+    from pixtral_lora.data.hf import HUB_PREFIX, load_hf_splits
 
     path = Path(source)
-    if path.is_dir() and not is_hf_source(path):
+    is_dataset = as_dataset or source.startswith(HUB_PREFIX) or path.suffix == ".parquet"
+    if path.is_dir() and not is_dataset:
         found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         return [_file_item(p) for p in found]
     if path.suffix in (".txt", ".csv") and path.is_file():
@@ -75,7 +79,7 @@ def collect_inputs(source: str) -> list[Item]:
                     raise DataError(f"{path}:1: a list of images needs a 'path' (or 'image_path') column")
                 names = [row[column] for row in reader if row[column]]
         return [_file_item(p if p.is_absolute() else path.parent / p) for p in map(Path, names)]
-    if is_hf_source(source):
+    if is_dataset:
         splits, _ = load_hf_splits(source)
         items = []
         for split_name, split in splits.items():
@@ -218,7 +222,7 @@ def _journals(out: Path) -> list[Path]:
 # Prediction
 
 
-def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
+def _rows_of(predictions, hashes: dict[str, str | None], mode: str, model: str) -> list[dict]:
     rows = []
     for p in predictions:
         outcome = "valid" if p.label else p.outcome  # else hallucinated, unparseable or unreadable
@@ -232,6 +236,8 @@ def _rows_of(predictions, hashes: dict[str, str | None]) -> list[dict]:
                 "outcome": outcome,
                 "error": p.error,
                 "sha256": hashes.get(p.id),
+                "mode": mode,
+                "model": model,
             }
         )
     return rows
@@ -246,6 +252,7 @@ def predict_archive(
     mode: str = "score",
     batch_size: int | None = None,
     overwrite: bool = False,
+    as_dataset: bool = False,
 ) -> dict:
     """Classify every input of SOURCE with a run's model into FILE; returns the summary.
 
@@ -266,18 +273,32 @@ def predict_archive(
 
         if not dist.is_initialized():  # a gloo group only for the final barrier (any device)
             dist.init_process_group("gloo")
-    items = collect_inputs(source)
+    items = collect_inputs(source, as_dataset)
     if not items:
         raise DataError(f"{source}: no images found")
+    model = classify.identity()
     ours = out.exists() and is_predictions_file(out)
-    if out.exists() and not ours and rank == 0:
-        out.unlink()  # --overwrite of a file that is not a predictions file: start it afresh
-    done = {}
     previous = _read_rows(out) if ours else []
     for journal in _journals(out):
         previous += _read_rows(journal)
-    for row in previous:
-        done[row["path"]] = row
+    other = next((r for r in previous if (r.get("model"), r.get("mode")) != (model, mode)), None)
+    if other is not None and not overwrite:
+        raise DataError(
+            f"--out {out} holds predictions of another model or mode (model {other.get('model') or 'unrecorded'}, "
+            f"mode {other.get('mode') or 'unrecorded'}; this is model {model}, mode {mode}): they cannot be "
+            "resumed; choose another --out or pass --overwrite to start it afresh"
+        )
+    if rank == 0 and out.exists() and (not ours or other is not None):
+        out.unlink()  # --overwrite: start afresh
+    if other is not None:
+        for journal in _journals(out) if rank == 0 else []:
+            journal.unlink(missing_ok=True)
+        previous = []
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # process 0 has cleared what --overwrite replaces before anyone appends
+    done = {row["path"]: row for row in previous}
     mine = items[rank::world]
     logger.info("process %d of %d: %d of %d inputs", rank, world, len(mine), len(items))
     direct = world == 1 and out.suffix in (".jsonl", ".csv")
@@ -302,7 +323,7 @@ def predict_archive(
                     continue
                 rows.append(classify.row(item.key, ref))
             if rows:
-                writer.write(_rows_of(classify(rows, mode, batch_size), hashes))
+                writer.write(_rows_of(classify(rows, mode, batch_size), hashes, mode, model))
             progress.update(len(batch))
     finally:
         progress.close()
@@ -352,23 +373,57 @@ def _finalise(out: Path, items: list[Item], overwrite: bool, images_per_second: 
 
 
 def launch_processes(argv: list[str], num_processes: int) -> int:
-    """Run `pixtral-lora predict` in `num_processes` local processes (gloo on CPU) and wait for them."""
+    """Run `pixtral-lora predict` in `num_processes` local processes (gloo on CPU) and wait for them.
+
+    A SIGTERM or SIGINT to this launcher is passed on to every process (none is left running with
+    the output's lock), and when one process fails the others are stopped: they would wait for it
+    at the final barrier forever.
+    """
+    import signal
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    children = []
-    for rank in range(num_processes):
-        env = {
-            **os.environ,
-            "WORLD_SIZE": str(num_processes),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(num_processes),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        # one share of the cores each: N processes with all cores' threads each would oversubscribe
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-        children.append(subprocess.Popen([sys.executable, "-m", "pixtral_lora.cli", *argv], env=env))
-    codes = [child.wait() for child in children]
+    children: list[subprocess.Popen] = []
+
+    def stop(signum, _frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for rank in range(num_processes):
+            env = {
+                **os.environ,
+                "WORLD_SIZE": str(num_processes),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(num_processes),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            # one share of the cores each: N processes with all cores' threads each would oversubscribe
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+            children.append(subprocess.Popen([sys.executable, "-m", "pixtral_lora.cli", *argv], env=env))
+        while any(child.poll() is None for child in children):
+            failed = [child for child in children if child.poll()]
+            if failed:
+                for child in children:
+                    if child.poll() is None:
+                        child.terminate()
+                for child in children:
+                    child.wait()
+                break
+            time.sleep(0.2)
+        codes = [child.returncode for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return next((code for code in codes if code), 0)

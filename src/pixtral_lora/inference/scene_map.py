@@ -1,16 +1,23 @@
 """Scene mapping: `pixtral-lora map SCENE.tif --run RUN --out map.geojson` -> a land-use map for QGIS.
 
-The scene (GeoTIFF/COG, any CRS) is read window by window with rasterio, never whole. Tiles are
-`--tile` pixels (or `--tile-m` metres, from the raster's resolution, so the model sees ground
-footprints like its training scenes'), every `--stride` pixels; tiles that are all nodata (or all
-zero) are skipped; at the right and bottom edges a partial tile is padded with nodata (`--edges pad`,
+The scene (GeoTIFF/COG, any projected or geographic CRS; one without a CRS is refused) is read
+window by window with rasterio, never whole. Tiles are `--tile` pixels (or `--tile-m` metres,
+converted with the CRS's linear unit so the model sees ground footprints like its training scenes';
+refused on a geographic CRS, whose degrees have no fixed ground size), every `--stride` pixels. A
+tile is classified only when at least `--min-valid` (default half) of its pixels are valid by GDAL's
+dataset mask (alpha band, internal mask, nodata) and it is not all black; the others are counted as
+empty. At the right and bottom edges a partial tile is padded with nodata (`--edges pad`,
 the default: the model sees the part that exists, the polygon covers only that part) or skipped
 (`--edges skip`). Bands and stretch are the run's own (`data.bands`, `data.stretch`), so a tile looks
 like the training tiles did. Tiles are classified in batches by the same code as `eval` and
 `predict`; results go to a journal as they come, so a killed run resumes where it stopped.
 
+Before any tile is classified the scene must have a CRS, its first and last pixels must read, and
+with `--to-wgs84` its corners must reproject to finite coordinates.
+
 Outputs: a GeoJSON FeatureCollection (or a GeoPackage for `*.gpkg`, needs pyogrio) of tile polygons
-in the raster's CRS (or EPSG:4326 with `--to-wgs84`), with label, confidence, top-3 and tile row/col;
+(each tile's four valid-pixel corners through the geotransform, so rotated rasters map to their true
+footprint) in the raster's CRS (or EPSG:4326 with `--to-wgs84`), with label, confidence, top-3 and tile row/col;
 and `<out>.png`: the scene with tiles coloured by class (a fixed colour-blind-safe palette indexed by
 the run's class list), tiles under `--min-confidence` hatched, and a legend of the classes present.
 """
@@ -27,7 +34,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from pixtral_lora.errors import DataError
-from pixtral_lora.io import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
+from pixtral_lora.io import (
+    PNG_SOFTWARE,
+    atomic_file,
+    check_replaceable_file,
+    drop_torn_tail,
+    is_our_png,
+    locks_its_output,
+)
 from pixtral_lora.raster import read_rgb
 
 logger = logging.getLogger(__name__)
@@ -69,6 +83,67 @@ def _is_mappable(out: Path) -> bool:
         return False
 
 
+# The least share of a tile's pixels that must be valid (GDAL's mask: alpha, internal mask, nodata)
+# for it to be classified; tiles with less are counted as empty. `--min-valid` changes it.
+MIN_VALID_SHARE = 0.5
+
+
+def _is_map_picture(png: Path) -> bool:
+    return is_our_png(png)
+
+
+def _check_scene(dataset, scene: Path, to_wgs84: bool) -> None:
+    """What can be checked before any tile is classified: a CRS, a readable first and last block,
+    and (with `to_wgs84`) a footprint that reprojects to finite coordinates."""
+    import numpy as np
+    from rasterio.errors import RasterioError
+    from rasterio.windows import Window
+
+    if dataset.crs is None:
+        raise DataError(
+            f"{scene}: the raster has no CRS (not georeferenced): a map needs one; assign it with "
+            "`gdal_edit.py -a_srs EPSG:NNNN` (or classify its tiles with `pixtral-lora predict`)"
+        )
+    try:
+        for col, row in ((0, 0), (dataset.width - 1, dataset.height - 1)):
+            dataset.read(1, window=Window(col, row, 1, 1))
+    except RasterioError as err:
+        raise DataError(f"{scene}: the raster cannot be read ({str(err).splitlines()[0][:200]})") from None
+    if to_wgs84:
+        from rasterio.warp import transform
+
+        corners = [(0, 0), (dataset.width, 0), (dataset.width, dataset.height), (0, dataset.height)]
+        xs, ys = zip(*(dataset.transform @ corner for corner in corners), strict=True)
+        try:
+            lons, lats = transform(dataset.crs, "EPSG:4326", list(xs), list(ys))
+        except Exception as err:  # PROJ errors come as several types
+            lons, lats = [float("nan")], [str(err)]
+        if not (np.all(np.isfinite(lons)) and np.all(np.isfinite(np.asarray(lats, dtype=float)))):
+            raise DataError(
+                f"{scene}: the scene's corners do not reproject from {dataset.crs.to_string()} to EPSG:4326 "
+                "(e.g. a geostationary view that reaches into space); write the map without --to-wgs84"
+            )
+
+
+def _tile_pixels(dataset, scene: Path, tile: int, tile_m: float | None) -> int:
+    """`--tile-m` metres as pixels in the raster's linear unit (refused on a geographic CRS)."""
+    if not tile_m:
+        return tile
+    if dataset.crs.is_geographic:
+        raise DataError(
+            f"{scene}: --tile-m needs a projected CRS; {dataset.crs.to_string()} is in degrees, whose "
+            "ground size varies with latitude: give --tile in pixels, or reproject the scene (gdalwarp -t_srs)"
+        )
+    unit, metres_per_unit = dataset.crs.linear_units_factor
+    pixel_m = abs(dataset.res[0]) * metres_per_unit
+    pixels = round(tile_m / pixel_m)
+    if pixels < 16:
+        raise DataError(
+            f"--tile-m {tile_m}: {pixels} pixels of {pixel_m:.3g} m ({unit}); a tile needs at least 16"
+        )
+    return pixels
+
+
 @locks_its_output
 def map_scene(
     scene: str | Path,
@@ -85,10 +160,12 @@ def map_scene(
     edges: str = "pad",
     batch_size: int | None = None,
     overwrite: bool = False,
+    min_valid: float = MIN_VALID_SHARE,
 ) -> dict:
     """Classify the tiles of a georeferenced scene; write the map (GeoJSON/GPKG) and its PNG.
 
-    A lock on the output (`.OUT.lock`) keeps a second command off it while this one runs.
+    A lock on the output (`.OUT.lock`) keeps a second command off it while this one runs. Both
+    files follow the foreign-file rule: an existing one is replaced only when an earlier map wrote it.
     """
     import rasterio
 
@@ -97,7 +174,9 @@ def map_scene(
     out, scene, run_dir = Path(out), Path(scene), Path(run_dir)
     if out.suffix not in (".geojson", ".json", ".gpkg"):
         raise DataError(f"--out {out}: use a .geojson or .gpkg file name")
+    png = out.with_suffix(".png")
     check_replaceable_file(out, _is_mappable, overwrite)
+    check_replaceable_file(png, _is_map_picture, overwrite)
     classify = RunClassifier(run_dir, model_path, resize_to)
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
@@ -107,8 +186,8 @@ def map_scene(
     except rasterio.errors.RasterioIOError as err:
         raise DataError(f"{scene}: not a raster rasterio can read ({err})") from None
     with dataset:
-        if tile_m:
-            tile = max(16, round(tile_m / abs(dataset.res[0])))
+        _check_scene(dataset, scene, to_wgs84)
+        tile = _tile_pixels(dataset, scene, tile, tile_m)
         stride = stride or tile
         if dataset.width < tile or dataset.height < tile:
             raise DataError(
@@ -124,7 +203,9 @@ def map_scene(
             "stride": stride,
             "edges": edges,
             "mode": mode,
-            "run": str(run_dir.resolve()),
+            "min_valid": min_valid,
+            "resize_to": resize_to,
+            "model": classify.identity(),
         }
         done = _read_journal(journal, identity)
         windows = list(_windows(dataset.width, dataset.height, tile, stride, edges))
@@ -139,13 +220,13 @@ def map_scene(
                 rows, meta = [], {}
                 for row, col, window, partial in pending[begin : begin + batch_size]:
                     key = f"{row},{col}"
-                    read = _read_tile(dataset, bands, scene, window, partial)
+                    read = _read_tile(dataset, bands, scene, window, partial, min_valid)
                     if read is None:
                         done[key] = {"empty": True}
                         log.write(json.dumps({"key": key, "empty": True}) + "\n")
                         continue
-                    png, valid_window = read
-                    rows.append(classify.row(key, {"path": None, "bytes": png}))
+                    png_bytes, valid_window = read
+                    rows.append(classify.row(key, {"path": None, "bytes": png_bytes}))
                     meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
                 if rows:
                     for p in classify(rows, mode, batch_size):
@@ -165,7 +246,7 @@ def map_scene(
         empty = len(windows) - len(features)
         crs = "EPSG:4326" if to_wgs84 else dataset.crs.to_string()
         legend = _plot_map(
-            dataset, bands, features, classify.class_names, out.with_suffix(".png"), tile, min_confidence
+            dataset, bands, features, classify.class_names, png, tile, min_confidence, overwrite
         )
     _write_vector(out, features, crs, overwrite=True)
     journal.unlink(missing_ok=True)
@@ -175,7 +256,7 @@ def map_scene(
         labels[label] = labels.get(label, 0) + 1
     return {
         "out": str(out),
-        "png": str(out.with_suffix(".png")),
+        "png": str(png),
         "tiles": len(windows),
         "classified": len(features),
         "empty": empty,
@@ -186,11 +267,19 @@ def map_scene(
     }
 
 
-def _read_tile(dataset, bands, scene: Path, window, partial: bool) -> tuple | None:
+def _read_tile(dataset, bands, scene: Path, window, partial: bool, min_valid: float) -> tuple | None:
     """One tile as PNG bytes and its valid pixels' window [column, row, width, height]; None when
-    the tile holds no data (nodata everywhere, or all black)."""
-    rgb, valid = read_rgb(dataset, bands, str(scene), window, boundless=partial)
-    if not valid.any() or not rgb.any():
+    fewer than `min_valid` of the tile's pixels are valid (GDAL's mask), or it is all black."""
+    from rasterio.errors import RasterioError
+
+    try:
+        rgb, valid = read_rgb(dataset, bands, str(scene), window, boundless=partial)
+    except RasterioError as err:
+        raise DataError(
+            f"{scene}: tile at pixel column {int(window.col_off)}, row {int(window.row_off)} cannot be read "
+            f"({str(err).splitlines()[0][:200]}); the tiles before it are kept for a rerun"
+        ) from None
+    if valid.mean() < min_valid or not valid.any() or not rgb.any():
         return None
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
@@ -208,19 +297,22 @@ def _features(windows, done: dict, dataset, to_wgs84: bool, min_confidence: floa
     """GeoJSON features of the classified tiles, in window order; each polygon is the tile's valid
     pixels through the scene's geotransform (reprojected to WGS84 when asked)."""
     from rasterio.warp import transform_geom
-    from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
 
     features = []
     for row, col, _, _ in windows:
         record = done[f"{row},{col}"]
         if record.get("empty"):
             continue
-        left, bottom, right, top = window_bounds(Window(*record["window"]), dataset.transform)
-        geometry = {
-            "type": "Polygon",
-            "coordinates": [[[left, bottom], [right, bottom], [right, top], [left, top], [left, bottom]]],
-        }
+        col_off, row_off, width, height = record["window"]
+        bottom, top, left, right = row_off + height, row_off, col_off, col_off + width
+        pixel_ring = [(left, bottom), (right, bottom), (right, top), (left, top), (left, bottom)]
+        if (
+            dataset.transform.determinant > 0
+        ):  # the pixel grid is not mirrored: keep the ring counter-clockwise
+            pixel_ring.reverse()
+        # every corner through the affine geotransform: right for rotated and sheared rasters too
+        ring = [list(dataset.transform @ corner) for corner in pixel_ring]
+        geometry = {"type": "Polygon", "coordinates": [ring]}
         if to_wgs84:
             geometry = transform_geom(dataset.crs, "EPSG:4326", geometry)
         confidence = record["confidence"]
@@ -301,7 +393,7 @@ def _write_vector(out: Path, features: list[dict], crs: str, overwrite: bool) ->
 
 
 def _plot_map(
-    dataset, bands, features, class_names, png: Path, tile: int, min_confidence: float
+    dataset, bands, features, class_names, png: Path, tile: int, min_confidence: float, overwrite: bool
 ) -> list[str]:
     """The scene thumbnail with tiles coloured by class, low-confidence tiles hatched, and a legend."""
     import matplotlib
@@ -349,7 +441,7 @@ def _plot_map(
     axes.set_axis_off()
     axes.set_title(f"{Path(dataset.name).name}: {len(features)} tiles of {tile} px")
     figure.tight_layout()
-    with atomic_file(png, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
+    with atomic_file(png, "wb", recognise=_is_map_picture, overwrite=overwrite) as handle:
+        figure.savefig(handle, format="png", dpi=100, metadata={"Software": f"{PNG_SOFTWARE} map"})
     plt.close(figure)
     return legend
