@@ -93,7 +93,8 @@ def test_a_hub_id_offline_and_uncached_is_one_line_naming_id_and_cache(tmp_path)
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(
-        DataError, match=r"hf://someone/absent: cannot load the Hub dataset .*not in the HF hub cache .* nor the datasets cache"
+        DataError,
+        match=r"hf://someone/absent: cannot load the Hub dataset .*not in the HF hub cache .* nor the datasets cache",
     ):
         load_hf_splits("hf://someone/absent")
 

@@ -254,7 +254,13 @@ def _data_generate_scene(args) -> int:
     from pixtral_lora.data.synth import generate_scene_mosaic
 
     classes = args.classes.split(",") if args.classes else None
-    rows, cols = (int(n) for n in args.grid.lower().split("x"))
+    try:
+        rows, cols = (int(n) for n in args.grid.lower().split("x"))
+        if rows < 1 or cols < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --grid {args.grid!r}: give rows x columns, e.g. 4x4", file=sys.stderr)
+        return 2
     layout = generate_scene_mosaic(args.out, classes, (rows, cols), args.tile, args.seed)
     print(f"synthetic georeferenced scene written to {args.out}; its grid, row by row:")
     for row in layout:

@@ -134,6 +134,7 @@ def write_geotiff(
     crs: str = "EPSG:32633",
     transform=None,
     nodata: float | None = None,
+    tags: dict | None = None,
 ) -> None:
     """Write (bands, height, width) as a GeoTIFF with a CRS and geotransform (synthetic data, tests)."""
     rasterio = _rasterio()
@@ -153,3 +154,5 @@ def write_geotiff(
         profile["nodata"] = nodata
     with rasterio.open(path, "w", **profile) as dataset:
         dataset.write(array)
+        if tags:
+            dataset.update_tags(**tags)

@@ -120,6 +120,18 @@ def _class_names(raw: dict[str, Dataset], label_column: str, class_names: list[s
     return names, "name"
 
 
+def load_hf_images(path: str, image_column: str = "image") -> dict[str, Dataset]:
+    """Each split's images (undecoded), labelled or not: what `predict` classifies."""
+    out = {}
+    for name, split in _load_raw(str(path), None, None).items():
+        if image_column not in split.column_names:
+            raise DataError(
+                f"{path} [{name}]: no column {image_column!r} (columns: {', '.join(split.column_names)})"
+            )
+        out[name] = split.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+    return out
+
+
 def _label_problems(labels: list, names: list[str], by_index: bool, column: str) -> list[tuple[int, str]]:
     """(row, why) for every label that names no class: the Hub's -1 ("no label"), an index outside
     the ClassLabel, a null, or a string that is not one of the class names."""

@@ -17,6 +17,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pixtral_lora.errors import DataError
+
 Painter = Callable[[ImageDraw.ImageDraw, int, random.Random], None]
 
 
@@ -161,10 +163,10 @@ def generate_aid_like(
     from pixtral_lora.io import OutputError, atomic_directory
 
     root = Path(root)
-    classes = classes or sorted(SCENES)
+    classes = _known_classes(classes)
     for class_name in classes:
         if class_name not in SCENES:
-            raise ValueError(f"unknown synthetic class {class_name!r}; available: {', '.join(SCENES)}")
+            raise DataError(f"unknown synthetic class {class_name!r}; available: {', '.join(SCENES)}")
     if root.exists() and not (root / MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
         raise OutputError(f"{root} exists and is not a synthetic dataset (no {MARKER}); choose another --out")
     jobs = [(c, n) for c in classes for n in range(1, per_class + 1)]
@@ -197,9 +199,11 @@ def generate_scene_mosaic(
     import numpy as np
     from rasterio.transform import from_origin
 
+    from pixtral_lora.io import atomic_file, check_replaceable_file
     from pixtral_lora.raster import write_geotiff
 
-    classes = classes or sorted(SCENES)
+    classes = _known_classes(classes)
+    check_replaceable_file(out, _is_synthetic_scene)  # never over a raster someone else made
     rng = random.Random(seed)
     rows, cols = grid
     layout = [[rng.choice(classes) for _ in range(cols)] for _ in range(rows)]
@@ -208,7 +212,30 @@ def generate_scene_mosaic(
         for c in range(cols):
             scene = np.asarray(draw_scene(layout[r][c], 1000 + r * cols + c, tile, seed))
             mosaic[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.transpose(scene, (2, 0, 1))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     transform = from_origin(500000.0, 5000000.0, metres_per_pixel, metres_per_pixel)
-    write_geotiff(out, mosaic, crs="EPSG:32633", transform=transform)
+    with atomic_file(out, "wb", recognise=_is_synthetic_scene, overwrite=False) as handle:
+        handle.close()  # rasterio writes the temporary by name; it is renamed to `out` when complete
+        write_geotiff(handle.name, mosaic, crs="EPSG:32633", transform=transform, tags=SCENE_TAG)
     return layout
+
+
+SCENE_TAG = {"pixtral_lora": "synthetic-scene"}
+
+
+def _is_synthetic_scene(path: Path) -> bool:
+    """A GeoTIFF `generate_scene_mosaic` wrote (its pixtral_lora tag), which a rerun may replace."""
+    try:
+        import rasterio
+
+        with rasterio.open(path) as dataset:
+            return dataset.tags().get("pixtral_lora") == SCENE_TAG["pixtral_lora"]
+    except Exception:  # not a raster at all: not ours
+        return False
+
+
+def _known_classes(classes: list[str] | None) -> list[str]:
+    """The synthetic classes asked for (all by default); an unknown one is a one-line `DataError`."""
+    unknown = [name for name in classes or [] if name not in SCENES]
+    if unknown:
+        raise DataError(f"unknown synthetic class {unknown[0]!r}; available: {', '.join(SCENES)}")
+    return list(classes or sorted(SCENES))

@@ -61,7 +61,7 @@ def _file_item(path: Path) -> Item:
 
 def collect_inputs(source: str, as_dataset: bool = False) -> list[Item]:
     """The inputs of SOURCE in a fixed order (see the module docstring)."""
-    from pixtral_lora.data.hf import HUB_PREFIX, load_hf_splits
+    from pixtral_lora.data.hf import HUB_PREFIX, load_hf_images
 
     path = Path(source)
     is_dataset = as_dataset or source.startswith(HUB_PREFIX) or path.suffix == ".parquet"
@@ -80,7 +80,7 @@ def collect_inputs(source: str, as_dataset: bool = False) -> list[Item]:
                 names = [row[column] for row in reader if row[column]]
         return [_file_item(p if p.is_absolute() else path.parent / p) for p in map(Path, names)]
     if is_dataset:
-        splits, _ = load_hf_splits(source)
+        splits = load_hf_images(source)
         items = []
         for split_name, split in splits.items():
             for row in range(len(split)):

@@ -1,0 +1,226 @@
+"""predict as a careless user or a kill would have it: another run or mode on the same output, folders
+that hold earlier outputs, unwritable locations, SIGTERM to a multi-process launch, a run trained
+with relative paths used from elsewhere. Every case through the command users type."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SYNTH_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pixtral_lora.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+        **kwargs,
+    )
+
+
+def _one_line_error(result) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture()
+def tiles(aid_dir, tmp_path):
+    """Eight scenes, two per class, in one folder."""
+    root = tmp_path / "tiles"
+    root.mkdir()
+    for name in SYNTH_CLASSES:
+        for path in sorted((aid_dir / name).iterdir())[:2]:
+            shutil.copy(path, root / f"{name}-{path.name}")
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_another_mode_or_run_on_an_existing_output_is_refused_not_resumed(tiny_run, tiles, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "predictions.jsonl"
+    first = _cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "score")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = _rows(out)
+    assert {r["mode"] for r in rows} == {"score"} and len({r["model"] for r in rows}) == 1
+    before = out.read_bytes()
+
+    line = _one_line_error(_cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained"))
+    assert "another model or mode" in line and "--overwrite" in line
+    assert out.read_bytes() == before  # nothing of the earlier answers lost
+
+    # the same run directory retrained (another adapter): its answers are not the earlier ones
+    other_run = tmp_path / "other-run"
+    shutil.copytree(tiny_run, other_run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
+    weights = other_run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1.5 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    line = _one_line_error(_cli("predict", tiles, "--run", other_run, "--out", out))
+    assert "another model or mode" in line
+    assert out.read_bytes() == before
+
+    replaced = _cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert "(0 already done)" in replaced.stdout
+    rows = _rows(out)
+    assert len(rows) == 8 and {r["mode"] for r in rows} == {"constrained"}
+    resumed = _cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained")
+    assert resumed.returncode == 0 and "(8 already done)" in resumed.stdout
+
+
+def test_a_folder_of_tiles_is_images_whatever_else_it_holds(tiny_run, tiles, tmp_path):
+    parquet = tmp_path / "earlier.parquet"
+    first = _cli("predict", tiles, "--run", tiny_run, "--out", parquet)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copy(parquet, tiles / "earlier.parquet")  # an earlier output kept with the tiles
+    (tiles / "metadata.csv").write_text("file_name,note\nBeach-beach_1.jpg,x\n")
+    out = tmp_path / "again.jsonl"
+    result = _cli("predict", tiles, "--run", tiny_run, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_rows(out)) == 8 and all(r["path"].endswith(".jpg") for r in _rows(out))
+    as_dataset = _cli("predict", parquet, "--run", tiny_run, "--out", tmp_path / "d.jsonl")
+    assert "no column 'image'" in _one_line_error(as_dataset)  # a .parquet file is a dataset when named
+    # a folder is read as a dataset when asked: unlabelled images in the Hub's Parquet layout
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    hub_folder = tmp_path / "hub-copy"
+    (hub_folder / "data").mkdir(parents=True)
+    images = [{"bytes": p.read_bytes(), "path": None} for p in sorted(tiles.glob("*.jpg"))[:3]]
+    Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
+        str(hub_folder / "data" / "train-00000-of-00001.parquet")
+    )
+    dataset_run = _cli("predict", hub_folder, "--dataset", "--run", tiny_run, "--out", tmp_path / "h.jsonl")
+    assert dataset_run.returncode == 0, dataset_run.stderr[-3000:]
+    assert [r["path"] for r in _rows(tmp_path / "h.jsonl")] == ["train/0", "train/1", "train/2"]
+
+
+def test_no_lock_is_left_and_an_unwritable_location_is_one_line(tiny_run, tiles, tmp_path):
+    out = tmp_path / "out" / "p.csv"
+    result = _cli("predict", tiles, "--run", tiny_run, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.csv"]  # no .p.csv.lock, no journal
+    line = _one_line_error(_cli("predict", tiles, "--run", tiny_run, "--out", "/proc/pixtral-lora/p.jsonl"))
+    assert "/proc" in line and "cannot write" in line
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    line = _one_line_error(_cli("eval", tiny_run, "--out", blocked / "eval", "--limit", "2"))
+    assert "a-file" in line
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_to_a_multi_process_predict_stops_every_worker(tiny_run, aid_dir, tmp_path):
+    archive = tmp_path / "archive"
+    for copy in range(4):
+        shutil.copytree(aid_dir, archive / f"part-{copy}")
+    out = tmp_path / "p.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pixtral_lora.cli", "predict", str(archive), "--run", str(tiny_run)]
+    command += ["--out", str(out), "--num-processes", "2", "--batch-size", "2"]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    workers: list[int] = []
+    while time.time() < deadline and launcher.poll() is None:
+        workers = _children(launcher.pid)
+        journals = list(tmp_path.glob(".p.jsonl.journal-*"))
+        if len(workers) == 2 and journals and any(j.stat().st_size for j in journals):
+            break
+        time.sleep(0.1)
+    assert launcher.poll() is None and len(workers) == 2, "the launch ended before it could be stopped"
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=120)
+    assert launcher.returncode != 0
+    time.sleep(0.5)
+    alive = [
+        pid
+        for pid in workers
+        if Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    ]
+    assert alive == []
+    # the output is free again: a rerun resumes from the journals and finishes
+    rerun = _cli("predict", archive, "--run", tiny_run, "--out", out, "--num-processes", "2", env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(_rows(out)) == 160
+
+
+def test_a_run_trained_with_relative_paths_works_from_another_directory(tiny_model_dir, aid_dir, tmp_path):
+    work = tmp_path / "project"
+    (work / "artifacts").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, work / "artifacts" / "tiny-pixtral")
+    shutil.copytree(aid_dir, work / "artifacts" / "aid")
+    trained = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--set",
+            "model.name_or_path=artifacts/tiny-pixtral",
+            "--set",
+            "data.path=artifacts/aid",
+            "--set",
+            "training.output_dir=runs/rel",
+            "--set",
+            "training.max_steps=1",
+            "--set",
+            "training.eval_steps=null",
+            "--set",
+            "data.validation_size=0",
+            "--set",
+            "training.report_to=none",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    recorded = (work / "runs" / "rel" / "config.yaml").read_text()
+    assert f"name_or_path: {work / 'artifacts' / 'tiny-pixtral'}" in recorded
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    images = sorted((aid_dir / "Beach").iterdir())[:2]
+    result = _cli(
+        "predict", *images[:1], "--run", work / "runs" / "rel", "--out", elsewhere / "p.jsonl", cwd=elsewhere
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # a run directory written before paths were recorded absolute: one line naming the base, at once
+    config = work / "runs" / "rel" / "config.yaml"
+    config.write_text(recorded.replace(str(work / "artifacts" / "tiny-pixtral"), "artifacts/tiny-pixtral"))
+    started = time.time()
+    line = _one_line_error(
+        _cli("predict", *images[:1], "--run", work / "runs" / "rel", "--out", elsewhere / "q.jsonl", cwd=elsewhere,
+             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    )  # fmt: skip
+    assert "artifacts/tiny-pixtral" in line and time.time() - started < 60
+    assert not (elsewhere / "q.jsonl").exists() and not (elsewhere / ".q.jsonl.lock").exists()
