@@ -224,13 +224,20 @@ SCENE_TAG = {"pixtral_lora": "synthetic-scene"}
 
 def _is_synthetic_scene(path: Path) -> bool:
     """A GeoTIFF `generate_scene_mosaic` wrote (its pixtral_lora tag), which a rerun may replace."""
-    try:
-        import rasterio
+    import logging
 
+    import rasterio
+
+    quiet = logging.getLogger("rasterio")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # GDAL's complaints about a foreign file are no news
+    try:
         with rasterio.open(path) as dataset:
             return dataset.tags().get("pixtral_lora") == SCENE_TAG["pixtral_lora"]
     except Exception:  # not a raster at all: not ours
         return False
+    finally:
+        quiet.setLevel(level)
 
 
 def _known_classes(classes: list[str] | None) -> list[str]:
