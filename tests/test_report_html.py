@@ -164,3 +164,55 @@ def test_compare_two_runs_with_a_mcnemar_test(tiny_run, tiny_model_dir, learn_da
     assert f"p = {expected:.3g}" in shown and expected < 0.05
     page = _parse(out.read_text())
     assert "table" in page.tags and "script" not in page.tags
+
+
+_MEASURE = """<script>
+const out = {overflowing: [], isolated: 0, names: 0};
+for (const card of document.querySelectorAll('.card, td.l, th.l, h4')) {
+  const box = card.getBoundingClientRect();
+  for (const inner of card.querySelectorAll('*')) {
+    if (inner.getBoundingClientRect().right > box.right + 1) { out.overflowing.push(card.className || card.tagName); break; }
+  }
+}
+for (const name of document.querySelectorAll('bdi')) {
+  out.names += 1;
+  if (getComputedStyle(name).unicodeBidi === 'isolate') out.isolated += 1;
+}
+out.pageWidth = document.documentElement.scrollWidth;
+document.title = JSON.stringify(out);
+</script>"""
+
+
+def test_long_and_right_to_left_class_names_stay_inside_their_boxes(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser installed (make browser installs Debian's chromium)")
+    import re
+
+    long_name = "IndustrialAndCommercialUnitsWithAssociatedInfrastructureAndParkingAreas" * 2
+    hebrew, arabic = "שדה תעופה", "منطقة سكنية كثيفة"
+    classes = [long_name, hebrew, arabic]
+    predictions = [
+        Prediction(f"{i}-{'x' * 90}.jpg", gold, "", predicted, predicted, 0.5)
+        for i, (gold, predicted) in enumerate(
+            [(long_name, hebrew), (hebrew, arabic), (arabic, long_name)] * 2
+        )
+    ]
+    report = summarise(predictions, classes)
+    results = {"finetuned": {"score": {"report": report, "images_per_second": 1.0}}}
+    text = render_html(results, classes, {("finetuned", "score"): predictions}, {})
+    for name in classes:
+        assert f"<bdi>{name}</bdi>" in text  # every class name isolated from the text around it
+    page = tmp_path / "report.html"
+    page.write_text(text.replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900", "--dump-dom",
+         page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    found = re.search(r"<title>(\{.*?\})</title>", dom)
+    assert found, dom[:500]
+    measured = json.loads(found.group(1).replace("&quot;", '"'))
+    assert measured["overflowing"] == []
+    assert measured["names"] > 0 and measured["isolated"] == measured["names"]
+    assert measured["pageWidth"] <= 1200
