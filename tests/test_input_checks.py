@@ -184,3 +184,31 @@ def test_validate_takes_the_configs_classes(tmp_path, aid_dir):
     assert "the data's classes differ" in result.stdout and "Forest" in result.stdout
     plain = _run("-m", "pixtral_lora.cli", "data", "validate", aid_dir, "--classes", ",".join(SYNTH_CLASSES))
     assert plain.returncode == 0, plain.stdout[-2000:]
+
+
+def test_preview_save_image_never_replaces_a_picture_it_did_not_write(tmp_path, aid_dir, tiny_model_dir):
+    from PIL import Image
+
+    photo = tmp_path / "holiday.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(photo)
+    before = photo.read_bytes()
+    preview = [
+        "-m",
+        "pixtral_lora.cli",
+        "data",
+        "preview",
+        aid_dir,
+        "--processor",
+        tiny_model_dir,
+        "--save-image",
+    ]
+    line = _one_line_error(_run(*preview, photo))
+    assert "holiday.png exists" in line and photo.read_bytes() == before
+    shot = tmp_path / "shot.png"
+    for _ in range(2):  # its own picture is replaced
+        result = _run(*preview, shot)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(shot).size == (
+        304,
+        304,
+    )  # a 64-px scene at the default longest edge 300, in 16-px patches

@@ -90,6 +90,10 @@ def _data_preview(args) -> int:
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
 
+    if args.save_image:  # before any work: never over a file an earlier preview did not write
+        from pixtral_lora.io import check_replaceable_file, is_our_png
+
+        check_replaceable_file(args.save_image, is_our_png)
     prompt, longest_edge, allowed, bands = (
         PromptConfig(),
         args.image_longest_edge,
@@ -111,11 +115,15 @@ def _data_preview(args) -> int:
     renderer = Renderer(processor, longest_edge, bands=bands)
     view = sample_view(renderer, dataset[args.index])
     if args.save_image:
-        from pixtral_lora.io import atomic_file
+        from PIL.PngImagePlugin import PngInfo
+
+        from pixtral_lora.io import PNG_SOFTWARE, atomic_file, is_our_png
 
         image = renderer.load_images(dataset[args.index]["images"])[0]  # exactly the pixels the model gets
-        with atomic_file(args.save_image, "wb") as handle:
-            image.save(handle, format="PNG")
+        info = PngInfo()
+        info.add_text("Software", f"{PNG_SOFTWARE} preview")
+        with atomic_file(args.save_image, "wb", recognise=is_our_png, overwrite=False) as handle:
+            image.save(handle, format="PNG", pnginfo=info)
         print(f"image as the model sees it ({image.width}x{image.height}) saved to {args.save_image}")
     if args.ids:
         print(json.dumps({k: view[k] for k in ("id", "label", "input_ids", "labels", "loss_mask")}))
