@@ -509,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # rasterio logs every GDAL complaint at INFO; the command says what matters
+        logging.getLogger("rasterio").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except user_errors() as err:

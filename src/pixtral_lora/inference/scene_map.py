@@ -108,7 +108,7 @@ def _check_scene(dataset, scene: Path, to_wgs84: bool) -> None:
         for col, row in ((0, 0), (dataset.width - 1, dataset.height - 1)):
             dataset.read(1, window=Window(col, row, 1, 1))
     except RasterioError as err:
-        raise DataError(f"{scene}: the raster cannot be read ({str(err).splitlines()[0][:200]})") from None
+        raise DataError(f"{scene}: the raster cannot be read ({_gdal_reason(err)})") from None
     if to_wgs84:
         from rasterio.warp import transform
 
@@ -123,6 +123,12 @@ def _check_scene(dataset, scene: Path, to_wgs84: bool) -> None:
                 f"{scene}: the scene's corners do not reproject from {dataset.crs.to_string()} to EPSG:4326 "
                 "(e.g. a geostationary view that reaches into space); write the map without --to-wgs84"
             )
+
+
+def _gdal_reason(err: Exception) -> str:
+    """GDAL's own words for a failed read (rasterio puts them in the exception's cause)."""
+    cause = err.__cause__ or err
+    return (str(cause).splitlines() or [type(cause).__name__])[0][:200]
 
 
 def _tile_pixels(dataset, scene: Path, tile: int, tile_m: float | None) -> int:
@@ -277,7 +283,7 @@ def _read_tile(dataset, bands, scene: Path, window, partial: bool, min_valid: fl
     except RasterioError as err:
         raise DataError(
             f"{scene}: tile at pixel column {int(window.col_off)}, row {int(window.row_off)} cannot be read "
-            f"({str(err).splitlines()[0][:200]}); the tiles before it are kept for a rerun"
+            f"({_gdal_reason(err)}); the tiles before it are kept for a rerun"
         ) from None
     if valid.mean() < min_valid or not valid.any() or not rgb.any():
         return None
