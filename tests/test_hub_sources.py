@@ -26,7 +26,9 @@ def _png(value: int) -> bytes:
     return buffer.getvalue()
 
 
-def _hub_cache_dataset(hf_home: Path, repo: str, labels: list, names: list[str] | None) -> Path:
+def _hub_cache_dataset(
+    hf_home: Path, repo: str, labels: list, names: list[str] | None, holes: tuple[int, ...] = ()
+) -> Path:
     """Parquet written by `datasets` and laid out as the Hub client caches a dataset repository:
     hub/datasets--OWNER--NAME/{refs/main, snapshots/SHA/data/train-00000-of-00001.parquet}.
     `names`: a ClassLabel column; None: the labels as they are (strings or plain integers)."""
@@ -39,6 +41,8 @@ def _hub_cache_dataset(hf_home: Path, repo: str, labels: list, names: list[str] 
         label_feature = Value("string") if isinstance(labels[0], str) else Value("int64")
     features = Features({"image": ImageFeature(), "label": label_feature})
     rows = [{"image": {"bytes": _png(i), "path": None}, "label": label} for i, label in enumerate(labels)]
+    for row in holes:
+        rows[row]["image"] = None
     repo_dir = hf_home / "hub" / f"datasets--{repo.replace('/', '--')}"
     data = repo_dir / "snapshots" / SNAPSHOT / "data"
     data.mkdir(parents=True)
@@ -74,6 +78,7 @@ def hub_home(tmp_path_factory):
     _hub_cache_dataset(home, "owner/scenes", labels, SYNTH_CLASSES)
     _hub_cache_dataset(home, "owner/unlabelled", [0, 1, -1, 2, 3, -1, 0, 1, 2, 3], SYNTH_CLASSES)
     _hub_cache_dataset(home, "owner/numbers", [0, 1, 2, 7, 3, 0], None)
+    _hub_cache_dataset(home, "owner/holes", [0, 1, 2, 3, 0, 1, 2, 3], SYNTH_CLASSES, holes=(1,))
     _hub_cache_dataset(home, "owner/strings", ["Beach", "Desert", "Beach", "Moon", "Desert", "Beach"], None)
     return home
 
@@ -191,6 +196,14 @@ def test_a_minus_one_label_never_becomes_the_last_class(hub_home, monkeypatch):
     assert splits["train"]["id"] == [f"train/{row}" for row in (0, 1, 3, 4, 6, 7, 8, 9)]
     labels = [names[i] for i in splits["train"]["label"]]
     assert labels == ["Beach", "Desert", "Forest", "Port", "Beach", "Desert", "Forest", "Port"]
+
+
+def test_validate_names_a_null_image_by_split_and_row(hub_home):
+    result = _run(["-m", "pixtral_lora.cli", "data", "validate", "hf://owner/holes"], _offline_env(hub_home))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "[train:1] [image]: no image (the image cell is null)" in result.stdout
+    assert "1 error(s)" in result.stdout
 
 
 def test_a_null_image_is_an_unreadable_image_not_a_traceback():
