@@ -3,23 +3,26 @@ and the speed-up of two processes over one.
 
     python scripts/bench_predict.py [--out benchmarks/results-predict-cpu.json]   (part of `make bench`)
 
-Each measurement is a fresh `pixtral-lora predict` process; its peak resident set size comes from
-the kernel (wait4's rusage), its images/s from the wall time of the whole command (model load
-included, as a user sees it). Figures are from one run on one machine: compare ratios within it.
+Each measurement is a fresh `pixtral-lora predict` command; every process of it (each worker of
+`--num-processes`) reports its own peak resident set size (VmHWM, `scripts/peak_rss.py`: not
+wait4's ru_maxrss, which a child inherits from this benchmark, the process that trained the model),
+its images/s comes from the wall time of the whole command (model load included, as a user sees it).
+Figures are from one run on one machine: compare ratios within it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from peak_rss import measure  # noqa: E402
 
 from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
@@ -31,18 +34,18 @@ CLASSES = ["Beach", "Desert", "Forest", "Port"]
 
 
 def run_predict(source: Path, run: Path, out: Path, mode: str, processes: int = 1) -> dict:
-    """Wall time and peak RSS (MB, the largest of the processes) of one predict command."""
+    """Wall time and peak RSS (MB: the largest process, and each worker's) of one predict command."""
     command = [sys.executable, "-m", "pixtral_lora.cli", "predict", str(source), "--run", str(run)]
     command += ["--out", str(out), "--mode", mode, "--num-processes", str(processes)]
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    if status != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with status {status}")
-    # a child's rusage covers the descendants it waited for: with --num-processes, the largest worker
-    peak = usage.ru_maxrss / 1024
-    return {"seconds": seconds, "peak_rss_mb": peak}
+    measured = measure(command)
+    if measured["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {measured['stderr_tail']}")
+    return {
+        "seconds": measured["seconds"],
+        "peak_rss_mb": measured["peak_rss_mb"],
+        # with --num-processes N: the N workers and the launcher that started them, largest first
+        "per_process_peak_rss_mb": [round(mb, 1) for mb in measured["per_process_mb"]],
+    }
 
 
 def main() -> int:
