@@ -73,7 +73,9 @@ def test_eval_command_writes_complete_reports(tiny_run, capsys):
     assert report["results"]["finetuned"]["constrained"]["counts"]["hallucinated"] == 0
     score = report["results"]["finetuned"]["score"]
     assert 0 <= score["calibration_ece"] <= 1 and 0.25 <= score["mean_confidence"] <= 1
-    assert report["results"]["finetuned"]["generate"]["calibration_ece"] is None  # no confidence there
+    generate = report["results"]["finetuned"]["generate"]["confidence"]  # the answer's own probability
+    assert generate["of"] == "answer probability" and generate["calibrated"] is None
+    assert 0 < generate["raw"]["mean_confidence"] <= 1
     assert "expected calibration error" in (out / "report.md").read_text()
     assert (
         report["results"]["finetuned"]["score"]["accuracy"] >= report["results"]["base"]["score"]["accuracy"]

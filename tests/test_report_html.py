@@ -62,7 +62,7 @@ def test_untrusted_class_names_and_answers_are_escaped():
         results, classes, {("finetuned", "score"): predictions}, {"a.jpg": _thumbnail()}, {"note": HOSTILE}
     )
     page = _parse(text)
-    assert "script" not in page.tags and page.tags.count("img") == 2  # the thumbnail + reliability diagram
+    assert "script" not in page.tags and page.tags.count("img") == 3  # thumbnail, reliability, risk-coverage
     assert HOSTILE in "".join(page.text)  # shown as text
     assert "<img src=x" not in text and "&lt;img src=x onerror=alert(2)&gt;" in text
     # the off-diagonal cell gold=HOSTILE, predicted=Forest links to its gallery group, which exists

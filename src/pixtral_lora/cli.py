@@ -1,4 +1,4 @@
-"""`pixtral-lora` command line: tiny-model, data {generate,generate-scene,validate,preview,export}, eval, compare, predict, map."""
+"""`pixtral-lora` command line: tiny-model, data {generate,generate-scene,validate,preview,export}, eval, calibrate, compare, predict, map."""
 
 from __future__ import annotations
 
@@ -176,6 +176,20 @@ def _eval(args) -> int:
     )
     print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     print(f"report, predictions and confusion matrices in {out}; open {out / 'report.html'} in a browser")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from pixtral_lora.evaluation.calibrate import calibrate_run
+    from pixtral_lora.evaluation.calibration import calibration_path
+
+    result = calibrate_run(args.run_dir, limit=args.limit)
+    before, after = result["before"], result["after"]
+    print(
+        f"T = {result['temperature']:.3f} on {result['n']} validation images: NLL {before['nll']:.3f} -> "
+        f"{after['nll']:.3f}, ECE {before['ece']:.3f} -> {after['ece']:.3f}; written to "
+        f"{calibration_path(args.run_dir)}"
+    )
     return 0
 
 
@@ -414,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)"
     )
     evaluate.set_defaults(func=_eval)
+
+    calibration = commands.add_parser(
+        "calibrate", help="fit a temperature on a run's validation split (calibrated confidences)"
+    )
+    calibration.add_argument("run_dir")
+    calibration.add_argument("--limit", type=cli_number(Count), help="only the first N validation images")
+    calibration.set_defaults(func=_calibrate)
 
     comparison = commands.add_parser("compare", help="compare evaluated runs (config differences, McNemar)")
     comparison.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -88,6 +88,11 @@ class Run:
     def adapter_dir(self) -> Path:
         return self.run_dir / "adapter"
 
+    def adapter_sha256(self) -> str | None:
+        """sha256 of the adapter's weights (what a calibration or a resumed output belongs to)."""
+        weights = self.adapter_dir / "adapter_model.safetensors"
+        return file_sha256(weights) if weights.is_file() else None
+
     def model_identity(self, model_path: str | None = None) -> str:
         """What answers come from: the adapter's sha256 on the base, or a merged checkpoint's path.
 
@@ -95,24 +100,32 @@ class Run:
         """
         if model_path is not None:
             return f"merged:{Path(model_path).resolve()}"
-        weights = self.adapter_dir / "adapter_model.safetensors"
-        adapter = file_sha256(weights) if weights.is_file() else "none"
-        return f"{self.config.model.name_or_path}+adapter:{adapter}"
+        return f"{self.config.model.name_or_path}+adapter:{self.adapter_sha256() or 'none'}"
 
-    def test_rows(self, limit: int | None = None) -> tuple[list[dict], dict[str, str]]:
-        """The recorded test split as prompt rows (first `limit`), and the test images training
-        found unreadable (id -> reason)."""
+    def split_rows(self, split: str = "test", limit: int | None = None) -> tuple[list[dict], dict[str, str]]:
+        """A recorded split as prompt rows (first `limit`), and its images training found unreadable
+        (id -> reason)."""
         from pixtral_lora.data.loaders import as_conversations, select_ids
         from pixtral_lora.data.splits import load_run_data
 
-        test = select_ids(load_run_data(self.config).splits.test, self.split["ids"]["test"])
+        splits = load_run_data(self.config).splits
+        source = splits.test if split == "test" else splits.train
+        if split == "validation":  # carved from train: select from everything that is not test
+            from datasets import concatenate_datasets
+
+            source = concatenate_datasets([d for d in (splits.train, splits.validation) if d is not None])
+        chosen = select_ids(source, self.split["ids"][split])
         if limit:
-            test = test.select(range(min(limit, len(test))))
-        rows = list(as_conversations(test, self.config.prompt, self.class_names, with_answer=False))
+            chosen = chosen.select(range(min(limit, len(chosen))))
+        rows = list(as_conversations(chosen, self.config.prompt, self.class_names, with_answer=False))
         unreadable = {
-            i: "unreadable when the run was trained" for i in self.split.get("unreadable", {}).get("test", [])
+            i: "unreadable when the run was trained" for i in self.split.get("unreadable", {}).get(split, [])
         }
         return rows, unreadable
+
+    def test_rows(self, limit: int | None = None) -> tuple[list[dict], dict[str, str]]:
+        """The recorded test split as prompt rows (see `split_rows`)."""
+        return self.split_rows("test", limit)
 
     def renderer(self, resize_to: int | None = None):
         """The processor the run saved with its adapter (else the base's), with the run's image size."""

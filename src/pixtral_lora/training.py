@@ -360,6 +360,11 @@ def _train_in(
             },
         )
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        if run_data.splits.validation is not None and len(run_data.splits.validation):
+            from pixtral_lora.evaluation.calibrate import calibrate_run
+
+            # calibrated confidences for eval, predict and map: T fit on validation, never on test
+            calibrate_run(run_dir, model=trainer.model, renderer=renderer)
     return run_dir
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -46,6 +47,8 @@ class Prediction:
     confidence: float | None = None
     error: str | None = None  # why the image could not be read (outcome `unreadable`)
     top: list[tuple[str, float]] | None = None  # score mode: the three most probable classes
+    class_scores: list[float] | None = None  # score mode: each class's log-likelihood, class order
+    calibrated: bool = False  # score mode: confidence from softmax(scores / T) of the run's calibration
 
     def top3(self) -> list[list] | None:
         """The three most probable classes with their probabilities, rounded (score mode), else None."""
@@ -65,6 +68,7 @@ class Prediction:
             "raw_label": self.raw_label,
             "label": self.label,
             "confidence": self.confidence,
+            "calibrated": self.calibrated,
             "outcome": self.outcome,
             "error": self.error,
         }
@@ -142,8 +146,10 @@ def generate_answers(
     max_new_tokens: int,
     trie: AnswerTrie | None = None,
     loaded_images: list[list] | None = None,
-) -> list[str]:
-    """Greedy answers for one batch of conversation rows (prompts left-padded)."""
+) -> tuple[list[str], list[float]]:
+    """Greedy answers for one batch of conversation rows (prompts left-padded), and each answer's
+    probability: the product of its tokens' probabilities up to and including </s> (under the
+    answer trie's constraint in constrained mode). Not calibrated: no temperature is fit for it."""
     inputs = _batch_inputs(model, renderer, rows, loaded_images)
     width = inputs["input_ids"].shape[1]
     eos = renderer.tokenizer.eos_token_id
@@ -163,21 +169,38 @@ def generate_answers(
             num_beams=1,
             eos_token_id=eos,
             pad_token_id=renderer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
             **kwargs,
         )
-    return [renderer.tokenizer.decode(seq[width:], skip_special_tokens=True) for seq in output]
+        generated = output.sequences[:, width:]
+        step_log_probs = torch.stack(
+            [torch.log_softmax(scores.float(), dim=-1) for scores in output.scores], dim=1
+        ).gather(2, generated[:, : len(output.scores), None])[..., 0]
+    # count each answer's tokens up to its first </s> (what follows is padding of a finished row)
+    ended = torch.cumsum((generated == eos).int(), dim=1)
+    counted = (ended - (generated == eos).int()) == 0
+    probabilities = torch.exp((step_log_probs * counted[:, : step_log_probs.shape[1]]).sum(dim=1))
+    answers = [renderer.tokenizer.decode(seq, skip_special_tokens=True) for seq in generated]
+    return answers, [float(p) for p in probabilities]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation of one model in one mode
 
 
-def parsed_predictions(rows: list[dict], answers: list[str], parser: AnswerParser) -> list[Prediction]:
-    """One Prediction per (row, free answer), the label read by `parser`."""
+def parsed_predictions(
+    rows: list[dict], answers: list[str], parser: AnswerParser, probabilities: list[float] | None = None
+) -> list[Prediction]:
+    """One Prediction per (row, free answer), the label read by `parser`; its confidence the answer's
+    probability when known."""
     predictions = []
-    for row, answer in zip(rows, answers, strict=True):
+    probabilities = probabilities or [None] * len(rows)
+    for row, answer, probability in zip(rows, answers, probabilities, strict=True):
         parsed = parser.parse(answer)
-        predictions.append(Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label))
+        predictions.append(
+            Prediction(row["id"], row["label"], answer, parsed.raw_label, parsed.label, probability)
+        )
     return predictions
 
 
@@ -193,11 +216,13 @@ def predict_rows(
     strict: bool = False,
     desc: str = "",
     unreadable: dict[str, str] | None = None,
+    temperature: float | None = None,
 ) -> tuple[list[Prediction], float]:
     """Predictions for every row (none dropped) and the throughput in images/s.
 
     A row whose image cannot be decoded (or is listed in `unreadable`, id -> reason) gets the outcome
-    `unreadable`; the others in its batch go on.
+    `unreadable`; the others in its batch go on. Score mode's probabilities are softmax(scores / T)
+    with a calibration's `temperature` (marked `calibrated`), else the raw softmax.
     """
     from pixtral_lora.images import ImageError
 
@@ -230,8 +255,8 @@ def predict_rows(
             for index, scores in zip(ready, score_batch(model, inputs, candidates), strict=True):
                 row = chunk[index]
                 names = list(scores)
-                values = torch.tensor(list(scores.values()))
-                probs = torch.softmax(values, 0)
+                values = torch.tensor(list(scores.values()), dtype=torch.float64)
+                probs = torch.softmax(values / (temperature or 1.0), 0)
                 best = int(values.argmax())
                 ranked = torch.argsort(probs, descending=True)[:3].tolist()
                 slots[index] = Prediction(
@@ -242,10 +267,15 @@ def predict_rows(
                     names[best],
                     float(probs[best]),
                     top=[(names[i], float(probs[i])) for i in ranked],
+                    class_scores=[float(v) for v in values],
+                    calibrated=temperature is not None,
                 )
         elif ready:
-            answers = generate_answers(model, renderer, ready_rows, max_new_tokens, trie, loaded)
-            for index, prediction in zip(ready, parsed_predictions(ready_rows, answers, parser), strict=True):
+            answers, probabilities = generate_answers(
+                model, renderer, ready_rows, max_new_tokens, trie, loaded
+            )
+            parsed = parsed_predictions(ready_rows, answers, parser, probabilities)
+            for index, prediction in zip(ready, parsed, strict=True):
                 slots[index] = prediction
         predictions += slots
     elapsed = time.perf_counter() - start
@@ -258,7 +288,9 @@ def predict_rows(
 # Reports
 
 
-def summarise(predictions: list[Prediction], class_names: list[str]):
+def summarise(predictions: list[Prediction], class_names: list[str], temperature: float | None = None):
+    """The classification report of a model's predictions; in score mode also how far its confidences
+    can be trusted, raw and (with a calibration's `temperature`) calibrated."""
     report = classification_report(
         [p.gold for p in predictions],
         [p.label for p in predictions],
@@ -271,6 +303,31 @@ def summarise(predictions: list[Prediction], class_names: list[str]):
         confidences = [p.confidence for p in scored]
         report.mean_confidence = float(sum(confidences) / len(confidences))
         report.calibration_ece = expected_calibration_error(confidences, [p.label == p.gold for p in scored])
+    if (
+        scored
+        and all(p.confidence is not None for p in scored)
+        and any(p.class_scores is None for p in scored)
+    ):
+        from pixtral_lora.evaluation.calibration import confidence_measures
+
+        correct = [p.label == p.gold for p in scored]  # generate/constrained: the answer's probability
+        report.confidence = {
+            "temperature": None,
+            "raw": confidence_measures([p.confidence for p in scored], correct),
+            "calibrated": None,
+            "of": "answer probability",
+        }
+    elif scored and all(p.class_scores is not None and p.gold in class_names for p in scored):
+        from pixtral_lora.evaluation.calibration import class_measures
+
+        scores = np.array([p.class_scores for p in scored])
+        gold = np.array([class_names.index(p.gold) for p in scored])
+        report.confidence = {
+            "of": "softmax over the classes",
+            "temperature": temperature,
+            "raw": class_measures(scores, gold),
+            "calibrated": class_measures(scores, gold, temperature) if temperature else None,
+        }
     return report
 
 
@@ -289,6 +346,7 @@ def predict_for_run(
     desc="",
     unreadable=None,
     batch_size: int | None = None,
+    temperature: float | None = None,
 ):
     """`predict_rows` with the run config's eval settings (batch size, answer length, strictness)."""
     return predict_rows(
@@ -303,6 +361,7 @@ def predict_for_run(
         strict=config.eval.strict if strict is None else strict,
         desc=desc,
         unreadable=unreadable,
+        temperature=temperature,
     )
 
 
@@ -318,10 +377,17 @@ class RunClassifier:
         self._messages = messages_to_json(self.config.prompt.messages(self.class_names))
         self._model_path, self._resize_to = model_path, resize_to
         self._model = self._renderer = None
+        self.temperature: float | None = None
+        if model_path is None:  # a calibration belongs to the adapter; a merged checkpoint is raw
+            from pixtral_lora.evaluation.calibration import run_temperature
+
+            self.temperature, note = run_temperature(self.run)
+            logger.info("%s", note)
 
     def identity(self) -> str:
         """What the answers come from (`Run.model_identity`): resumed results must share it."""
-        return self.run.model_identity(self._model_path)
+        identity = self.run.model_identity(self._model_path)
+        return identity + (f"+T:{self.temperature:.6f}" if self.temperature is not None else "")
 
     def row(self, key: str, image: dict) -> dict:
         """A row to classify: the run's prompt and one image (`{"path": ..., "bytes": ...}`)."""
@@ -332,7 +398,14 @@ class RunClassifier:
             self._model = self.run.model("finetuned", self._model_path)
             self._renderer = self.run.renderer(self._resize_to)
         predictions, _ = predict_for_run(
-            self._model, self._renderer, rows, self.class_names, self.config, mode, batch_size=batch_size
+            self._model,
+            self._renderer,
+            rows,
+            self.class_names,
+            self.config,
+            mode,
+            batch_size=batch_size,
+            temperature=self.temperature if mode == "score" else None,
         )
         return predictions
 
@@ -353,6 +426,7 @@ def evaluate_run(
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     The report directory replaces a previous report only (anything else needs `overwrite`).
     """
+    from pixtral_lora.evaluation.calibration import run_temperature
     from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable, check_writable
 
     needs_adapter = "finetuned" in models and merged is None
@@ -368,6 +442,10 @@ def evaluate_run(
     for model_name in models:
         model = run.model(model_name, merged)
         results[model_name] = {}
+        temperature = None
+        if model_name == "finetuned" and merged is None:  # a calibration belongs to the run's adapter
+            temperature, note = run_temperature(run)
+            logger.info("%s", note)
         for mode in modes or config.eval.modes:
             preds, speed = predict_for_run(
                 model,
@@ -379,8 +457,9 @@ def evaluate_run(
                 strict=strict,
                 desc=f"{model_name}/{mode}",
                 unreadable=unreadable,
+                temperature=temperature if mode == "score" else None,
             )
-            report = summarise(preds, class_names)
+            report = summarise(preds, class_names, temperature if mode == "score" else None)
             results[model_name][mode] = {"report": report, "images_per_second": speed}
             predictions[(model_name, mode)] = preds
             logger.info(

@@ -53,11 +53,15 @@ class ClassificationReport:
     # Score mode only: mean confidence and expected calibration error of the confidences.
     mean_confidence: float | None = None
     calibration_ece: float | None = None
+    # Score mode: `calibration.confidence_measures` of the raw and (with a run's temperature) the
+    # calibrated probabilities: {"temperature", "raw", "calibrated"}.
+    confidence: dict | None = None
 
     def as_dict(self) -> dict:
         return {
             "mean_confidence": self.mean_confidence,
             "calibration_ece": self.calibration_ece,
+            "confidence": self.confidence,
             "n": self.n,
             "counts": self.counts,
             "accuracy": self.accuracy,

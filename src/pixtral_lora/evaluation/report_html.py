@@ -22,7 +22,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1b1b1b;max-width:140
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}h3{font-size:15px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left;max-width:26em;overflow-wrap:anywhere}
-bdi{unicode-bidi:isolate}h4{overflow-wrap:anywhere}.ok{color:#1a7f37}.bad{color:#b42318}
+bdi{unicode-bidi:isolate}h4{overflow-wrap:anywhere}.plots{display:flex;flex-wrap:wrap;gap:12px}.ok{color:#1a7f37}.bad{color:#b42318}
 .bar{display:inline-block;height:9px;background:#4c78a8;vertical-align:middle}
 .cm td{min-width:22px;font-size:11px;text-align:center}.cm a{color:inherit}
 .cm th.rot{writing-mode:vertical-rl;transform:rotate(180deg);font-weight:normal;font-size:11px;
@@ -55,16 +55,26 @@ def _png_uri(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _reliability_diagram(predictions, bins: int = 10) -> str:
+def _confidences(predictions, temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of the answered images: softmax(scores / T)'s top class in score mode,
+    else each answer's own confidence."""
+    from pixtral_lora.evaluation.calibration import softmax
+
+    answered = [p for p in predictions if p.confidence is not None and p.error is None]
+    correct = np.array([p.label == p.gold for p in answered], dtype=float)
+    if temperature and answered and all(p.class_scores is not None for p in answered):
+        probabilities = softmax(np.array([p.class_scores for p in answered]), temperature)
+        return probabilities.max(axis=1), correct
+    return np.array([p.confidence for p in answered]), correct
+
+
+def _reliability_diagram(confidence: np.ndarray, correct: np.ndarray, title: str, bins: int = 10) -> str:
     """A reliability diagram (accuracy per confidence bin against the diagonal) as a PNG data URI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [p for p in predictions if p.confidence is not None and p.error is None]
-    confidence = np.array([p.confidence for p in scored])
-    correct = np.array([p.label == p.gold for p in scored], dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     figure, axes = plt.subplots(figsize=(3.6, 3.4))
@@ -79,10 +89,69 @@ def _reliability_diagram(predictions, bins: int = 10) -> str:
     axes.set_ylabel("accuracy")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
+    axes.set_title(title, fontsize=10)
     figure.tight_layout()
     uri = _png_uri(figure)
     plt.close(figure)
     return uri
+
+
+def _risk_coverage_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """Risk (error rate) of the most confident images against their share, per curve, as a PNG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pixtral_lora.evaluation.calibration import risk_coverage
+
+    figure, axes = plt.subplots(figsize=(4.2, 3.4))
+    for label, (confidence, correct) in curves.items():
+        coverage, risk = risk_coverage(confidence, correct)
+        axes.plot(coverage, risk, label=f"{label} (AURC {risk.mean():.3f})", linewidth=1.5)
+    axes.set_xlabel("coverage (most confident first)")
+    axes.set_ylabel("risk (error rate)")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, None)
+    axes.legend(fontsize=8, frameon=False)
+    axes.set_title("risk-coverage", fontsize=10)
+    figure.tight_layout()
+    uri = _png_uri(figure)
+    plt.close(figure)
+    return uri
+
+
+def _confidence_section(report, predictions) -> list[str]:
+    """Calibration: measures raw and calibrated, reliability diagrams side by side, the risk-coverage curve."""
+    confidence = report.confidence
+    temperature = confidence.get("temperature")
+    kinds = [("raw", None)] + ([("calibrated", temperature)] if confidence.get("calibrated") else [])
+    curves = {kind: _confidences(predictions, t) for kind, t in kinds}
+    rows = []
+    for kind, _ in kinds:
+        m = confidence[kind]
+        selective = " / ".join(_pct(m["selective_accuracy"][c]) for c in ("0.80", "0.90", "0.95"))
+        cells = [m["ece"], m["ece_adaptive"], m["nll"], m["brier"], m["auroc"], m["aurc"]]
+        rows.append(
+            f"<tr><td class=l>{kind}{f' (T={temperature:.3f})' if kind == 'calibrated' else ''}</td>"
+            + "".join(f"<td>{'-' if v is None else f'{v:.3f}'}</td>" for v in cells)
+            + f"<td>{selective}</td></tr>"
+        )
+    note = f"confidence: {_e(confidence['of'])}" + (
+        "" if confidence.get("calibrated") else " (uncalibrated: no calibration.json for this adapter)"
+    )
+    images = [
+        f"<img src='{_reliability_diagram(c, k, f'{kind}: reliability')}' alt='reliability diagram, {kind}'>"
+        for kind, (c, k) in curves.items()
+    ]
+    images.append(f"<img src='{_risk_coverage_plot(curves)}' alt='risk-coverage curve'>")
+    return [
+        f"<h3>Calibration</h3><p>{note}</p><table><tr><th class=l>confidence</th><th>expected calibration error</th>"
+        "<th>ECE (adaptive)</th><th>NLL</th><th>Brier</th><th>AUROC</th><th>AURC</th>"
+        "<th>selective accuracy 80/90/95%</th></tr>",
+        *rows,
+        "</table><div class=plots>" + "".join(images) + "</div>",
+    ]
 
 
 def _predicted_column(prediction) -> str:
@@ -225,12 +294,8 @@ def render_html(
             out += _confusion(report, class_names, section, shown)
             out.append("<h3>Per class</h3>")
             out += _per_class(report, class_names)
-            if report.calibration_ece is not None:
-                diagram = _reliability_diagram(predictions[(model, mode)])
-                out.append(
-                    f"<h3>Calibration</h3><p>expected calibration error {report.calibration_ece:.3f}, mean "
-                    f"confidence {report.mean_confidence:.3f}</p><img src='{diagram}' alt='reliability diagram'>"
-                )
+            if report.confidence:
+                out += _confidence_section(report, predictions[(model, mode)])
             out += gallery
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -84,19 +84,7 @@ def markdown_report(results: dict, class_names: list[str], unreadable: dict[str,
                 f"{r.counts['correct']} | {r.counts['wrong']} | "
                 f"{r.n} | {result['images_per_second']:.2f} |"
             )
-    calibrated = [
-        f"- {model_name}: mean confidence {r['report'].mean_confidence:.3f}, expected calibration error "
-        f"{r['report'].calibration_ece:.3f} (10 bins)"
-        for model_name, by_mode in results.items()
-        for r in by_mode.values()
-        if r["report"].calibration_ece is not None
-    ]
-    if calibrated:
-        lines += [
-            "",
-            "Confidence of the `score` mode (softmax over the classes' answer likelihoods):",
-            *calibrated,
-        ]
+    lines += confidence_table(results)
     if unreadable:
         lines += [
             "",
@@ -125,3 +113,47 @@ def markdown_report(results: dict, class_names: list[str], unreadable: dict[str,
                 )
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def confidence_table(results: dict) -> list[str]:
+    """Markdown lines: how far each model's and mode's confidences can be trusted (raw and, where the
+    run has a calibration for the adapter, calibrated)."""
+    rows = []
+    for model_name, by_mode in results.items():
+        for mode, result in by_mode.items():
+            confidence = result["report"].confidence
+            if not confidence:
+                continue
+            temperature = confidence.get("temperature")
+            for kind in ("raw", "calibrated"):
+                m = confidence.get(kind)
+                if not m:
+                    continue
+                label = (
+                    f"calibrated (T={temperature:.3f})"
+                    if kind == "calibrated"
+                    else f"raw ({confidence['of']})"
+                )
+                selective = m["selective_accuracy"]
+                rows.append(
+                    f"| {model_name} | {mode} | {label} | {_fmt(m['ece'])} | {_fmt(m['ece_adaptive'])} | "
+                    f"{_fmt(m['nll'])} | {_fmt(m['brier'])} | {_fmt(m['auroc'])} | {_fmt(m['aurc'])} | "
+                    + " / ".join(_fmt(selective[c], ".1%") for c in ("0.80", "0.90", "0.95"))
+                    + " |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "Confidence: expected calibration error (10 equal-width / equal-mass bins), NLL and Brier score "
+        "(score mode), AUROC of confidence for right vs wrong, area under the risk-coverage curve, and "
+        "the accuracy of the most confident 80% / 90% / 95% (uncalibrated for generate/constrained):",
+        "",
+        "| model | mode | confidence | ECE | ECE (adaptive) | NLL | Brier | AUROC | AURC | selective accuracy 80/90/95% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]

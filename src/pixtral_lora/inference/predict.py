@@ -44,7 +44,9 @@ from pixtral_lora.io import atomic_file, check_replaceable_file, drop_torn_tail,
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
-COLUMNS = ["path", "label", "confidence", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model"]
+COLUMNS = [
+    "path", "label", "confidence", "calibrated", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model"
+]  # fmt: skip
 
 
 @dataclass
@@ -143,6 +145,7 @@ def _read_rows(path: Path) -> list[dict]:
                 if None in row.values() or None in row:
                     continue
                 row["confidence"] = float(row["confidence"]) if row["confidence"] else None
+                row["calibrated"] = {"True": True, "False": False}.get(row.get("calibrated") or "")
                 row["top3"] = json.loads(row["top3"]) if row["top3"] else None
                 rows.append({k: (v if v != "" else None) for k, v in row.items()})
         else:
@@ -167,9 +170,10 @@ def _write_final(out: Path, rows: list[dict], overwrite: bool) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        arrow_types = {"confidence": pa.float64(), "calibrated": pa.bool_()}
         table = pa.Table.from_pylist(
             [{**r, "top3": json.dumps(r["top3"]) if r.get("top3") else None} for r in rows],
-            schema=pa.schema([(c, pa.float64() if c == "confidence" else pa.string()) for c in COLUMNS]),
+            schema=pa.schema([(c, arrow_types.get(c, pa.string())) for c in COLUMNS]),
         )
         with atomic_file(out, "wb", recognise=is_predictions_file, overwrite=overwrite) as handle:
             pq.write_table(table, handle)
@@ -231,6 +235,7 @@ def _rows_of(predictions, hashes: dict[str, str | None], mode: str, model: str) 
                 "path": p.id,
                 "label": p.label,
                 "confidence": p.confidence,
+                "calibrated": p.calibrated if p.confidence is not None else None,
                 "top3": p.top3(),
                 "raw_answer": p.raw_answer,
                 "outcome": outcome,

@@ -241,6 +241,7 @@ def map_scene(
                             **meta[p.id],
                             "label": p.label,
                             "confidence": p.confidence,
+                            "calibrated": p.calibrated,
                             "top3": p.top3(),
                             "raw_answer": p.raw_answer,
                         }
@@ -329,6 +330,7 @@ def _features(windows, done: dict, dataset, to_wgs84: bool, min_confidence: floa
                 "properties": {
                     "label": record["label"],
                     "confidence": confidence,
+                    "calibrated": bool(record.get("calibrated")),
                     "top3": record["top3"],
                     "row": row,
                     "col": col,

@@ -1,0 +1,67 @@
+"""`pixtral-lora calibrate RUN_DIR`: fit a run's temperature on its validation split (never on test)
+and write RUN_DIR/calibration.json (see `calibration` for the measures and how it is read)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pixtral_lora.errors import RunDirError
+from pixtral_lora.evaluation.calibration import calibration_path, class_measures, fit_temperature, softmax
+from pixtral_lora.evaluation.evaluate import predict_for_run
+from pixtral_lora.io import write_json
+from pixtral_lora.run import Run
+
+logger = logging.getLogger(__name__)
+
+
+def calibrate_run(run_dir: str | Path, limit: int | None = None, model=None, renderer=None) -> dict:
+    """Fit the temperature of a run's fine-tuned model on its validation split; write calibration.json.
+
+    `model`/`renderer`: the fine-tuned model already in memory (training's, at its end), else loaded.
+    Returns what was written: T, n, the split, NLL/ECE before and after, the adapter's sha256.
+    """
+    run = Run.open(run_dir)
+    if not run.split.get("ids", {}).get("validation"):
+        raise RunDirError(
+            f"{run.run_dir}: no validation split to calibrate on (train with data.validation_size > 0); "
+            "the test split is never used for calibration"
+        )
+    rows, unreadable = run.split_rows("validation", limit)
+    if model is None:
+        model, renderer = run.model("finetuned"), run.renderer()
+    model.eval()
+    predictions, _ = predict_for_run(
+        model, renderer, rows, run.class_names, run.config, "score",
+        desc="calibrating (score, validation)", unreadable=unreadable,
+    )  # fmt: skip
+    scored = [p for p in predictions if p.class_scores is not None]
+    scores = np.array([p.class_scores for p in scored])
+    gold = np.array([run.class_names.index(p.gold) for p in scored])
+    temperature = fit_temperature(scores, gold)
+    before, after = class_measures(scores, gold), class_measures(scores, gold, temperature)
+    calibrated = softmax(scores, temperature)
+    result = {
+        "temperature": temperature,
+        "n": len(scored),
+        "split": "validation",
+        "adapter_sha256": run.adapter_sha256(),
+        "before": {k: before[k] for k in ("nll", "ece", "ece_adaptive", "brier")},
+        "after": {k: after[k] for k in ("nll", "ece", "ece_adaptive", "brier")},
+        "fitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        # each validation image's calibrated confidence and whether it was right: what
+        # `--target-accuracy` turns into an abstention threshold
+        "validation": {
+            "confidence": [round(float(c), 6) for c in calibrated.max(axis=1)],
+            "correct": [bool(c) for c in calibrated.argmax(axis=1) == gold],
+        },
+    }
+    write_json(calibration_path(run.run_dir), result)
+    logger.info(
+        "calibrated on %d validation images: T=%.3f, NLL %.3f -> %.3f, ECE %.3f -> %.3f",
+        len(scored), temperature, before["nll"], after["nll"], before["ece"], after["ece"],
+    )  # fmt: skip
+    return result

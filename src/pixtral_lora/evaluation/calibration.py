@@ -1,0 +1,180 @@
+"""Confidence a mapper can act on: temperature scaling fit on the validation split, and the measures
+of how far a confidence can be trusted.
+
+Score mode gives every image a log-likelihood per class; the softmax over classes is its confidence.
+VLM classifiers are overconfident; one scalar temperature T (probabilities = softmax(scores / T)),
+fit by minimising the negative log-likelihood of the validation split (scipy's bounded scalar
+minimiser), fixes most of it. `calibrate_run` writes RUN/calibration.json with T and the adapter's
+sha256 (`evaluation/calibrate.py`, the `pixtral-lora calibrate` command): a calibration belongs to
+one adapter, and every tool that reads it checks that it still does.
+
+Measures (`confidence_measures`): ECE with equal-width and adaptive (equal-mass) bins, NLL, Brier
+score, AUROC of confidence for correct-vs-wrong (sklearn), and the risk-coverage curve (error rate
+among the most confident images at each coverage) with its area (AURC) and the selective accuracy at
+80/90/95% coverage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pixtral_lora.errors import RunDirError, UserError
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+COVERAGES = (0.8, 0.9, 0.95)
+
+
+def softmax(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of (n, classes) scores divided by `temperature`."""
+    scaled = np.asarray(scores, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def nll(scores: np.ndarray, gold: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the gold classes under softmax(scores / T)."""
+    scaled = np.asarray(scores, dtype=np.float64) / temperature
+    top = scaled.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))
+    return float(np.mean(log_norm - scaled[np.arange(len(gold)), gold]))
+
+
+def fit_temperature(scores: np.ndarray, gold: np.ndarray) -> float:
+    """The temperature that minimises the NLL of `gold` (class indices) under softmax(scores / T)."""
+    from scipy.optimize import minimize_scalar
+
+    if len(gold) == 0:
+        raise UserError("calibration needs at least one labelled image")
+    result = minimize_scalar(
+        lambda t: nll(scores, gold, t), bounds=TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-5}
+    )
+    return float(result.x)
+
+
+def _ece(confidence: np.ndarray, correct: np.ndarray, edges: np.ndarray) -> float:
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, len(edges) - 2)
+    total = 0.0
+    for b in range(len(edges) - 1):
+        members = index == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total)
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, risk) when only the k most confident images are kept, for k = 1..n (ties broken
+    by input order: a stable sort)."""
+    order = np.argsort(-confidence, kind="stable")
+    errors = np.cumsum(1.0 - correct[order])
+    kept = np.arange(1, len(order) + 1)
+    return kept / len(order), errors / kept
+
+
+def confidence_measures(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    probabilities: np.ndarray | None = None,
+    gold=None,
+    bins: int = 10,
+) -> dict:
+    """How far confidences can be trusted; see the module docstring.
+
+    confidence: (n,) the confidence of each answer; correct: (n,) whether it was right. With
+    `probabilities` (n, classes) and `gold` (n,) class indices (score mode), also NLL and Brier score.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    n = len(confidence)
+    if n == 0:
+        return {"n": 0}
+    coverage, risk = risk_coverage(confidence, correct)
+    selective = {}
+    for wanted in COVERAGES:
+        k = max(1, int(np.ceil(wanted * n)))
+        selective[f"{wanted:.2f}"] = float(1.0 - risk[k - 1])
+    quantiles = np.quantile(confidence, np.linspace(0, 1, bins + 1))
+    quantiles[0], quantiles[-1] = 0.0, 1.0
+    measures = {
+        "n": n,
+        "accuracy": float(correct.mean()),
+        "mean_confidence": float(confidence.mean()),
+        "ece": _ece(confidence, correct, np.linspace(0.0, 1.0, bins + 1)),
+        "ece_adaptive": _ece(confidence, correct, np.unique(quantiles)),
+        "nll": None,
+        "brier": None,
+        "auroc": float(roc_auc_score(correct, confidence)) if 0 < correct.sum() < n else None,
+        "aurc": float(risk.mean()),
+        "selective_accuracy": selective,
+    }
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        gold = np.asarray(gold)
+        one_hot = np.zeros_like(probabilities)
+        one_hot[np.arange(n), gold] = 1.0
+        measures["nll"] = max(
+            0.0, float(-np.mean(np.log(np.clip(probabilities[np.arange(n), gold], 1e-12, 1.0))))
+        )
+        measures["brier"] = float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+    return measures
+
+
+def class_measures(scores: np.ndarray, gold: np.ndarray, temperature: float = 1.0) -> dict:
+    """`confidence_measures` of score mode: softmax(scores / T) over the classes, its argmax the answer."""
+    probabilities = softmax(scores, temperature)
+    correct = probabilities.argmax(axis=1) == np.asarray(gold)
+    return confidence_measures(probabilities.max(axis=1), correct, probabilities, gold)
+
+
+def abstain_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> float | None:
+    """The lowest confidence threshold whose kept answers reach `target_accuracy` (None: none does):
+    what `--target-accuracy` turns into an `--abstain-below` from the validation split."""
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
+    sorted_confidence = np.asarray(confidence, dtype=np.float64)[order]
+    accuracy = np.cumsum(np.asarray(correct, dtype=np.float64)[order]) / np.arange(1, len(order) + 1)
+    reaching = np.nonzero(accuracy >= target_accuracy)[0]
+    return float(sorted_confidence[reaching[-1]]) if len(reaching) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run's calibration
+
+
+def calibration_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CALIBRATION_FILE
+
+
+def run_temperature(run) -> tuple[float | None, str]:
+    """The temperature of a run's calibration.json when it belongs to the run's adapter, else None,
+    and a line saying which (raw probabilities are then reported, marked `calibrated: false`)."""
+    path = calibration_path(run.run_dir)
+    if not path.is_file():
+        return None, f"no {CALIBRATION_FILE}: raw probabilities (run `pixtral-lora calibrate {run.run_dir}`)"
+    try:
+        calibration = json.loads(path.read_text(encoding="utf-8"))
+        temperature, adapter = float(calibration["temperature"]), calibration["adapter_sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"{path}: not a calibration written by `pixtral-lora calibrate` ({err})") from None
+    if adapter != run.adapter_sha256():
+        return None, (
+            f"{path} belongs to another adapter (trained further since?): raw probabilities; "
+            f"recalibrate with `pixtral-lora calibrate {run.run_dir}`"
+        )
+    return temperature, f"calibrated with T={temperature:.3f} ({path})"
+
+
+def check_calibration(run) -> float:
+    """The run's temperature, or a one-line `RunDirError` when it has none that fits its adapter."""
+    temperature, note = run_temperature(run)
+    if temperature is None:
+        raise RunDirError(note)
+    return temperature
