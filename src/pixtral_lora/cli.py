@@ -173,6 +173,8 @@ def _eval(args) -> int:
         merged=args.merged,
         overwrite=args.overwrite,
         gallery_limit=args.gallery_limit,
+        abstain_below=args.abstain_below,
+        target_accuracy=args.target_accuracy,
     )
     print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     print(f"report, predictions and confusion matrices in {out}; open {out / 'report.html'} in a browser")
@@ -198,6 +200,8 @@ def _predict(args) -> int:
 
     from pixtral_lora.inference.predict import launch_processes, predict_archive
 
+    if not _score_mode_for_target(args):
+        return 2
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         if not args.out:
             print("error: --num-processes needs --out", file=sys.stderr)
@@ -220,6 +224,8 @@ def _predict(args) -> int:
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             as_dataset=args.dataset,
+            abstain_below=args.abstain_below,
+            target_accuracy=args.target_accuracy,
         )
         if not summary:  # a non-zero rank of a multi-process launch: rank 0 reports
             return 0
@@ -236,6 +242,7 @@ def _predict(args) -> int:
         f"{summary['images_per_second']:.1f} images/s; per label: "
         + ", ".join(f"{k} {v}" for k, v in summary["per_label"].items())
         + f"; unreadable: {len(summary['unreadable'])}; no valid label: {summary['no_label']}"
+        + (f"; abstained: {summary['abstained']}" if summary["abstained"] else "")
         + (f"; written to {args.out}" if args.out else "")
     )
     for path in summary["unreadable"][:10]:
@@ -243,9 +250,19 @@ def _predict(args) -> int:
     return 0
 
 
+def _score_mode_for_target(args) -> bool:
+    if args.target_accuracy is not None and args.mode != "score":
+        print("error: --target-accuracy picks a threshold of score mode's calibrated confidences: use "
+              "--mode score, or --abstain-below", file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
 def _map(args) -> int:
     from pixtral_lora.inference.scene_map import map_scene
 
+    if not _score_mode_for_target(args):
+        return 2
     summary = map_scene(
         args.scene,
         args.run,
@@ -262,6 +279,8 @@ def _map(args) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         min_valid=args.min_valid,
+        abstain_below=args.abstain_below,
+        target_accuracy=args.target_accuracy,
     )
     print(
         f"{summary['classified']} tiles of {summary['tile_pixels']} px classified ({summary['empty']} empty or "
@@ -312,6 +331,24 @@ def _compare(args) -> int:
             handle.write(render_html(data) if args.out.endswith(".html") else markdown)
         print(f"written to {args.out}")
     return 0
+
+
+def _abstention_options(parser, Probability, cli_number) -> None:
+    """--abstain-below and --target-accuracy, the same for eval, predict and map."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--abstain-below",
+        type=cli_number(Probability),
+        metavar="P",
+        help="abstain from answers whose confidence is under P (outcome 'abstained', label kept)",
+    )
+    group.add_argument(
+        "--target-accuracy",
+        type=cli_number(Probability),
+        metavar="A",
+        help="abstain below the threshold that gives accuracy A on the validation split (score mode, "
+        "needs the run's calibration.json)",
+    )
 
 
 _ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise stay in the data folder)"
@@ -427,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)"
     )
+    _abstention_options(evaluate, Probability, cli_number)
     evaluate.set_defaults(func=_eval)
 
     calibration = commands.add_parser(
@@ -486,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--model", help="a merged HF checkpoint instead of base + adapter")
     mapping.add_argument("--batch-size", type=cli_number(BatchSize))
     mapping.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a map")
+    _abstention_options(mapping, Probability, cli_number)
     mapping.set_defaults(func=_map)
 
     predict = commands.add_parser("predict", help="classify new images with a trained run (resumable)")
@@ -517,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"
     )
+    _abstention_options(predict, Probability, cli_number)
     predict.set_defaults(func=_predict)
     return parser
 

@@ -178,3 +178,32 @@ def check_calibration(run) -> float:
     if temperature is None:
         raise RunDirError(note)
     return temperature
+
+
+def abstain(predictions: list, below: float | None) -> list:
+    """Mark every answer whose confidence is under `below` as abstained (None: none is)."""
+    if below is not None:
+        for p in predictions:
+            p.abstained = p.error is None and p.confidence is not None and p.confidence < below
+    return predictions
+
+
+def abstention_threshold(run, below: float | None, target_accuracy: float | None) -> tuple[float | None, str]:
+    """The `--abstain-below` threshold, or the one the run's calibration says reaches
+    `--target-accuracy` on the validation split (then the calibration must belong to the adapter)."""
+    if target_accuracy is None:
+        return below, (f"abstaining below confidence {below}" if below is not None else "")
+    check_calibration(run)  # a calibration of another adapter is refused, in one line
+    validation = json.loads(calibration_path(run.run_dir).read_text(encoding="utf-8"))["validation"]
+    threshold = abstain_threshold(
+        np.array(validation["confidence"]), np.array(validation["correct"]), target_accuracy
+    )
+    if threshold is None:
+        raise UserError(
+            f"--target-accuracy {target_accuracy}: no confidence threshold reaches it on the "
+            f"{len(validation['confidence'])} validation images of {run.run_dir}"
+        )
+    return threshold, (
+        f"abstaining below confidence {threshold:.4f}: the threshold that gives {target_accuracy:.0%} selective "
+        f"accuracy on the {len(validation['confidence'])} validation images (calibration.json)"
+    )

@@ -1,7 +1,8 @@
 """`pixtral-lora compare RUN_DIR...`: runs side by side, and whether their difference is real.
 
 One row per run: the config keys that differ between the runs (and only those), the fine-tuned
-model's accuracy and hallucination rate per evaluated mode with 95% intervals, the best step and
+model's accuracy and hallucination rate per evaluated mode with 95% intervals, its confidence's ECE and
+AURC (calibrated where the run has a calibration for its adapter, else raw, marked), the best step and
 the training time. For each pair of runs evaluated on the same test images, an exact McNemar test
 on the paired per-image outcomes (correct or not): scipy's binomial test on the discordant pairs.
 """
@@ -98,6 +99,10 @@ def _rows(data: dict) -> tuple[list[str], list[list[str]]]:
     modes = sorted({mode for run in data["runs"] for mode in run["results"]})
     header = ["run", *data["differing_keys"]]
     header += [f"{mode} {what}" for mode in modes for what in ("accuracy (95% CI)", "hallucinated")]
+    calibrated = [
+        m for m in modes if any((run["results"].get(m) or {}).get("confidence") for run in data["runs"])
+    ]
+    header += [f"{mode} {what}" for mode in calibrated for what in ("ECE", "AURC")]
     header += ["best step", "train time"]
     rows = []
     for run in data["runs"]:
@@ -109,6 +114,11 @@ def _rows(data: dict) -> tuple[list[str], list[list[str]]]:
                 continue
             low, high = r["accuracy_ci95"]
             row += [f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%})", f"{r['hallucination_rate']:.1%}"]
+        for mode in calibrated:  # calibrated where the run has a calibration, else raw: say which
+            confidence = (run["results"].get(mode) or {}).get("confidence") or {}
+            kind = "calibrated" if confidence.get("calibrated") else "raw"
+            measures = confidence.get(kind)
+            row += [f"{measures['ece']:.3f} ({kind})", f"{measures['aurc']:.3f}"] if measures else ["", ""]
         seconds = run["train_seconds"]
         row += [str(run["best_step"] or ""), f"{seconds / 60:.1f} min" if seconds else ""]
         rows.append(row)

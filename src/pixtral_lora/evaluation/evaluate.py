@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pixtral_lora.answers import AnswerParser
+from pixtral_lora.evaluation.calibration import abstain, abstention_threshold
 from pixtral_lora.evaluation.metrics import classification_report, expected_calibration_error, outcome
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.evaluation.scoring import score_batch
@@ -49,6 +50,7 @@ class Prediction:
     top: list[tuple[str, float]] | None = None  # score mode: the three most probable classes
     class_scores: list[float] | None = None  # score mode: each class's log-likelihood, class order
     calibrated: bool = False  # score mode: confidence from softmax(scores / T) of the run's calibration
+    abstained: bool = False  # confidence under the chosen threshold: the label is kept, not given
 
     def top3(self) -> list[list] | None:
         """The three most probable classes with their probabilities, rounded (score mode), else None."""
@@ -56,7 +58,9 @@ class Prediction:
 
     @property
     def outcome(self) -> str:
-        return outcome(self.gold, self.label, self.raw_label, unreadable=self.error is not None)
+        return outcome(
+            self.gold, self.label, self.raw_label, unreadable=self.error is not None, abstained=self.abstained
+        )
 
     def as_dict(self, model: str, mode: str) -> dict:
         return {
@@ -297,6 +301,7 @@ def summarise(predictions: list[Prediction], class_names: list[str], temperature
         [p.raw_label for p in predictions],
         class_names,
         [p.error is not None for p in predictions],
+        [p.abstained for p in predictions],
     )
     scored = [p for p in predictions if p.error is None]
     if scored and all(p.confidence is not None for p in scored):
@@ -369,7 +374,14 @@ class RunClassifier:
     """A run's fine-tuned model classifying new images (`predict`, `map`): the run's config, classes
     and prompt. The model loads at the first batch, so a rerun with nothing left to do loads none."""
 
-    def __init__(self, run_dir: str | Path, model_path: str | None = None, resize_to: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model_path: str | None = None,
+        resize_to: int | None = None,
+        abstain_below: float | None = None,
+        target_accuracy: float | None = None,
+    ):
         from pixtral_lora.prompt import messages_to_json
 
         self.run = Run.open(run_dir, needs_adapter=model_path is None, needs_base=model_path is None)
@@ -383,11 +395,15 @@ class RunClassifier:
 
             self.temperature, note = run_temperature(self.run)
             logger.info("%s", note)
+        self.abstain_below, self.abstention = abstention_threshold(self.run, abstain_below, target_accuracy)
+        if self.abstention:
+            logger.info("%s", self.abstention)
 
     def identity(self) -> str:
         """What the answers come from (`Run.model_identity`): resumed results must share it."""
         identity = self.run.model_identity(self._model_path)
-        return identity + (f"+T:{self.temperature:.6f}" if self.temperature is not None else "")
+        identity += f"+T:{self.temperature:.6f}" if self.temperature is not None else ""
+        return identity + (f"+abstain:{self.abstain_below:.6f}" if self.abstain_below is not None else "")
 
     def row(self, key: str, image: dict) -> dict:
         """A row to classify: the run's prompt and one image (`{"path": ..., "bytes": ...}`)."""
@@ -407,7 +423,7 @@ class RunClassifier:
             batch_size=batch_size,
             temperature=self.temperature if mode == "score" else None,
         )
-        return predictions
+        return abstain(predictions, self.abstain_below)
 
 
 def evaluate_run(
@@ -420,6 +436,8 @@ def evaluate_run(
     merged: str | Path | None = None,
     overwrite: bool = False,
     gallery_limit: int = 200,
+    abstain_below: float | None = None,
+    target_accuracy: float | None = None,
 ) -> Path:
     """Evaluate a run's held-out split with the base and the fine-tuned model; returns the report dir.
 
@@ -435,6 +453,9 @@ def evaluate_run(
     out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
     check_replaceable(out, EVAL_REPORT_FILES, overwrite)
     check_writable(out.parent, "--out")
+    threshold, abstention = abstention_threshold(run, abstain_below, target_accuracy)
+    if abstention:
+        logger.info("%s", abstention)
     rows, unreadable = run.test_rows(limit)
     renderer = run.renderer()
     results: dict = {}
@@ -459,7 +480,12 @@ def evaluate_run(
                 unreadable=unreadable,
                 temperature=temperature if mode == "score" else None,
             )
-            report = summarise(preds, class_names, temperature if mode == "score" else None)
+            report = summarise(
+                # a threshold chosen for a target accuracy is one of score mode's calibrated confidences
+                abstain(preds, threshold if target_accuracy is None or mode == "score" else None),
+                class_names,
+                temperature if mode == "score" else None,
+            )
             results[model_name][mode] = {"report": report, "images_per_second": speed}
             predictions[(model_name, mode)] = preds
             logger.info(
@@ -474,6 +500,8 @@ def evaluate_run(
         del model
     thumbnails = _thumbnails(rows, predictions, renderer, gallery_limit)
     facts = run_facts(run_dir, config, merged)
+    if abstention:
+        facts["abstention"] = abstention
     write_report(out, results, class_names, predictions, overwrite, thumbnails, facts, gallery_limit)
     return out
 

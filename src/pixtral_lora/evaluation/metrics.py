@@ -2,7 +2,9 @@
 
 Outcomes: `correct`, `wrong` (a valid class, not the gold one), `hallucinated` (a label was read but
 it names no class), `unparseable` (no label could be read) and `unreadable` (the image itself could
-not be decoded: the model was never asked). Accuracy counts only `correct`, over all n items;
+not be decoded: the model was never asked) and `abstained` (its confidence was under the chosen
+`--abstain-below`: the answer is kept but not given). Accuracy counts only `correct`, over all n
+items, or with abstention over the answered ones, reported with their share (`coverage`);
 per-class metrics use sklearn with `labels=class_names`, so rows are keyed by the right names even
 when a class is never predicted or has no test images.
 """
@@ -17,21 +19,27 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-OUTCOMES = ("correct", "wrong", "hallucinated", "unparseable", "unreadable")
+OUTCOMES = ("correct", "wrong", "hallucinated", "unparseable", "unreadable", "abstained")
 HALLUCINATED_COLUMN = "(hallucinated)"
 UNPARSEABLE_COLUMN = "(unparseable)"
 UNREADABLE_COLUMN = "(unreadable)"
+ABSTAINED_COLUMN = "(abstained)"
 _INVALID_COLUMNS = {
     "hallucinated": HALLUCINATED_COLUMN,
     "unparseable": UNPARSEABLE_COLUMN,
     "unreadable": UNREADABLE_COLUMN,
+    "abstained": ABSTAINED_COLUMN,
 }
 
 
-def outcome(gold: str, label: str | None, raw_label: str | None, unreadable: bool = False) -> str:
+def outcome(
+    gold: str, label: str | None, raw_label: str | None, unreadable: bool = False, abstained: bool = False
+) -> str:
     """The one outcome of a prediction (see module docstring)."""
     if unreadable:
         return "unreadable"
+    if abstained:
+        return "abstained"
     if label is not None:
         return "correct" if label == gold else "wrong"
     return "hallucinated" if raw_label is not None else "unparseable"
@@ -56,9 +64,11 @@ class ClassificationReport:
     # Score mode: `calibration.confidence_measures` of the raw and (with a run's temperature) the
     # calibrated probabilities: {"temperature", "raw", "calibrated"}.
     confidence: dict | None = None
+    coverage: float = 1.0  # share of the n images answered (not abstained)
 
     def as_dict(self) -> dict:
         return {
+            "coverage": self.coverage,
             "mean_confidence": self.mean_confidence,
             "calibration_ece": self.calibration_ece,
             "confidence": self.confidence,
@@ -82,18 +92,25 @@ def classification_report(
     raw: list[str | None],
     class_names: list[str],
     unreadable: list[bool] | None = None,
+    abstained: list[bool] | None = None,
 ) -> ClassificationReport:
     """Metrics for aligned lists of gold labels, predicted class names (None if invalid), raw labels and
-    (optionally) whether each image was unreadable."""
+    (optionally) whether each image was unreadable, and whether its answer was abstained from."""
     unreadable = unreadable if unreadable is not None else [False] * len(gold)
-    if not (len(gold) == len(predicted) == len(raw) == len(unreadable)):
-        raise ValueError("gold, predicted, raw and unreadable must have the same length")
+    abstained = abstained if abstained is not None else [False] * len(gold)
+    if not (len(gold) == len(predicted) == len(raw) == len(unreadable) == len(abstained)):
+        raise ValueError("gold, predicted, raw, unreadable and abstained must have the same length")
     n = len(gold)
-    outcomes = [outcome(g, p, r, u) for g, p, r, u in zip(gold, predicted, raw, unreadable, strict=True)]
+    outcomes = [
+        outcome(g, p, r, u, a)
+        for g, p, r, u, a in zip(gold, predicted, raw, unreadable, abstained, strict=True)
+    ]
     counts = {name: outcomes.count(name) for name in OUTCOMES}
     if sum(counts.values()) != n:  # every item has exactly one outcome
         raise AssertionError("outcome counts do not add up")
     columns = [*class_names, HALLUCINATED_COLUMN, UNPARSEABLE_COLUMN, UNREADABLE_COLUMN]
+    if counts["abstained"]:
+        columns.append(ABSTAINED_COLUMN)
     predicted_columns = [
         _INVALID_COLUMNS[o] if o in _INVALID_COLUMNS else p for p, o in zip(predicted, outcomes, strict=True)
     ]
@@ -118,8 +135,13 @@ def classification_report(
     }
     present = [i for i, name in enumerate(class_names) if per_class[name]["support"] > 0]
     macro_f1 = float(np.mean([f1[i] for i in present])) if present else 0.0
-    accuracy = counts["correct"] / n if n else 0.0
-    ci = binomtest(counts["correct"], n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+    answered = n - counts["abstained"]  # abstained images are not in the accuracy, but in its coverage
+    accuracy = counts["correct"] / answered if answered else 0.0
+    ci = (
+        binomtest(counts["correct"], answered).proportion_ci(confidence_level=0.95, method="wilson")
+        if answered
+        else None
+    )
     return ClassificationReport(
         n=n,
         counts=counts,
@@ -132,6 +154,7 @@ def classification_report(
         per_class=per_class,
         confusion=matrix.tolist(),
         confusion_columns=columns,
+        coverage=answered / n if n else 1.0,
     )
 
 

@@ -162,7 +162,7 @@ def _summary(results: dict) -> list[str]:
     out = [
         "<h2>Summary</h2><table><tr><th class=l>model</th><th class=l>mode</th><th>accuracy (95% CI)</th>"
         "<th>macro-F1</th><th>hallucinated</th><th>unparseable</th><th>unreadable</th><th>correct</th>"
-        "<th>wrong</th><th>n</th><th>images/s</th></tr>"
+        "<th>wrong</th><th>abstained (coverage)</th><th>n</th><th>images/s</th></tr>"
     ]
     for model, by_mode in results.items():
         for mode, result in by_mode.items():
@@ -174,10 +174,14 @@ def _summary(results: dict) -> list[str]:
                 f"<td>{_pct(r.accuracy)} ({_pct(low)}-{_pct(high)})</td><td>{r.macro_f1:.3f}</td>"
                 f"<td>{r.counts['hallucinated']}</td><td>{r.counts['unparseable']}</td>"
                 f"<td>{r.counts['unreadable']}</td><td>{r.counts['correct']}</td><td>{r.counts['wrong']}</td>"
+                f"<td>{r.counts.get('abstained', 0)} ({_pct(r.coverage)})</td>"
                 f"<td class={'ok' if adds_up else 'bad'}>{r.n}</td>"
                 f"<td>{result['images_per_second']:.2f}</td></tr>"
             )
-    out.append("</table><p>Every image has exactly one outcome; the outcome columns add up to n.</p>")
+    out.append(
+        "</table><p>Every image has exactly one outcome; the outcome columns add up to n. With abstention, "
+        "accuracy is over the answered images, whose share is the coverage.</p>"
+    )
     return out
 
 

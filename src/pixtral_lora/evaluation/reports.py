@@ -84,6 +84,15 @@ def markdown_report(results: dict, class_names: list[str], unreadable: dict[str,
                 f"{r.counts['correct']} | {r.counts['wrong']} | "
                 f"{r.n} | {result['images_per_second']:.2f} |"
             )
+    abstained = [
+        f"- {model_name}/{mode}: abstained on {r['report'].counts['abstained']} of {r['report'].n} "
+        f"(coverage {r['report'].coverage:.1%}); accuracy {r['report'].accuracy:.1%} over the answered"
+        for model_name, by_mode in results.items()
+        for mode, r in by_mode.items()
+        if r["report"].counts.get("abstained")
+    ]
+    if abstained:
+        lines += ["", "Abstention (answers under the confidence threshold are not given):", *abstained]
     lines += confidence_table(results)
     if unreadable:
         lines += [

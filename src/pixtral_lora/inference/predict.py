@@ -229,7 +229,8 @@ def _journals(out: Path) -> list[Path]:
 def _rows_of(predictions, hashes: dict[str, str | None], mode: str, model: str) -> list[dict]:
     rows = []
     for p in predictions:
-        outcome = "valid" if p.label else p.outcome  # else hallucinated, unparseable or unreadable
+        # abstained (the label it would have had is kept), valid, or hallucinated/unparseable/unreadable
+        outcome = "abstained" if p.abstained else "valid" if p.label else p.outcome
         rows.append(
             {
                 "path": p.id,
@@ -258,6 +259,8 @@ def predict_archive(
     batch_size: int | None = None,
     overwrite: bool = False,
     as_dataset: bool = False,
+    abstain_below: float | None = None,
+    target_accuracy: float | None = None,
 ) -> dict:
     """Classify every input of SOURCE with a run's model into FILE; returns the summary.
 
@@ -271,7 +274,7 @@ def predict_archive(
     if out.suffix not in SUFFIXES:
         raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
     check_replaceable_file(out, is_predictions_file, overwrite)
-    classify = RunClassifier(run_dir, model_path)
+    classify = RunClassifier(run_dir, model_path, None, abstain_below, target_accuracy)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         import torch.distributed as dist
@@ -364,7 +367,7 @@ def _finalise(out: Path, items: list[Item], overwrite: bool, images_per_second: 
     _write_final(out, rows, overwrite=True)  # ours: checked at the start
     for journal in journals:
         journal.unlink(missing_ok=True)
-    labels = Counter(row["label"] for row in rows if row["label"])
+    labels = Counter(row["label"] for row in rows if row["label"] and row["outcome"] != "abstained")
     unreadable = [row["path"] for row in rows if row["outcome"] == "unreadable"]
     return {
         "out": str(out),
@@ -373,6 +376,7 @@ def _finalise(out: Path, items: list[Item], overwrite: bool, images_per_second: 
         "per_label": dict(labels.most_common()),
         "unreadable": unreadable,
         "no_label": sum(1 for row in rows if not row["label"] and row["outcome"] != "unreadable"),
+        "abstained": sum(1 for row in rows if row["outcome"] == "abstained"),
         "images_per_second": images_per_second,
     }
 

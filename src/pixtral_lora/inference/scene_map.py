@@ -167,6 +167,8 @@ def map_scene(
     batch_size: int | None = None,
     overwrite: bool = False,
     min_valid: float = MIN_VALID_SHARE,
+    abstain_below: float | None = None,
+    target_accuracy: float | None = None,
 ) -> dict:
     """Classify the tiles of a georeferenced scene; write the map (GeoJSON/GPKG) and its PNG.
 
@@ -183,7 +185,7 @@ def map_scene(
     png = out.with_suffix(".png")
     check_replaceable_file(out, _is_mappable, overwrite)
     check_replaceable_file(png, _is_map_picture, overwrite)
-    classify = RunClassifier(run_dir, model_path, resize_to)
+    classify = RunClassifier(run_dir, model_path, resize_to, abstain_below, target_accuracy)
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
     bands = classify.config.data.band_options()
@@ -242,6 +244,7 @@ def map_scene(
                             "label": p.label,
                             "confidence": p.confidence,
                             "calibrated": p.calibrated,
+                            "abstained": p.abstained,
                             "top3": p.top3(),
                             "raw_answer": p.raw_answer,
                         }
@@ -331,6 +334,7 @@ def _features(windows, done: dict, dataset, to_wgs84: bool, min_confidence: floa
                     "label": record["label"],
                     "confidence": confidence,
                     "calibrated": bool(record.get("calibrated")),
+                    "abstained": bool(record.get("abstained")),
                     "top3": record["top3"],
                     "row": row,
                     "col": col,
@@ -416,10 +420,18 @@ def _plot_map(
     figure, axes = plt.subplots(figsize=(9, 9 * shape[0] / shape[1] + 0.5))
     axes.imshow(thumbnail, extent=(0, dataset.width, dataset.height, 0))
     present: dict[str, int] = {}
+    present_abstained = False
     for feature in features:
         props = feature["properties"]
         label = props["label"]
         if label is None:
+            continue
+        if props.get("abstained"):  # left for a person to check: grey, cross-hatched
+            x0, y0, w, h = props["window"]
+            axes.add_patch(
+                Rectangle((x0, y0), w, h, facecolor="#bbbbbb", alpha=0.7, hatch="xx", edgecolor="white")
+            )
+            present_abstained = True
             continue
         present[label] = present.get(label, 0) + 1
         x0, y0, w, h = props["window"]
@@ -441,6 +453,9 @@ def _plot_map(
         Patch(facecolor=class_colour(class_names, name), alpha=0.6, label=f"{name} ({present[name]})")
         for name in legend
     ]
+    if present_abstained:
+        abstained = sum(1 for f in features if f["properties"].get("abstained"))
+        handles.append(Patch(facecolor="#bbbbbb", hatch="xx", label=f"abstained ({abstained}): check"))
     if any(f["properties"]["low_confidence"] for f in features):
         handles.append(
             Patch(facecolor="white", edgecolor="black", hatch="///", label=f"confidence < {min_confidence}")

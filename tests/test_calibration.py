@@ -1,0 +1,197 @@
+"""Calibrated confidence: temperature scaling, the measures against independent references, and
+calibration and abstention through the commands (calibrate, eval, predict, map)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pixtral_lora.evaluation.calibration import (
+    abstain_threshold,
+    class_measures,
+    confidence_measures,
+    fit_temperature,
+    softmax,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pixtral_lora.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+
+
+def _one_line_error(result) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 3, size=(20_000, 6))
+    true_temperature = 2.5
+    gold = np.array([rng.choice(6, p=row) for row in softmax(scores, true_temperature)])
+    assert fit_temperature(scores, gold) == pytest.approx(true_temperature, rel=0.05)
+
+
+def _reference_ece(confidence, correct, bins=10):
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [
+            (c, k)
+            for c, k in zip(confidence, correct, strict=True)
+            if (low < c <= high) or (b == 0 and c == 0)
+        ]
+        if members:
+            accuracy = sum(k for _, k in members) / len(members)
+            mean = sum(c for c, _ in members) / len(members)
+            total += len(members) / len(confidence) * abs(accuracy - mean)
+    return total
+
+
+def _reference_auroc(confidence, correct):
+    """The probability that a right answer is more confident than a wrong one (ties count half)."""
+    right = [c for c, k in zip(confidence, correct, strict=True) if k]
+    wrong = [c for c, k in zip(confidence, correct, strict=True) if not k]
+    wins = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
+    return wins / (len(right) * len(wrong))
+
+
+def _reference_aurc(confidence, correct):
+    ranked = sorted(zip(confidence, correct, strict=True), key=lambda pair: -pair[0])
+    risks = []
+    for k in range(1, len(ranked) + 1):
+        kept = ranked[:k]
+        risks.append(sum(1 for _, right in kept if not right) / k)
+    return sum(risks) / len(risks)
+
+
+def test_measures_equal_independent_references_on_fixed_inputs():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    confidence = rng.uniform(0.2, 1.0, 200)
+    correct = rng.uniform(0, 1, 200) < confidence  # roughly calibrated, with noise
+    measures = confidence_measures(confidence, correct)
+    assert measures["ece"] == pytest.approx(_reference_ece(confidence, correct), abs=1e-12)
+    assert measures["auroc"] == pytest.approx(_reference_auroc(confidence, correct), abs=1e-12)
+    assert measures["auroc"] == pytest.approx(roc_auc_score(correct, confidence), abs=1e-12)
+    assert measures["aurc"] == pytest.approx(_reference_aurc(confidence, correct), abs=1e-12)
+    kept = np.sort(confidence)[::-1][:180]  # 90% coverage: the 180 most confident
+    assert measures["selective_accuracy"]["0.90"] == pytest.approx(correct[confidence >= kept[-1]].mean())
+    # score mode's NLL and Brier score from the class probabilities
+    scores = rng.normal(0, 2, size=(50, 4))
+    gold = rng.integers(0, 4, 50)
+    probabilities = softmax(scores)
+    m = class_measures(scores, gold)
+    assert m["nll"] == pytest.approx(-np.mean(np.log(probabilities[np.arange(50), gold])))
+    assert m["brier"] == pytest.approx(np.mean(np.sum((probabilities - np.eye(4)[gold]) ** 2, axis=1)))
+
+
+def test_the_abstention_threshold_reaches_the_target_on_its_own_data():
+    confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    correct = np.array([1, 1, 1, 0, 1, 0, 0], dtype=bool)
+    assert abstain_threshold(confidence, correct, 1.0) == 0.9
+    assert abstain_threshold(confidence, correct, 0.8) == 0.7  # 4 of the 5 most confident
+    assert abstain_threshold(confidence, ~correct * False, 0.5) is None
+
+
+def test_calibrate_lowers_validation_nll_and_eval_reports_before_and_after(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
+    assert (run / "calibration.json").is_file()  # train.py calibrates at its end (a validation split exists)
+    (run / "calibration.json").unlink()
+    result = _cli("calibrate", run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["split"] == "validation" and calibration["n"] == len(
+        json.loads((run / "split.json").read_text())["ids"]["validation"]
+    )
+    assert calibration["after"]["nll"] <= calibration["before"]["nll"]
+    assert f"T = {calibration['temperature']:.3f}" in result.stdout
+
+    evaluated = _cli("eval", run, "--modes", "score,generate", "--models", "finetuned", "--limit", "12",
+                     "--abstain-below", "0.9")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    score = report["results"]["finetuned"]["score"]
+    assert score["confidence"]["temperature"] == pytest.approx(calibration["temperature"])
+    assert score["confidence"]["calibrated"]["nll"] is not None and score["confidence"]["raw"]["aurc"] >= 0
+    for mode in ("score", "generate"):
+        counts = report["results"]["finetuned"][mode]["counts"]
+        assert sum(counts.values()) == 12  # correct + wrong + ... + unreadable + abstained = n
+        answered = 12 - counts["abstained"]
+        assert report["results"]["finetuned"][mode]["coverage"] == pytest.approx(answered / 12)
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    abstained = [p for p in predictions if p["outcome"] == "abstained"]
+    assert all(p["confidence"] < 0.9 and p["label"] for p in abstained)  # the label it would have had
+    assert all(p["calibrated"] for p in predictions if p["mode"] == "score")
+    html = (run / "eval" / "report.html").read_text()
+    assert "risk-coverage curve" in html and "reliability diagram, calibrated" in html
+
+
+def test_predict_and_map_carry_the_calibrated_flag_and_abstain(tiny_run, aid_dir, tmp_path):
+    from conftest import SYNTH_CLASSES
+
+    from pixtral_lora.data.synth import generate_scene_mosaic
+
+    out = tmp_path / "p.jsonl"
+    result = _cli("predict", aid_dir, "--run", tiny_run, "--out", out, "--target-accuracy", "0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "abstaining below confidence" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["calibrated"] for r in rows)
+    calibration = json.loads((tiny_run / "calibration.json").read_text())
+    threshold = abstain_threshold(
+        np.array(calibration["validation"]["confidence"]), np.array(calibration["validation"]["correct"]), 0.9
+    )
+    assert {r["outcome"] == "abstained" for r in rows} == {r["confidence"] < threshold for r in rows}
+
+    scene = tmp_path / "scene.tif"
+    generate_scene_mosaic(scene, SYNTH_CLASSES, grid=(2, 2), tile=64, seed=5)
+    mapped = _cli("map", scene, "--run", tiny_run, "--out", tmp_path / "m.geojson", "--tile", 64,
+                  "--abstain-below", "0.999999")  # fmt: skip
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    features = json.loads((tmp_path / "m.geojson").read_text())["features"]
+    assert all(f["properties"]["calibrated"] for f in features)
+    assert len(features) == 4
+    for feature in features:  # abstained exactly where the confidence is under the threshold
+        props = feature["properties"]
+        assert props["abstained"] == (props["confidence"] < 0.999999)
+
+
+def test_a_calibration_of_another_adapter_is_refused_for_a_target_and_reported_as_raw(
+    tiny_run, aid_dir, tmp_path
+):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    line = _one_line_error(_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "p.jsonl",
+                                "--target-accuracy", "0.9"))  # fmt: skip
+    assert "belongs to another adapter" in line and "pixtral-lora calibrate" in line
+    raw = _cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "q.jsonl")
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    assert "belongs to another adapter" in raw.stderr
+    assert not any(json.loads(line)["calibrated"] for line in (tmp_path / "q.jsonl").read_text().splitlines())
+    generate = _cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "r.jsonl", "--mode",
+                    "generate", "--target-accuracy", "0.9")  # fmt: skip
+    assert "--mode score" in _one_line_error(generate)
