@@ -41,13 +41,26 @@ def calibrate_run(run_dir: str | Path, limit: int | None = None, model=None, ren
     scored = [p for p in predictions if p.class_scores is not None]
     scores = np.array([p.class_scores for p in scored])
     gold = np.array([run.class_names.index(p.gold) for p in scored])
-    temperature = fit_temperature(scores, gold)
+    right = softmax(scores).argmax(axis=1) == gold
+    note = None
+    if right.all() or not right.any():
+        # every answer right (or every one wrong): the NLL falls without end as T shrinks (or grows),
+        # so no temperature is identifiable from this split; the raw probabilities are kept
+        temperature = 1.0
+        note = (
+            f"all {len(gold)} validation answers are {'right' if right.all() else 'wrong'}: no temperature can "
+            "be fit from them, T stays 1 (raw); a larger validation split (data.validation_size) helps"
+        )
+        logger.warning("%s", note)
+    else:
+        temperature = fit_temperature(scores, gold)
     before, after = class_measures(scores, gold), class_measures(scores, gold, temperature)
     calibrated = softmax(scores, temperature)
     result = {
         "temperature": temperature,
         "n": len(scored),
         "split": "validation",
+        "note": note,
         "adapter_sha256": run.adapter_sha256(),
         "before": {k: before[k] for k in ("nll", "ece", "ece_adaptive", "brier")},
         "after": {k: after[k] for k in ("nll", "ece", "ece_adaptive", "brier")},

@@ -121,7 +121,7 @@ def _risk_coverage_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str
     return uri
 
 
-def _confidence_section(report, predictions) -> list[str]:
+def _confidence_section(report, predictions, section: int) -> list[str]:
     """Calibration: measures raw and calibrated, reliability diagrams side by side, the risk-coverage curve."""
     confidence = report.confidence
     temperature = confidence.get("temperature")
@@ -146,7 +146,7 @@ def _confidence_section(report, predictions) -> list[str]:
     ]
     images.append(f"<img src='{_risk_coverage_plot(curves)}' alt='risk-coverage curve'>")
     return [
-        f"<h3>Calibration</h3><p>{note}</p><table><tr><th class=l>confidence</th><th>expected calibration error</th>"
+        f"<h3 id='c{section}'>Calibration</h3><p>{note}</p><table><tr><th class=l>confidence</th><th>expected calibration error</th>"
         "<th>ECE (adaptive)</th><th>NLL</th><th>Brier</th><th>AUROC</th><th>AURC</th>"
         "<th>selective accuracy 80/90/95%</th></tr>",
         *rows,
@@ -299,7 +299,7 @@ def render_html(
             out.append("<h3>Per class</h3>")
             out += _per_class(report, class_names)
             if report.confidence:
-                out += _confidence_section(report, predictions[(model, mode)])
+                out += _confidence_section(report, predictions[(model, mode)], section)
             out += gallery
     out.append("</body></html>")
     return "\n".join(out) + "\n"
