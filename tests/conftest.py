@@ -79,3 +79,35 @@ def tiny_run(tiny_model_dir, learn_data_dir, tmp_path_factory):
     from pixtral_lora.training import train
 
     return train(tiny_config(tiny_model_dir, learn_data_dir, tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run_command(*args, cwd=None, env=None, timeout: int = 900):
+    """`python ARGS...` from the repository root (or `cwd`), as a user runs it: a subprocess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def run_cli(*args, cwd=None, env=None):
+    """`pixtral-lora ARGS...` as a subprocess."""
+    return run_command("-m", "pixtral_lora.cli", *args, cwd=cwd, env=env)
+
+
+def one_line_error(result) -> str:
+    """The one `error:` line of a command that refused its input (exit 2, no traceback)."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]

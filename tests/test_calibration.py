@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line_error, run_cli
 
 from pixtral_lora.evaluation.calibration import (
     abstain_threshold,
@@ -21,24 +20,6 @@ from pixtral_lora.evaluation.calibration import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pixtral_lora.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
-
-
-def _one_line_error(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 def test_temperature_scaling_recovers_a_known_temperature():
@@ -117,7 +98,7 @@ def test_calibrate_lowers_validation_nll_and_eval_reports_before_and_after(tiny_
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
     assert (run / "calibration.json").is_file()  # train.py calibrates at its end (a validation split exists)
     (run / "calibration.json").unlink()
-    result = _cli("calibrate", run)
+    result = run_cli("calibrate", run)
     assert result.returncode == 0, result.stderr[-3000:]
     calibration = json.loads((run / "calibration.json").read_text())
     assert calibration["split"] == "validation" and calibration["n"] == len(
@@ -126,7 +107,7 @@ def test_calibrate_lowers_validation_nll_and_eval_reports_before_and_after(tiny_
     assert calibration["after"]["nll"] <= calibration["before"]["nll"]
     assert f"T = {calibration['temperature']:.3f}" in result.stdout
 
-    evaluated = _cli("eval", run, "--modes", "score,generate", "--models", "finetuned", "--limit", "12",
+    evaluated = run_cli("eval", run, "--modes", "score,generate", "--models", "finetuned", "--limit", "12",
                      "--abstain-below", "0.9")  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -152,7 +133,7 @@ def test_predict_and_map_carry_the_calibrated_flag_and_abstain(tiny_run, aid_dir
     from pixtral_lora.data.synth import generate_scene_mosaic
 
     out = tmp_path / "p.jsonl"
-    result = _cli("predict", aid_dir, "--run", tiny_run, "--out", out, "--target-accuracy", "0.9")
+    result = run_cli("predict", aid_dir, "--run", tiny_run, "--out", out, "--target-accuracy", "0.9")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "abstaining below confidence" in result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -165,7 +146,7 @@ def test_predict_and_map_carry_the_calibrated_flag_and_abstain(tiny_run, aid_dir
 
     scene = tmp_path / "scene.tif"
     generate_scene_mosaic(scene, SYNTH_CLASSES, grid=(2, 2), tile=64, seed=5)
-    mapped = _cli("map", scene, "--run", tiny_run, "--out", tmp_path / "m.geojson", "--tile", 64,
+    mapped = run_cli("map", scene, "--run", tiny_run, "--out", tmp_path / "m.geojson", "--tile", 64,
                   "--abstain-below", "0.999999")  # fmt: skip
     assert mapped.returncode == 0, mapped.stderr[-3000:]
     features = json.loads((tmp_path / "m.geojson").read_text())["features"]
@@ -185,13 +166,13 @@ def test_a_calibration_of_another_adapter_is_refused_for_a_target_and_reported_a
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
     weights = run / "adapter" / "adapter_model.safetensors"
     save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
-    line = _one_line_error(_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "p.jsonl",
+    line = one_line_error(run_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "p.jsonl",
                                 "--target-accuracy", "0.9"))  # fmt: skip
     assert "belongs to another adapter" in line and "pixtral-lora calibrate" in line
-    raw = _cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "q.jsonl")
+    raw = run_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "q.jsonl")
     assert raw.returncode == 0, raw.stderr[-3000:]
     assert "belongs to another adapter" in raw.stderr
     assert not any(json.loads(line)["calibrated"] for line in (tmp_path / "q.jsonl").read_text().splitlines())
-    generate = _cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "r.jsonl", "--mode",
+    generate = run_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "r.jsonl", "--mode",
                     "generate", "--target-accuracy", "0.9")  # fmt: skip
-    assert "--mode score" in _one_line_error(generate)
+    assert "--mode score" in one_line_error(generate)

@@ -6,13 +6,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTH_CLASSES
+from conftest import SYNTH_CLASSES, one_line_error, run_command
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,22 +50,12 @@ def _hub_cache_dataset(
     return repo_dir
 
 
+def _run(args: list, env: dict):
+    return run_command(*args, env=env)
+
+
 def _offline_env(hf_home: Path) -> dict:
     return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def _run(args: list, env: dict, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
-    )
-
-
-def _one_line_error(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,7 @@ def test_train_py_trains_on_a_cached_hub_dataset_offline(hub_home, tiny_model_di
 
 def test_an_uncached_hub_dataset_is_one_line_naming_the_id_and_the_cache(hub_home):
     result = _run(["-m", "pixtral_lora.cli", "data", "validate", "hf://owner/absent"], _offline_env(hub_home))
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert "hf://owner/absent" in line and str(hub_home / "hub") in line
 
 
@@ -174,7 +162,7 @@ def test_training_on_unlabelled_rows_is_one_line_naming_the_row(hub_home, tiny_m
         ],
         _offline_env(hub_home),
     )
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert "[train:2] label: no label (-1" in line and "2 row(s)" in line
     assert not (tmp_path / "run").exists()
 

@@ -5,29 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES
+from conftest import SYNTH_CLASSES, one_line_error, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=900
-    )
-
-
-def _one_line_error(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 def _train(tmp_path: Path, model: Path, data: Path, *sets: str, config: Path | None = None):
@@ -35,7 +19,7 @@ def _train(tmp_path: Path, model: Path, data: Path, *sets: str, config: Path | N
     for value in (f"model.name_or_path={model}", f"data.path={data}", f"training.output_dir={tmp_path / 'run'}",
                   *sets):  # fmt: skip
         args += ["--set", value]
-    return _run(*args)
+    return run_command(*args)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +38,7 @@ def test_impossible_config_values_are_one_line_and_leave_no_run_directory(
     override, says, tmp_path, tiny_model_dir, aid_dir
 ):
     result = _train(tmp_path, tiny_model_dir, aid_dir, override)
-    assert _one_line_error(result) == "error: invalid configuration:"  # then one line per problem
+    assert one_line_error(result) == "error: invalid configuration:"  # then one line per problem
     assert says in result.stderr and f"--set {override}" in result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -65,14 +49,14 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, tiny_model_dir
     config = tmp_path / "bomb.yaml"
     config.write_text("\n".join(lines) + "\ndata:\n  path: x\n")
     started = time.time()
-    line = _one_line_error(_run("train.py", config))
+    line = one_line_error(run_command("train.py", config))
     assert "bomb.yaml" in line and "aliases" in line and time.time() - started < 60
 
 
 def test_a_config_that_is_not_utf8_names_its_line(tmp_path):
     config = tmp_path / "latin1.yaml"
     config.write_bytes(b"# run config\ndata:\n  path: /data/caf\xe9\n")
-    line = _one_line_error(_run("train.py", config))
+    line = one_line_error(run_command("train.py", config))
     assert "latin1.yaml:3: not UTF-8" in line
 
 
@@ -97,7 +81,9 @@ def adapter_copy(tiny_run, tmp_path):
 
 
 def _convert(model: Path, adapter: Path, out: Path, *extra):
-    return _run("scripts/convert_to_mistral.py", "--model", model, "--adapter", adapter, "--out", out, *extra)
+    return run_command(
+        "scripts/convert_to_mistral.py", "--model", model, "--adapter", adapter, "--out", out, *extra
+    )
 
 
 def test_an_adapter_config_that_disagrees_with_its_tensors_is_refused(adapter_copy, tiny_model_dir, tmp_path):
@@ -105,7 +91,7 @@ def test_an_adapter_config_that_disagrees_with_its_tensors_is_refused(adapter_co
     config = json.loads(config_path.read_text())
     config["r"] = config["r"] * 2  # the scale alpha/r would silently halve every LoRA update
     config_path.write_text(json.dumps(config))
-    line = _one_line_error(_convert(tiny_model_dir, adapter_copy, tmp_path / "out"))
+    line = one_line_error(_convert(tiny_model_dir, adapter_copy, tmp_path / "out"))
     assert "adapter_config.json: r is" in line and "does not belong to these weights" in line
     assert not (tmp_path / "out").exists()
 
@@ -114,11 +100,11 @@ def test_a_truncated_adapter_or_invalid_json_is_one_line(adapter_copy, tiny_mode
     weights = adapter_copy / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    line = _one_line_error(_convert(tiny_model_dir, adapter_copy, tmp_path / "out"))
+    line = one_line_error(_convert(tiny_model_dir, adapter_copy, tmp_path / "out"))
     assert "not a complete safetensors file" in line
     weights.write_bytes(data)
     (adapter_copy / "adapter_config.json").write_text('{"r": 8,')
-    line = _one_line_error(_convert(tiny_model_dir, adapter_copy, tmp_path / "out", "--adapter-only"))
+    line = one_line_error(_convert(tiny_model_dir, adapter_copy, tmp_path / "out", "--adapter-only"))
     assert "adapter_config.json: not valid JSON" in line
 
 
@@ -133,23 +119,25 @@ def test_eval_and_predict_refuse_a_tampered_adapter_before_loading(tiny_run, aid
         ["eval", run],
         ["predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "p.jsonl"],
     ):
-        line = _one_line_error(_run("-m", "pixtral_lora.cli", *command))
+        line = one_line_error(run_command("-m", "pixtral_lora.cli", *command))
         assert "r is 3" in line
 
 
 def test_max_shard_gb_must_be_positive(tiny_model_dir, tmp_path):
-    result = _run("scripts/convert_to_mistral.py", "--model", tiny_model_dir, "--out", tmp_path / "o",
+    result = run_command("scripts/convert_to_mistral.py", "--model", tiny_model_dir, "--out", tmp_path / "o",
                   "--max-shard-gb", "-1")  # fmt: skip
-    assert "--max-shard-gb" in _one_line_error(result) and not (tmp_path / "o").exists()
+    assert "--max-shard-gb" in one_line_error(result) and not (tmp_path / "o").exists()
 
 
 def test_generators_name_an_unknown_class_and_keep_foreign_rasters(tmp_path):
-    line = _one_line_error(
-        _run("-m", "pixtral_lora.cli", "data", "generate", "--out", tmp_path / "d", "--classes", "Beach,Moon")
+    line = one_line_error(
+        run_command(
+            "-m", "pixtral_lora.cli", "data", "generate", "--out", tmp_path / "d", "--classes", "Beach,Moon"
+        )
     )
     assert "unknown synthetic class 'Moon'" in line
-    line = _one_line_error(
-        _run(
+    line = one_line_error(
+        run_command(
             "-m",
             "pixtral_lora.cli",
             "data",
@@ -161,28 +149,32 @@ def test_generators_name_an_unknown_class_and_keep_foreign_rasters(tmp_path):
         )
     )
     assert "Moon" in line
-    assert "--grid" in _one_line_error(
-        _run(
+    assert "--grid" in one_line_error(
+        run_command(
             "-m", "pixtral_lora.cli", "data", "generate-scene", "--out", tmp_path / "s.tif", "--grid", "4by4"
         )
     )
     foreign = tmp_path / "survey.tif"
     foreign.write_bytes(b"II*\x00 someone's raster")
-    line = _one_line_error(_run("-m", "pixtral_lora.cli", "data", "generate-scene", "--out", foreign))
+    line = one_line_error(run_command("-m", "pixtral_lora.cli", "data", "generate-scene", "--out", foreign))
     assert "survey.tif exists" in line and foreign.read_bytes() == b"II*\x00 someone's raster"
     scene = tmp_path / "mine.tif"
     for _ in range(2):  # its own scene is replaced
-        made = _run("-m", "pixtral_lora.cli", "data", "generate-scene", "--out", scene, "--grid", "2x2")
+        made = run_command(
+            "-m", "pixtral_lora.cli", "data", "generate-scene", "--out", scene, "--grid", "2x2"
+        )
         assert made.returncode == 0, made.stderr[-2000:]
 
 
 def test_validate_takes_the_configs_classes(tmp_path, aid_dir):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  path: {aid_dir}\n  class_names: [Beach, Desert]\n")
-    result = _run("-m", "pixtral_lora.cli", "data", "validate", aid_dir, "--config", config)
+    result = run_command("-m", "pixtral_lora.cli", "data", "validate", aid_dir, "--config", config)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "the data's classes differ" in result.stdout and "Forest" in result.stdout
-    plain = _run("-m", "pixtral_lora.cli", "data", "validate", aid_dir, "--classes", ",".join(SYNTH_CLASSES))
+    plain = run_command(
+        "-m", "pixtral_lora.cli", "data", "validate", aid_dir, "--classes", ",".join(SYNTH_CLASSES)
+    )
     assert plain.returncode == 0, plain.stdout[-2000:]
 
 
@@ -202,11 +194,11 @@ def test_preview_save_image_never_replaces_a_picture_it_did_not_write(tmp_path, 
         tiny_model_dir,
         "--save-image",
     ]
-    line = _one_line_error(_run(*preview, photo))
+    line = one_line_error(run_command(*preview, photo))
     assert "holiday.png exists" in line and photo.read_bytes() == before
     shot = tmp_path / "shot.png"
     for _ in range(2):  # its own picture is replaced
-        result = _run(*preview, shot)
+        result = run_command(*preview, shot)
         assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(shot).size == (
         304,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTH_CLASSES
+from conftest import SYNTH_CLASSES, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 64
@@ -25,14 +25,6 @@ def _map(*args) -> subprocess.CompletedProcess:
         cwd=ROOT,
         timeout=900,
     )
-
-
-def _one_line_error(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +95,7 @@ def test_tile_m_on_a_geographic_crs_is_refused_and_tile_works(tiny_run, mosaic_p
 
     pixels, _ = mosaic_pixels
     scene = _write(tmp_path / "wgs84.tif", pixels, "EPSG:4326", from_origin(15.0, 45.0, 0.0001, 0.0001))
-    line = _one_line_error(_map(scene, "--run", tiny_run, "--out", tmp_path / "m.geojson", "--tile-m", 300))
+    line = one_line_error(_map(scene, "--run", tiny_run, "--out", tmp_path / "m.geojson", "--tile-m", 300))
     assert "--tile-m needs a projected CRS" in line and "EPSG:4326" in line and "--tile" in line
     assert not (tmp_path / "m.geojson").exists() and not (tmp_path / ".m.geojson.lock").exists()
     ok = _map(scene, "--run", tiny_run, "--out", tmp_path / "m.geojson", "--tile", TILE)
@@ -161,7 +153,7 @@ def test_no_crs_corrupt_file_and_unprojectable_scene_are_one_line_before_the_mod
 
     pixels, _ = mosaic_pixels
     plain = _write(tmp_path / "nocrs.tif", pixels, None, from_origin(0, 0, 1, 1))
-    assert "no CRS" in _one_line_error(
+    assert "no CRS" in one_line_error(
         _map(plain, "--run", tiny_run, "--out", tmp_path / "x.geojson", "--tile", TILE)
     )
 
@@ -170,12 +162,12 @@ def test_no_crs_corrupt_file_and_unprojectable_scene_are_one_line_before_the_mod
     data = whole.read_bytes()
     corrupt = tmp_path / "corrupt.tif"
     corrupt.write_bytes(data[: len(data) * 2 // 3])
-    line = _one_line_error(_map(corrupt, "--run", tiny_run, "--out", tmp_path / "y.geojson", "--tile", TILE))
+    line = one_line_error(_map(corrupt, "--run", tiny_run, "--out", tmp_path / "y.geojson", "--tile", TILE))
     assert "corrupt.tif" in line
 
     geos = "+proj=geos +h=35785831 +lon_0=0 +sweep=y +datum=WGS84 +units=m +no_defs"
     disk = _write(tmp_path / "geos.tif", pixels, geos, from_origin(-5_500_000, 5_500_000, 60_000, 60_000))
-    line = _one_line_error(
+    line = one_line_error(
         _map(disk, "--run", tiny_run, "--out", tmp_path / "z.geojson", "--tile", TILE, "--to-wgs84")
     )
     assert "do not reproject" in line and "--to-wgs84" in line
@@ -191,9 +183,7 @@ def test_map_never_replaces_a_picture_it_did_not_write(tiny_run, mosaic_pixels, 
     scene = _write(tmp_path / "s.tif", pixels, "EPSG:32633", from_origin(500000, 5000000, 1, 1))
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "scene.png")
     before = (tmp_path / "scene.png").read_bytes()
-    line = _one_line_error(
-        _map(scene, "--run", tiny_run, "--out", tmp_path / "scene.geojson", "--tile", TILE)
-    )
+    line = one_line_error(_map(scene, "--run", tiny_run, "--out", tmp_path / "scene.geojson", "--tile", TILE))
     assert "scene.png" in line and (tmp_path / "scene.png").read_bytes() == before
     forced = _map(
         scene, "--run", tiny_run, "--out", tmp_path / "scene.geojson", "--tile", TILE, "--overwrite"
@@ -219,5 +209,5 @@ def test_map_never_replaces_a_picture_it_did_not_write(tiny_run, mosaic_pixels, 
 )
 def test_numeric_options_are_checked_before_anything_runs(option, value, says, tmp_path):
     result = _map(tmp_path / "absent.tif", "--run", tmp_path, "--out", tmp_path / "m.geojson", option, value)
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert option in line and says in line

@@ -14,28 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES
+from conftest import SYNTH_CLASSES, one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pixtral_lora.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=900,
-        **kwargs,
-    )
-
-
-def _one_line_error(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout[-1500:], result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 @pytest.fixture()
@@ -57,13 +38,13 @@ def test_another_mode_or_run_on_an_existing_output_is_refused_not_resumed(tiny_r
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "predictions.jsonl"
-    first = _cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "score")
+    first = run_cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "score")
     assert first.returncode == 0, first.stderr[-3000:]
     rows = _rows(out)
     assert {r["mode"] for r in rows} == {"score"} and len({r["model"] for r in rows}) == 1
     before = out.read_bytes()
 
-    line = _one_line_error(_cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained"))
+    line = one_line_error(run_cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained"))
     assert "another model or mode" in line and "--overwrite" in line
     assert out.read_bytes() == before  # nothing of the earlier answers lost
 
@@ -73,31 +54,33 @@ def test_another_mode_or_run_on_an_existing_output_is_refused_not_resumed(tiny_r
     weights = other_run / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     save_file({k: v * 1.5 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
-    line = _one_line_error(_cli("predict", tiles, "--run", other_run, "--out", out))
+    line = one_line_error(run_cli("predict", tiles, "--run", other_run, "--out", out))
     assert "another model or mode" in line
     assert out.read_bytes() == before
 
-    replaced = _cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained", "--overwrite")
+    replaced = run_cli(
+        "predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained", "--overwrite"
+    )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert "(0 already done)" in replaced.stdout
     rows = _rows(out)
     assert len(rows) == 8 and {r["mode"] for r in rows} == {"constrained"}
-    resumed = _cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained")
+    resumed = run_cli("predict", tiles, "--run", tiny_run, "--out", out, "--mode", "constrained")
     assert resumed.returncode == 0 and "(8 already done)" in resumed.stdout
 
 
 def test_a_folder_of_tiles_is_images_whatever_else_it_holds(tiny_run, tiles, tmp_path):
     parquet = tmp_path / "earlier.parquet"
-    first = _cli("predict", tiles, "--run", tiny_run, "--out", parquet)
+    first = run_cli("predict", tiles, "--run", tiny_run, "--out", parquet)
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.copy(parquet, tiles / "earlier.parquet")  # an earlier output kept with the tiles
     (tiles / "metadata.csv").write_text("file_name,note\nBeach-beach_1.jpg,x\n")
     out = tmp_path / "again.jsonl"
-    result = _cli("predict", tiles, "--run", tiny_run, "--out", out)
+    result = run_cli("predict", tiles, "--run", tiny_run, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_rows(out)) == 8 and all(r["path"].endswith(".jpg") for r in _rows(out))
-    as_dataset = _cli("predict", parquet, "--run", tiny_run, "--out", tmp_path / "d.jsonl")
-    assert "no column 'image'" in _one_line_error(as_dataset)  # a .parquet file is a dataset when named
+    as_dataset = run_cli("predict", parquet, "--run", tiny_run, "--out", tmp_path / "d.jsonl")
+    assert "no column 'image'" in one_line_error(as_dataset)  # a .parquet file is a dataset when named
     # a folder is read as a dataset when asked: unlabelled images in the Hub's Parquet layout
     from datasets import Dataset, Features
     from datasets import Image as ImageFeature
@@ -108,21 +91,23 @@ def test_a_folder_of_tiles_is_images_whatever_else_it_holds(tiny_run, tiles, tmp
     Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
         str(hub_folder / "data" / "train-00000-of-00001.parquet")
     )
-    dataset_run = _cli("predict", hub_folder, "--dataset", "--run", tiny_run, "--out", tmp_path / "h.jsonl")
+    dataset_run = run_cli(
+        "predict", hub_folder, "--dataset", "--run", tiny_run, "--out", tmp_path / "h.jsonl"
+    )
     assert dataset_run.returncode == 0, dataset_run.stderr[-3000:]
     assert [r["path"] for r in _rows(tmp_path / "h.jsonl")] == ["train/0", "train/1", "train/2"]
 
 
 def test_no_lock_is_left_and_an_unwritable_location_is_one_line(tiny_run, tiles, tmp_path):
     out = tmp_path / "out" / "p.csv"
-    result = _cli("predict", tiles, "--run", tiny_run, "--out", out)
+    result = run_cli("predict", tiles, "--run", tiny_run, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.parent.iterdir()) == ["p.csv"]  # no .p.csv.lock, no journal
-    line = _one_line_error(_cli("predict", tiles, "--run", tiny_run, "--out", "/proc/pixtral-lora/p.jsonl"))
+    line = one_line_error(run_cli("predict", tiles, "--run", tiny_run, "--out", "/proc/pixtral-lora/p.jsonl"))
     assert "/proc" in line and "cannot write" in line
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    line = _one_line_error(_cli("eval", tiny_run, "--out", blocked / "eval", "--limit", "2"))
+    line = one_line_error(run_cli("eval", tiny_run, "--out", blocked / "eval", "--limit", "2"))
     assert "a-file" in line
 
 
@@ -169,7 +154,7 @@ def test_sigterm_to_a_multi_process_predict_stops_every_worker(tiny_run, aid_dir
     ]
     assert alive == []
     # the output is free again: a rerun resumes from the journals and finishes
-    rerun = _cli("predict", archive, "--run", tiny_run, "--out", out, "--num-processes", "2", env=env)
+    rerun = run_cli("predict", archive, "--run", tiny_run, "--out", out, "--num-processes", "2", env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(_rows(out)) == 160
 
@@ -210,7 +195,7 @@ def test_a_run_trained_with_relative_paths_works_from_another_directory(tiny_mod
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     images = sorted((aid_dir / "Beach").iterdir())[:2]
-    result = _cli(
+    result = run_cli(
         "predict", *images[:1], "--run", work / "runs" / "rel", "--out", elsewhere / "p.jsonl", cwd=elsewhere
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -218,8 +203,8 @@ def test_a_run_trained_with_relative_paths_works_from_another_directory(tiny_mod
     config = work / "runs" / "rel" / "config.yaml"
     config.write_text(recorded.replace(str(work / "artifacts" / "tiny-pixtral"), "artifacts/tiny-pixtral"))
     started = time.time()
-    line = _one_line_error(
-        _cli("predict", *images[:1], "--run", work / "runs" / "rel", "--out", elsewhere / "q.jsonl", cwd=elsewhere,
+    line = one_line_error(
+        run_cli("predict", *images[:1], "--run", work / "runs" / "rel", "--out", elsewhere / "q.jsonl", cwd=elsewhere,
              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     )  # fmt: skip
     assert "artifacts/tiny-pixtral" in line and time.time() - started < 60

@@ -95,8 +95,8 @@ def confidence_measures(
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     n = len(confidence)
-    if n == 0:
-        return {"n": 0}
+    if n == 0 or not np.all(np.isfinite(confidence)):
+        return {"n": n, "error": "no confidences" if n == 0 else "non-finite confidences"}
     coverage, risk = risk_coverage(confidence, correct)
     selective = {}
     for wanted in COVERAGES:

@@ -118,7 +118,8 @@ def _rows(data: dict) -> tuple[list[str], list[list[str]]]:
             confidence = (run["results"].get(mode) or {}).get("confidence") or {}
             kind = "calibrated" if confidence.get("calibrated") else "raw"
             measures = confidence.get(kind)
-            row += [f"{measures['ece']:.3f} ({kind})", f"{measures['aurc']:.3f}"] if measures else ["", ""]
+            usable = measures and "ece" in measures
+            row += [f"{measures['ece']:.3f} ({kind})", f"{measures['aurc']:.3f}"] if usable else ["", ""]
         seconds = run["train_seconds"]
         row += [str(run["best_step"] or ""), f"{seconds / 60:.1f} min" if seconds else ""]
         rows.append(row)

@@ -184,9 +184,10 @@ def generate_answers(
     # count each answer's tokens up to its first </s> (what follows is padding of a finished row)
     ended = torch.cumsum((generated == eos).int(), dim=1)
     counted = (ended - (generated == eos).int()) == 0
-    probabilities = torch.exp((step_log_probs * counted[:, : step_log_probs.shape[1]]).sum(dim=1))
+    counted = counted[:, : step_log_probs.shape[1]]  # where() and not a product: padding may hold NaN
+    probabilities = torch.exp(torch.where(counted, step_log_probs, 0.0).sum(dim=1))
     answers = [renderer.tokenizer.decode(seq, skip_special_tokens=True) for seq in generated]
-    return answers, [float(p) for p in probabilities]
+    return answers, [float(p) if torch.isfinite(p) else None for p in probabilities]
 
 
 # ---------------------------------------------------------------------------------------------------

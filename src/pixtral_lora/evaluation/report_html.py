@@ -298,7 +298,7 @@ def render_html(
             out += _confusion(report, class_names, section, shown)
             out.append("<h3>Per class</h3>")
             out += _per_class(report, class_names)
-            if report.confidence:
+            if report.confidence and "ece" in report.confidence["raw"]:
                 out += _confidence_section(report, predictions[(model, mode)], section)
             out += gallery
     out.append("</body></html>")

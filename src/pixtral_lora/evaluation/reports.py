@@ -140,7 +140,7 @@ def confidence_table(results: dict) -> list[str]:
             temperature = confidence.get("temperature")
             for kind in ("raw", "calibrated"):
                 m = confidence.get(kind)
-                if not m:
+                if not m or "ece" not in m:  # no (finite) confidences to measure
                     continue
                 label = (
                     f"calibrated (T={temperature:.3f})"
