@@ -16,7 +16,9 @@ def _report():
 
 def test_every_item_has_one_outcome():
     report = _report()
-    assert report.counts == {"correct": 2, "wrong": 1, "hallucinated": 1, "unparseable": 1, "unreadable": 0}
+    assert report.counts == {
+        "correct": 2, "wrong": 1, "hallucinated": 1, "unparseable": 1, "unreadable": 0, "abstained": 0
+    }  # fmt: skip
     assert sum(report.counts.values()) == report.n == 5
     assert report.accuracy == pytest.approx(0.4)
     assert report.hallucination_rate == pytest.approx(0.2) and report.parse_failure_rate == pytest.approx(0.2)
@@ -46,7 +48,14 @@ def test_confusion_matrix_has_invalid_columns():
 
 def test_an_unreadable_image_is_an_outcome_of_its_own_and_counts_against_accuracy():
     report = classification_report(["A", "B"], ["A", None], ["A", None], CLASSES, unreadable=[False, True])
-    assert report.counts == {"correct": 1, "wrong": 0, "hallucinated": 0, "unparseable": 0, "unreadable": 1}
+    assert report.counts == {
+        "correct": 1,
+        "wrong": 0,
+        "hallucinated": 0,
+        "unparseable": 0,
+        "unreadable": 1,
+        "abstained": 0,
+    }
     assert report.accuracy == 0.5 and report.unreadable_rate == 0.5 and report.parse_failure_rate == 0
     assert report.confusion[1] == [0, 0, 0, 0, 0, 0, 1]  # the (unreadable) column
 
