@@ -65,7 +65,7 @@ def main() -> int:
         if args.adapter_only:
             if not args.adapter:
                 parser.error("--adapter-only needs --adapter")
-            out = export_adapter_only(args.adapter, args.out, args.overwrite)
+            out = export_adapter_only(args.adapter, args.out, args.overwrite, args.model)
         elif not args.model:
             parser.error("--model is required")
         elif args.format == "hf":
@@ -79,7 +79,9 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"written: {out}")
-    if args.format == "mistral" and not args.adapter_only:
+    if args.adapter_only:
+        print((out / "vllm_serve.sh").read_text(encoding="utf-8"))
+    elif args.format == "mistral":
         print(
             f"serve:   vllm serve {out} --tokenizer-mode mistral --config-format mistral --load-format mistral"
         )

@@ -56,6 +56,7 @@ HF_CHECKPOINT_FILES = (
 )
 ADAPTER_FILES = (
     "adapter_config.json",
+    "vllm_serve.sh",
     "adapter_model.safetensors",
     "README.md",
     "base_model.json",

@@ -42,7 +42,7 @@ def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
 
 
 def vllm_generate(
-    model_dir: str | Path, rows: list[dict], renderer: Renderer, max_new_tokens: int
+    model_dir: str | Path, rows: list[dict], renderer: Renderer, max_new_tokens: int, dtype: str = "auto"
 ) -> list[str]:
     """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output)."""
     try:
@@ -54,6 +54,7 @@ def vllm_generate(
         tokenizer_mode="mistral",
         config_format="mistral",
         load_format="mistral",
+        dtype=dtype,  # the run's: vLLM on a CPU would otherwise run a float32 model in bfloat16
         limit_mm_per_prompt={"image": max(len(row["images"]) for row in rows)},
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
@@ -81,7 +82,7 @@ def evaluate_run_vllm(
     results, predictions = {}, {}
     for name, model_dir in models.items():
         start = time.perf_counter()
-        answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens)
+        answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens, config.model.dtype)
         speed = len(rows) / (time.perf_counter() - start)
         preds = parsed_predictions(rows, answers, parser)
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
