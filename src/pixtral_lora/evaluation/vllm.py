@@ -42,13 +42,36 @@ def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
 
 
 def vllm_generate(
-    model_dir: str | Path, rows: list[dict], renderer: Renderer, max_new_tokens: int, dtype: str = "auto"
+    model_dir: str | Path,
+    rows: list[dict],
+    renderer: Renderer,
+    max_new_tokens: int,
+    dtype: str = "auto",
+    lora_dir: str | Path | None = None,
 ) -> list[str]:
-    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output)."""
+    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output),
+    with `lora_dir` (an --adapter-only export) applied as LoRA when given, all of it (projector and
+    vision tower included)."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError as err:
         raise UserError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
+    lora: dict = {}
+    request = None
+    if lora_dir is not None:
+        import json
+
+        from vllm.lora.request import LoRARequest
+
+        from pixtral_lora.export import VLLM_LORA_RANKS
+
+        rank = json.loads((Path(lora_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+        lora = {
+            "enable_lora": True,
+            "enable_tower_connector_lora": True,  # else the projector's and vision tower's LoRA is dropped
+            "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank),
+        }
+        request = LoRARequest("adapter", 1, str(Path(lora_dir).resolve()))
     llm = LLM(
         model=str(model_dir),
         tokenizer_mode="mistral",
@@ -56,20 +79,23 @@ def vllm_generate(
         load_format="mistral",
         dtype=dtype,  # the run's: vLLM on a CPU would otherwise run a float32 model in bfloat16
         limit_mm_per_prompt={"image": max(len(row["images"]) for row in rows)},
+        **lora,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    outputs = llm.chat([openai_messages(row, renderer) for row in rows], params, use_tqdm=True)
+    messages = [openai_messages(row, renderer) for row in rows]
+    outputs = llm.chat(messages, params, use_tqdm=True, lora_request=request)
     return [output.outputs[0].text for output in outputs]
 
 
 def evaluate_run_vllm(
     run_dir: str | Path,
-    models: dict[str, str],
+    models: dict[str, str | tuple[str, str]],
     limit: int | None = None,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format dir."""
+    """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format
+    dir, or (base dir, --adapter-only LoRA dir) to evaluate the adapter as vLLM serves it."""
     from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
 
     run = Run.open(run_dir, needs_adapter=False, needs_base=False)
@@ -82,7 +108,10 @@ def evaluate_run_vllm(
     results, predictions = {}, {}
     for name, model_dir in models.items():
         start = time.perf_counter()
-        answers = vllm_generate(model_dir, rows, renderer, config.eval.max_new_tokens, config.model.dtype)
+        base, lora_dir = model_dir if isinstance(model_dir, tuple) else (model_dir, None)
+        answers = vllm_generate(
+            base, rows, renderer, config.eval.max_new_tokens, config.model.dtype, lora_dir
+        )
         speed = len(rows) / (time.perf_counter() - start)
         preds = parsed_predictions(rows, answers, parser)
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
