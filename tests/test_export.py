@@ -129,6 +129,7 @@ def test_output_is_mistral_native(exported):
         and params["vision_encoder"]["image_end_token_id"] == 13
     )
     assert params["vision_encoder"]["adapter_bias"] is True
+    assert params["max_position_embeddings"] == 1024000  # Pixtral-12B's; vLLM reads the context length here
     with safe_open(exported / "consolidated.safetensors", "pt") as handle:
         keys = set(handle.keys())
     for key in (
@@ -347,22 +348,8 @@ def test_convert_script_formats(tiny_run, tiny_model_dir, tmp_path):
         "up_proj",
         "v_proj",
     ]
-    # vLLM's hf_to_vllm_mapper for this class (prefixes and substrings, as its source declares them)
-    # must turn every key into a module of its model: language_model.model.* or vision_language_adapter.*
-    prefixes = {
-        "model.language_model.": "language_model.model.",
-        "model.multi_modal_projector.": "vision_language_adapter.",
-    }
-    for key in written:
-        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-        prefix = next(p for p in prefixes if module.startswith(p))
-        mapped = prefixes[prefix] + module[len(prefix) :]
-        mapped = mapped.replace(".linear_1", ".w_in").replace(".linear_2", ".w_out")
-        assert re.fullmatch(
-            r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-            r"|vision_language_adapter\.w_(in|out)",
-            mapped,
-        ), key
+    # which module each key reaches in vLLM's model is proved by vLLM itself: `make serve-check`
+    # serves this adapter and gets eval's answers
     assert (
         "--enable-tower-connector-lora" in (tmp_path / "lora" / "vllm_serve.sh").read_text()
     )  # projector LoRA
