@@ -42,6 +42,7 @@ from pixtral_lora.io import (
 from pixtral_lora.modeling import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
+    VLLM_LORA_RANKS,
     ModelSourceError,
     check_model_source,
     checkpoint_fingerprint,
@@ -509,8 +510,6 @@ _VLLM_LORA_KEY = re.compile(
     r")\.lora_[AB]\.weight"
 )
 _VISION_ROTARY_B = re.compile(r".*\.vision_tower\..*\.attention\.[qk]_proj\.lora_B\.weight")
-# --max-lora-rank values vLLM accepts
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVE_COMMAND_FILE = "vllm_serve.sh"
 
 

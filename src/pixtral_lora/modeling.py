@@ -52,6 +52,10 @@ def chat_template() -> str:
     return convert_tokenizer_to_chat_template(str(tekken_path()))
 
 
+# --max-lora-rank values vLLM accepts (export's vllm_serve.sh and eval --backend vllm pick from these)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 @dataclass(frozen=True)
 class TinyPixtralSizes:
     """Widths and depths of the tiny model; everything else is Pixtral-12B's config.

@@ -63,7 +63,7 @@ def vllm_generate(
 
         from vllm.lora.request import LoRARequest
 
-        from pixtral_lora.export import VLLM_LORA_RANKS
+        from pixtral_lora.modeling import VLLM_LORA_RANKS
 
         rank = json.loads((Path(lora_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
         lora = {
