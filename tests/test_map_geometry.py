@@ -40,22 +40,10 @@ def mosaic_pixels(tmp_path_factory):
         return dataset.read(), layout
 
 
-def _write(path: Path, pixels: np.ndarray, crs, transform, **extra) -> Path:
-    import rasterio
+def _write(path: Path, pixels: np.ndarray, crs, transform, **creation_options) -> Path:
+    from pixtral_lora.raster import write_geotiff
 
-    profile = {
-        "driver": "GTiff",
-        "width": pixels.shape[2],
-        "height": pixels.shape[1],
-        "count": pixels.shape[0],
-        "dtype": pixels.dtype.name,
-        "transform": transform,
-        **extra,
-    }
-    if crs is not None:
-        profile["crs"] = crs
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(pixels)
+    write_geotiff(path, pixels, crs=crs, transform=transform, **creation_options)
     return path
 
 

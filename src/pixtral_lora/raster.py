@@ -135,8 +135,10 @@ def write_geotiff(
     transform=None,
     nodata: float | None = None,
     tags: dict | None = None,
+    **creation_options,
 ) -> None:
-    """Write (bands, height, width) as a GeoTIFF with a CRS and geotransform (synthetic data, tests)."""
+    """Write (bands, height, width) as a GeoTIFF with a CRS (None: none) and geotransform (synthetic
+    data, tests); `creation_options` go to GDAL's GTiff driver (tiled, compress, alpha, ...)."""
     rasterio = _rasterio()
     from rasterio.transform import from_origin
 
@@ -147,9 +149,11 @@ def write_geotiff(
         "height": array.shape[1],
         "count": array.shape[0],
         "dtype": array.dtype.name,
-        "crs": crs,
         "transform": transform,
+        **creation_options,
     }
+    if crs is not None:
+        profile["crs"] = crs
     if nodata is not None:
         profile["nodata"] = nodata
     with rasterio.open(path, "w", **profile) as dataset:

@@ -89,9 +89,12 @@ class Run:
         return self.run_dir / "adapter"
 
     def adapter_sha256(self) -> str | None:
-        """sha256 of the adapter's weights (what a calibration or a resumed output belongs to)."""
-        weights = self.adapter_dir / "adapter_model.safetensors"
-        return file_sha256(weights) if weights.is_file() else None
+        """sha256 of the adapter's weights (what a calibration or a resumed output belongs to),
+        hashed once per opened run."""
+        if not hasattr(self, "_adapter_sha256"):
+            weights = self.adapter_dir / "adapter_model.safetensors"
+            self._adapter_sha256 = file_sha256(weights) if weights.is_file() else None
+        return self._adapter_sha256
 
     def model_identity(self, model_path: str | None = None) -> str:
         """What answers come from: the adapter's sha256 on the base, or a merged checkpoint's path.
@@ -109,11 +112,7 @@ class Run:
         from pixtral_lora.data.splits import load_run_data
 
         splits = load_run_data(self.config).splits
-        source = splits.test if split == "test" else splits.train
-        if split == "validation":  # carved from train: select from everything that is not test
-            from datasets import concatenate_datasets
-
-            source = concatenate_datasets([d for d in (splits.train, splits.validation) if d is not None])
+        source = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
         chosen = select_ids(source, self.split["ids"][split])
         if limit:
             chosen = chosen.select(range(min(limit, len(chosen))))

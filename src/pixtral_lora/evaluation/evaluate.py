@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pixtral_lora.answers import AnswerParser
-from pixtral_lora.evaluation.calibration import abstain, abstention_threshold
+from pixtral_lora.evaluation.calibration import abstain, abstention_threshold, run_temperature
 from pixtral_lora.evaluation.metrics import classification_report, expected_calibration_error, outcome
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.evaluation.scoring import score_batch
@@ -392,8 +392,6 @@ class RunClassifier:
         self._model = self._renderer = None
         self.temperature: float | None = None
         if model_path is None:  # a calibration belongs to the adapter; a merged checkpoint is raw
-            from pixtral_lora.evaluation.calibration import run_temperature
-
             self.temperature, note = run_temperature(self.run)
             logger.info("%s", note)
         self.abstain_below, self.abstention = abstention_threshold(self.run, abstain_below, target_accuracy)
@@ -445,7 +443,6 @@ def evaluate_run(
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     The report directory replaces a previous report only (anything else needs `overwrite`).
     """
-    from pixtral_lora.evaluation.calibration import run_temperature
     from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable, check_writable
 
     needs_adapter = "finetuned" in models and merged is None

@@ -88,10 +88,6 @@ def _is_mappable(out: Path) -> bool:
 MIN_VALID_SHARE = 0.5
 
 
-def _is_map_picture(png: Path) -> bool:
-    return is_our_png(png)
-
-
 def _check_scene(dataset, scene: Path, to_wgs84: bool) -> None:
     """What can be checked before any tile is classified: a CRS, a readable first and last block,
     and (with `to_wgs84`) a footprint that reprojects to finite coordinates."""
@@ -184,7 +180,7 @@ def map_scene(
         raise DataError(f"--out {out}: use a .geojson or .gpkg file name")
     png = out.with_suffix(".png")
     check_replaceable_file(out, _is_mappable, overwrite)
-    check_replaceable_file(png, _is_map_picture, overwrite)
+    check_replaceable_file(png, is_our_png, overwrite)
     classify = RunClassifier(run_dir, model_path, resize_to, abstain_below, target_accuracy)
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
@@ -464,7 +460,7 @@ def _plot_map(
     axes.set_axis_off()
     axes.set_title(f"{Path(dataset.name).name}: {len(features)} tiles of {tile} px")
     figure.tight_layout()
-    with atomic_file(png, "wb", recognise=_is_map_picture, overwrite=overwrite) as handle:
+    with atomic_file(png, "wb", recognise=is_our_png, overwrite=overwrite) as handle:
         figure.savefig(handle, format="png", dpi=100, metadata={"Software": f"{PNG_SOFTWARE} map"})
     plt.close(figure)
     return legend
