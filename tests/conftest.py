@@ -99,6 +99,11 @@ def run_command(*args, cwd=None, env=None, timeout: int = 900):
     )
 
 
+def set_args(*values: str) -> list[str]:
+    """train.py's `--set KEY=VALUE` pairs for these overrides."""
+    return [arg for value in values for arg in ("--set", str(value))]
+
+
 def run_cli(*args, cwd=None, env=None):
     """`pixtral-lora ARGS...` as a subprocess."""
     return run_command("-m", "pixtral_lora.cli", *args, cwd=cwd, env=env)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTH_CLASSES, one_line_error, run_command
+from conftest import SYNTH_CLASSES, one_line_error, run_command, set_args
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,22 +83,16 @@ def test_train_py_trains_on_a_cached_hub_dataset_offline(hub_home, tiny_model_di
         [
             "train.py",
             "configs/tiny.yaml",
-            "--set",
-            "data.path=hf://owner/scenes",
-            "--set",
-            f"model.name_or_path={tiny_model_dir}",
-            "--set",
-            f"training.output_dir={run_dir}",
-            "--set",
-            "training.max_steps=1",
-            "--set",
-            "training.eval_steps=null",
-            "--set",
-            "data.validation_size=0",
-            "--set",
-            "data.test_size=0.25",
-            "--set",
-            "training.report_to=none",
+            *set_args(
+                "data.path=hf://owner/scenes",
+                f"model.name_or_path={tiny_model_dir}",
+                f"training.output_dir={run_dir}",
+                "training.max_steps=1",
+                "training.eval_steps=null",
+                "data.validation_size=0",
+                "data.test_size=0.25",
+                "training.report_to=none",
+            ),
         ],
         _offline_env(hub_home),
     )
@@ -153,12 +147,11 @@ def test_training_on_unlabelled_rows_is_one_line_naming_the_row(hub_home, tiny_m
         [
             "train.py",
             "configs/tiny.yaml",
-            "--set",
-            "data.path=hf://owner/unlabelled",
-            "--set",
-            f"training.output_dir={tmp_path / 'run'}",
-            "--set",
-            f"model.name_or_path={tiny_model_dir}",
+            *set_args(
+                "data.path=hf://owner/unlabelled",
+                f"training.output_dir={tmp_path / 'run'}",
+                f"model.name_or_path={tiny_model_dir}",
+            ),
         ],
         _offline_env(hub_home),
     )

@@ -9,17 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES, one_line_error, run_command
+from conftest import SYNTH_CLASSES, one_line_error, run_command, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(tmp_path: Path, model: Path, data: Path, *sets: str, config: Path | None = None):
-    args = ["train.py", config or ROOT / "configs" / "tiny.yaml"]
-    for value in (f"model.name_or_path={model}", f"data.path={data}", f"training.output_dir={tmp_path / 'run'}",
-                  *sets):  # fmt: skip
-        args += ["--set", value]
-    return run_command(*args)
+    overrides = set_args(
+        f"model.name_or_path={model}", f"data.path={data}", f"training.output_dir={tmp_path / 'run'}", *sets
+    )
+    return run_command("train.py", config or ROOT / "configs" / "tiny.yaml", *overrides)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES, one_line_error, run_cli
+from conftest import SYNTH_CLASSES, one_line_error, run_cli, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,20 +169,15 @@ def test_a_run_trained_with_relative_paths_works_from_another_directory(tiny_mod
             sys.executable,
             str(ROOT / "train.py"),
             str(ROOT / "configs" / "tiny.yaml"),
-            "--set",
-            "model.name_or_path=artifacts/tiny-pixtral",
-            "--set",
-            "data.path=artifacts/aid",
-            "--set",
-            "training.output_dir=runs/rel",
-            "--set",
-            "training.max_steps=1",
-            "--set",
-            "training.eval_steps=null",
-            "--set",
-            "data.validation_size=0",
-            "--set",
-            "training.report_to=none",
+            *set_args(
+                "model.name_or_path=artifacts/tiny-pixtral",
+                "data.path=artifacts/aid",
+                "training.output_dir=runs/rel",
+                "training.max_steps=1",
+                "training.eval_steps=null",
+                "data.validation_size=0",
+                "training.report_to=none",
+            ),
         ],
         cwd=work,
         capture_output=True,

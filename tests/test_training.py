@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import set_args, tiny_config
 from safetensors.torch import load_file
 
 from pixtral_lora.config import ConfigError
@@ -29,7 +29,7 @@ def _sets(model_dir, data_dir, out, *extra):
         "training.report_to=none",
         *extra,
     ]
-    return [arg for value in values for arg in ("--set", value)]
+    return set_args(*values)
 
 
 def test_run_directory_has_everything_eval_and_export_need(tiny_run):
