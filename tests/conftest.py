@@ -14,9 +14,17 @@ SYNTH_CLASSES = ["Beach", "Desert", "Forest", "Port"]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from pixtral_lora.modeling import build_tiny_model
+    from pixtral_lora.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-pixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral3_dir(tmp_path_factory):
+    """The tiny Mistral3 (Mistral Small 3.2's config shrunk, the real vocabulary as a v11 tekken.json)."""
+    from pixtral_lora.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mistral3", family="mistral3")
 
 
 @pytest.fixture(scope="session")

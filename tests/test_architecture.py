@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pixtral_lora"
 # Bottom to top. A module may import its own layer and the ones below, never one above.
 LAYERS = [
     ["errors"],
-    ["io", "answers", "prompt", "raster", "images", "modeling", "config"],
+    ["families"],
+    ["io", "tiny", "answers", "prompt", "raster", "images", "modeling", "config"],
     ["data", "render"],
     ["run", "rundir"],
     ["evaluation"],

@@ -1,4 +1,6 @@
-"""The token ids we train on equal mistral_common's `encode_chat_completion`, token for token."""
+"""The token ids we train on equal mistral_common's `encode_chat_completion`, token for token, for
+Pixtral-12B's tokenizer (v3, 16-px tokens) and the Mistral3 family's (v7, v11, v13: [SYSTEM_PROMPT]
+control tokens, 28-px tokens)."""
 
 import numpy as np
 import pytest
@@ -50,19 +52,20 @@ def _text(t):
     return {"type": "text", "text": t}
 
 
+# image sizes in image tokens (columns, rows): times 16 px for Pixtral-12B, 28 px for Mistral3
 CASES = {
-    "system_and_image": ([SYSTEM, {"role": "user", "content": [IMG]}], [(64, 64)]),
-    "no_system": ([{"role": "user", "content": [IMG]}], [(64, 64)]),
-    "text_after_image": ([SYSTEM, {"role": "user", "content": [IMG, _text("Which class?")]}], [(48, 80)]),
+    "system_and_image": ([SYSTEM, {"role": "user", "content": [IMG]}], [(4, 4)]),
+    "no_system": ([{"role": "user", "content": [IMG]}], [(4, 4)]),
+    "text_after_image": ([SYSTEM, {"role": "user", "content": [IMG, _text("Which class?")]}], [(3, 5)]),
     "text_before_image": (
         [SYSTEM, {"role": "user", "content": [_text("Which class is this?"), IMG]}],
-        [(80, 48)],
+        [(5, 3)],
     ),
-    "wide_image": ([{"role": "user", "content": [_text("Describe."), IMG]}], [(304, 96)]),
-    "aid_sized_image": ([SYSTEM, {"role": "user", "content": [IMG]}], [(304, 304)]),
+    "wide_image": ([{"role": "user", "content": [_text("Describe."), IMG]}], [(19, 6)]),
+    "aid_sized_image": ([SYSTEM, {"role": "user", "content": [IMG]}], [(19, 19)]),
     "two_images": (
         [SYSTEM, {"role": "user", "content": [IMG, _text("and"), IMG, _text("Same class?")]}],
-        [(32, 64), (64, 32)],
+        [(2, 4), (4, 2)],
     ),
     "multi_turn": (
         [
@@ -71,14 +74,43 @@ CASES = {
             {"role": "assistant", "content": [_text('```json\n{"label": "Port"}\n```')]},
             {"role": "user", "content": [_text("Are you sure?")]},
         ],
-        [(32, 32)],
+        [(2, 2)],
     ),
 }
+TOKENIZERS = ["pixtral-v3", "mistral3-v7", "mistral3-v11", "mistral3-v13"]
+
+
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def pair(request, processor, mistral_tokenizer, tiny_mistral3_dir, tmp_path_factory):
+    """(our processor, mistral_common's tokenizer, pixels per image token) for one tokenizer version.
+
+    Pixtral's and Mistral3-v11's processors are loaded from the tiny checkpoints as training loads
+    them; v7 (Mistral Small 3.1) and v13 (Magistral, Ministral 3) are built from the same vocabulary.
+    """
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from pixtral_lora.families import by_name
+    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.tiny import build_processor, write_tekken
+
+    if request.param == "pixtral-v3":
+        return processor, mistral_tokenizer, 16
+    version = request.param.split("-")[1]
+    if version == "v11":
+        ours, tekken = load_processor(tiny_mistral3_dir), tiny_mistral3_dir / "tekken.json"
+    else:
+        tekken = write_tekken(tmp_path_factory.mktemp(version) / "tekken.json", by_name("mistral3"), version)
+        ours = build_processor("mistral3", tekken)
+    theirs = MistralTokenizer.from_file(str(tekken))
+    assert theirs.instruct_tokenizer.tokenizer.version.value == version
+    return ours, theirs, 28
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_prompt_ids_match_mistral_common(case, processor, mistral_tokenizer):
-    messages, sizes = CASES[case]
+def test_prompt_ids_match_mistral_common(case, pair):
+    processor, mistral_tokenizer, cell = pair
+    messages, cells = CASES[case]
+    sizes = [(columns * cell, rows * cell) for columns, rows in cells]
     images = [_image(w, h, i) for i, (w, h) in enumerate(sizes)]
     renderer = Renderer(processor, image_longest_edge=None)
     ids, image_inputs = renderer.prompt_ids(messages, images)
@@ -89,7 +121,8 @@ def test_prompt_ids_match_mistral_common(case, processor, mistral_tokenizer):
         assert torch.allclose(ours[:, :h, :w], torch.as_tensor(theirs), atol=1e-5)
 
 
-def test_training_sample_is_prompt_plus_answer_and_eos(processor, mistral_tokenizer):
+def test_training_sample_is_prompt_plus_answer_and_eos(pair):
+    processor, mistral_tokenizer, _ = pair
     answer = '```json\n{"label": "DenseResidential"}\n```'
     messages = [SYSTEM, {"role": "user", "content": [IMG]}, {"role": "assistant", "content": [_text(answer)]}]
     image = _image(64, 48, 0)

@@ -1,15 +1,20 @@
 import json
 
+import pytest
 import torch
 
+from pixtral_lora.families import by_name
 from pixtral_lora.modeling import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
     IMAGE_TOKEN_ID,
     load_model,
-    pixtral_12b_config_dict,
+    load_processor,
 )
 from pixtral_lora.render import Renderer
+from pixtral_lora.tiny import reference_config
+
+from conftest import one_line_error, run_cli
 
 SIZE_FIELDS = {
     "hidden_size",
@@ -21,9 +26,16 @@ SIZE_FIELDS = {
 }
 
 
-def test_tiny_config_has_every_pixtral_12b_field(tiny_model_dir):
-    saved = json.loads((tiny_model_dir / "config.json").read_text())
-    real = pixtral_12b_config_dict()
+@pytest.fixture(params=["pixtral", "mistral3"])
+def family_model(request, tiny_model_dir, tiny_mistral3_dir):
+    """(family, tiny checkpoint) for both families."""
+    return by_name(request.param), {"pixtral": tiny_model_dir, "mistral3": tiny_mistral3_dir}[request.param]
+
+
+def test_tiny_config_has_every_field_of_the_real_config(family_model):
+    family, model_dir = family_model
+    saved = json.loads((model_dir / "config.json").read_text())
+    real = reference_config(family)  # Pixtral-12B's, or Mistral Small 3.2's
     for key, value in real.items():
         if key in ("text_config", "vision_config"):
             continue
@@ -37,10 +49,13 @@ def test_tiny_config_has_every_pixtral_12b_field(tiny_model_dir):
             else:
                 assert saved[section][key] == value, (section, key)
     assert saved["text_config"]["vocab_size"] == 131072
-    assert saved["text_config"]["hidden_size"] < 5120  # but small
+    assert saved["text_config"]["hidden_size"] < real["text_config"]["hidden_size"]  # but small
+    assert saved["vision_config"]["patch_size"] == family.patch_size
 
 
-def test_processor_uses_pixtral_12b_tokens(processor):
+def test_processor_uses_the_real_image_tokens_and_cell(family_model):
+    family, model_dir = family_model
+    processor = load_processor(model_dir)
     tokenizer = processor.tokenizer
     assert len(tokenizer) == 131072
     assert [processor.image_token_id, processor.image_break_token_id, processor.image_end_token_id] == [
@@ -49,20 +64,61 @@ def test_processor_uses_pixtral_12b_tokens(processor):
         IMAGE_END_TOKEN_ID,
     ]
     assert tokenizer.convert_ids_to_tokens([1, 2, 3, 4, 11]) == ["<s>", "</s>", "[INST]", "[/INST]", "<pad>"]
+    assert Renderer(processor).image_cell == family.image_cell == {"pixtral": 16, "mistral3": 28}[family.name]
+    if family.name == "mistral3":  # v7+: the system prompt has its own control tokens
+        assert tokenizer.convert_ids_to_tokens([17, 18]) == ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+        assert json.loads((model_dir / "tekken.json").read_text())["config"]["version"] == "v11"
 
 
-def test_tiny_model_runs_forward_and_loss(tiny_model_dir, processor, aid_dir):
+def test_tiny_model_runs_forward_and_loss(family_model, aid_dir):
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import TrainingCollator, render_dataset
 
-    model = load_model(tiny_model_dir, quantization=None, device="cpu")
+    family, model_dir = family_model
+    model = load_model(model_dir, quantization=None, device="cpu")
+    assert type(model).__name__ == family.architecture
     dataset = load_aid_folder(aid_dir).select(range(2))
     conversations = to_conversations(dataset, PromptConfig(), ["Beach", "Desert", "Forest", "Port"])
-    renderer = Renderer(processor, 64)
+    renderer = Renderer(load_processor(model_dir), 64)
     batch = TrainingCollator(renderer)(list(render_dataset(renderer, conversations)))
+    cells = round(64 / family.image_cell)  # 64 px: 4x4 Pixtral tokens, 2x2 Mistral3 tokens
+    image_tokens = int(torch.isin(batch["input_ids"][0], torch.tensor([10, 12, 13])).sum())
+    assert image_tokens == cells * (cells + 1)
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape and out.logits.shape[-1] == 131072
     # an untrained model is near chance: log(131072) = 11.8, plus sigma^2/2 = 1.0 for logits of std 1.4
     assert torch.isfinite(out.loss) and 11.0 < out.loss.item() < 14.0
+
+
+def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones(tiny_model_dir, aid_dir, tmp_path):
+    import shutil
+
+    foreign = tmp_path / "qwen"
+    shutil.copytree(tiny_model_dir, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    config.update(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"])
+    (foreign / "config.json").write_text(json.dumps(config))
+    from conftest import ROOT, run_command, set_args
+
+    result = run_command(
+        ROOT / "train.py",
+        ROOT / "configs" / "tiny.yaml",
+        *set_args(
+            f"model.name_or_path={foreign}", f"data.path={aid_dir}", f"training.output_dir={tmp_path / 'run'}"
+        ),
+    )
+    line = one_line_error(result)
+    assert "qwen2_vl" in line and "Qwen2VLForConditionalGeneration" in line
+    assert "Mistral3ForConditionalGeneration" in line and "LlavaForConditionalGeneration" in line
+
+
+def test_tiny_model_command_builds_each_family(tmp_path):
+    result = run_cli("tiny-model", "--family", "mistral3", "--out", tmp_path / "m3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "m3" / "config.json").read_text())
+    assert (
+        config["architectures"] == ["Mistral3ForConditionalGeneration"] and config["spatial_merge_size"] == 2
+    )
+    assert (tmp_path / "m3" / "tekken.json").is_file()

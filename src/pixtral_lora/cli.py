@@ -13,10 +13,10 @@ logger = logging.getLogger("pixtral_lora")
 
 
 def _tiny_model(args) -> int:
-    from pixtral_lora.modeling import build_tiny_model
+    from pixtral_lora.tiny import build_tiny_model
 
-    out = build_tiny_model(args.out, seed=args.seed)
-    print(f"tiny Pixtral written to {out}")
+    out = build_tiny_model(args.out, seed=args.seed, family=args.family)
+    print(f"tiny {args.family} model written to {out}")
     return 0
 
 
@@ -86,7 +86,8 @@ def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roo
 def _data_preview(args) -> int:
     from pixtral_lora.config import load_config
     from pixtral_lora.data.preview import sample_view
-    from pixtral_lora.modeling import build_processor, load_processor
+    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.tiny import build_processor
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
 
@@ -111,7 +112,7 @@ def _data_preview(args) -> int:
             f"--index {args.index} is out of range: {args.path} has {len(dataset)} samples", file=sys.stderr
         )
         return 2
-    processor = load_processor(args.processor) if args.processor else build_processor()
+    processor = load_processor(args.processor) if args.processor else build_processor(args.family)
     renderer = Renderer(processor, longest_edge, bands=bands)
     view = sample_view(renderer, dataset[args.index])
     if args.save_image:
@@ -377,9 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tiny = commands.add_parser("tiny-model", help="write a random-initialised tiny Pixtral checkpoint")
+    tiny = commands.add_parser(
+        "tiny-model", help="write a random-initialised tiny checkpoint of a model family's real architecture"
+    )
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--family",
+        choices=["pixtral", "mistral3"],
+        default="pixtral",
+        help="pixtral: Pixtral-12B's config (default); mistral3: Mistral Small 3.2's (Ministral 3's family)",
+    )
     tiny.set_defaults(func=_tiny_model)
 
     data = commands.add_parser("data", help="generate, validate, preview and export datasets")
@@ -418,7 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--index", type=cli_number(NonNegativeCount), default=0)
     preview.add_argument("--ids", action="store_true", help="print token ids, labels and loss mask as JSON")
     preview.add_argument(
-        "--processor", help="model path or hub id whose processor to use (default: Pixtral's)"
+        "--processor", help="model path or hub id whose processor to use (default: --family's)"
+    )
+    preview.add_argument(
+        "--family",
+        choices=["pixtral", "mistral3"],
+        default="pixtral",
+        help="without --processor: Pixtral-12B's processor (16-px tokens) or Mistral3's (28-px tokens)",
     )
     preview.add_argument("--config", help="take prompt and image size from this run config")
     preview.add_argument("--classes", help="class names for JSONL/CSV data")

@@ -39,7 +39,7 @@ class ConfigError(UserError):
 Count = Annotated[int, Field(ge=1)]
 NonNegativeCount = Annotated[int, Field(ge=0)]
 Pixels = Annotated[int, Field(ge=16, le=100_000)]  # a tile, a stride, an image edge
-ImageEdge = Annotated[int, Field(ge=16, le=1024)]  # what Pixtral is given (its max is 1024)
+ImageEdge = Annotated[int, Field(ge=16, le=1540)]  # Mistral3's max; the model's own max is checked on load
 BatchSize = Annotated[int, Field(ge=1, le=1024)]  # past this, memory runs out before it helps
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]

@@ -19,8 +19,8 @@ from PIL import Image, ImageOps
 
 from pixtral_lora.errors import UserError
 
-PATCH_SIZE = 16
-# Pixtral's vision encoder sees at most 1024x1024; anything bigger than this many pixels is not a
+PATCH_SIZE = 16  # Pixtral-12B's pixels per image token (a family's own: `families.Family.image_cell`)
+# Pixtral's vision encoder sees at most 1024x1024 (Mistral3's 1540x1540); anything bigger than this many pixels is not a
 # photo we want to decode (PIL's own default bomb limit is ~89 Mpx and only warns below 2x that).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 # Largest image file (or data-URI payload) read at all: checked on disk before reading, so a reference
@@ -150,34 +150,45 @@ def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, b
     return _to_rgb(image)
 
 
-def patch_aligned_size(width: int, height: int, longest_edge: int | None) -> tuple[int, int]:
-    """Target (width, height): scaled so the longest side is `longest_edge`, both sides multiples of 16.
+def patch_aligned_size(
+    width: int, height: int, longest_edge: int | None, cell: int = PATCH_SIZE
+) -> tuple[int, int]:
+    """Target (width, height): scaled so the longest side is `longest_edge`, both sides multiples of
+    `cell`, the pixels one image token covers (16 for Pixtral-12B; 28 for Mistral3: 14-px patches
+    merged 2x2).
 
-    The HF Pixtral processor and mistral_common round non-multiples of the patch size differently
-    (ceil vs. their own resize), so images are made patch-aligned before either sees them; then both
+    The HF Pixtral processor and mistral_common round non-multiples of the cell differently (ceil vs.
+    their own resize), so images are made cell-aligned before either sees them; then both (and vLLM)
     produce identical image tokens.
     """
     if longest_edge is not None:
         scale = longest_edge / max(width, height)
         width, height = width * scale, height * scale
     return (
-        max(PATCH_SIZE, int(round(width / PATCH_SIZE)) * PATCH_SIZE),
-        max(PATCH_SIZE, int(round(height / PATCH_SIZE)) * PATCH_SIZE),
+        max(cell, int(round(width / cell)) * cell),
+        max(cell, int(round(height / cell)) * cell),
     )
 
 
-def prepare_image(image: Image.Image, longest_edge: int | None) -> Image.Image:
-    """Resize to patch-aligned sides (see `patch_aligned_size`); a no-op when already aligned."""
-    target = patch_aligned_size(image.width, image.height, longest_edge)
+def prepare_image(image: Image.Image, longest_edge: int | None, cell: int = PATCH_SIZE) -> Image.Image:
+    """Resize to cell-aligned sides (see `patch_aligned_size`); a no-op when already aligned."""
+    target = patch_aligned_size(image.width, image.height, longest_edge, cell)
     if target == image.size:
         return image
     return image.resize(target, Image.Resampling.BICUBIC)
 
 
-def image_token_count(width: int, height: int) -> int:
-    """Tokens Pixtral spends on a patch-aligned image: one per patch, one break per row (last is [IMG_END])."""
-    columns, rows = math.ceil(width / PATCH_SIZE), math.ceil(height / PATCH_SIZE)
+def image_token_count(width: int, height: int, cell: int = PATCH_SIZE) -> int:
+    """Tokens an aligned image costs: one per cell, one [IMG_BREAK] per row (the last is [IMG_END])."""
+    columns, rows = math.ceil(width / cell), math.ceil(height / cell)
     return rows * (columns + 1)
+
+
+def processor_cell(processor) -> int:
+    """Pixels per image token of a Pixtral-style processor (patch size times spatial merge)."""
+    patch = processor.patch_size
+    patch = patch["height"] if isinstance(patch, dict) else patch
+    return int(patch) * int(getattr(processor, "spatial_merge_size", 1) or 1)
 
 
 def encode_data_uri(image: Image.Image, fmt: str = "JPEG") -> str:

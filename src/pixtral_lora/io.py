@@ -37,6 +37,7 @@ PROCESSOR_FILES = (
     "preprocessor_config.json",
     "chat_template.jinja",
     "chat_template.json",
+    "tekken.json",  # a Mistral3 checkpoint's own tokenizer file (its version decides the template)
 )
 MISTRAL_EXPORT_FILES = (
     "consolidated.safetensors",

@@ -1,4 +1,4 @@
-"""The one place models and processors are loaded, and the tiny Pixtral used on CPU.
+"""The one place models and processors are loaded (the tiny models are built in `tiny`).
 
 `load_model` and `load_processor` take a hub id (`mistral-community/pixtral-12b`) or a local
 checkpoint directory, so swapping the tiny model for the real one is a config change.
@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,197 +22,79 @@ logger = logging.getLogger(__name__)
 PIXTRAL_12B = "mistral-community/pixtral-12b"
 TEKKEN_FILE = "tekken_240911.json"  # Pixtral-12B's tokenizer, shipped inside mistral_common
 
-# Pixtral-12B's token ids for the image markers; the real config and the tiny one share them.
+# Pixtral-12B's token ids for the image markers; every Mistral vision checkpoint shares them.
 IMAGE_TOKEN_ID = 10
 IMAGE_BREAK_TOKEN_ID = 12
 IMAGE_END_TOKEN_ID = 13
 
 
-def tekken_path() -> Path:
-    """Path of Pixtral-12B's tekken tokenizer file in mistral_common's package data."""
+def packaged_tekken(name: str = TEKKEN_FILE) -> Path:
+    """Path of a tekken tokenizer file in mistral_common's package data."""
     import mistral_common
 
-    path = Path(mistral_common.__file__).parent / "data" / TEKKEN_FILE
+    path = Path(mistral_common.__file__).parent / "data" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: mistral-common is installed without its tokenizer data")
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def chat_template() -> str:
-    """The chat template mistral_common generates for Pixtral's tekken tokenizer.
+def tekken_path() -> Path:
+    """Path of Pixtral-12B's tekken tokenizer file in mistral_common's package data."""
+    return packaged_tekken(TEKKEN_FILE)
+
+
+def checkpoint_tekken(model_name_or_path: str | os.PathLike) -> Path | None:
+    """The tekken.json that defines a checkpoint's tokenizer: its own file (local, or in the HF cache),
+    else its family's file from mistral_common (Pixtral-12B's hub repo ships none); None when neither.
+    """
+    path = Path(model_name_or_path)
+    if path.is_dir():
+        if (path / "tekken.json").is_file():
+            return path / "tekken.json"
+        if not (path / "config.json").is_file():
+            return None  # an adapter or processor folder: its saved template is the one it trained with
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(model_name_or_path), "tekken.json")
+        if isinstance(cached, str):
+            return Path(cached)
+    from pixtral_lora.families import family_of
+
+    family = family_of(model_name_or_path)
+    return packaged_tekken(family.packaged_tekken) if family.packaged_tekken else None
+
+
+@functools.lru_cache(maxsize=8)
+def chat_template(tekken: str | None = None) -> str:
+    """The chat template mistral_common generates for a tekken tokenizer file (default: Pixtral-12B's).
 
     The template shipped with `mistral-community/pixtral-12b` drops the system prompt whenever an
     assistant turn follows, which would silently remove the class list from every training sample;
-    this one renders exactly what `mistral_common.encode_chat_completion` encodes.
+    this one renders exactly what `mistral_common.encode_chat_completion` encodes for the file's
+    tokenizer version ([SYSTEM_PROMPT] tokens from v7 on).
     """
     from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
 
-    return convert_tokenizer_to_chat_template(str(tekken_path()))
+    return convert_tokenizer_to_chat_template(tekken or str(tekken_path()))
 
 
 # --max-lora-rank values vLLM accepts (export's vllm_serve.sh and eval --backend vllm pick from these)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-@dataclass(frozen=True)
-class TinyPixtralSizes:
-    """Widths and depths of the tiny model; everything else is Pixtral-12B's config.
-
-    Head sizes are 32 in both towers: the smallest vLLM's CPU attention kernels take (32, 64, 80, 96,
-    112, 128, ...), so the serve check can run the tiny model through vLLM's own engine.
-    """
-
-    text_hidden_size: int = 64
-    text_intermediate_size: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_head_dim: int = 32
-    vision_hidden_size: int = 64
-    vision_intermediate_size: int = 128
-    vision_layers: int = 2
-    vision_heads: int = 2
-
-
-def pixtral_12b_config_dict() -> dict:
-    """`config.json` of `mistral-community/pixtral-12b` (the fields that define the architecture)."""
-    return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "image_token_index": IMAGE_TOKEN_ID,
-        "image_seq_length": 1,
-        "ignore_index": -100,
-        "projector_hidden_act": "gelu",
-        "multimodal_projector_bias": True,
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full",
-        "tie_word_embeddings": False,
-        "text_config": {
-            "model_type": "mistral",
-            "hidden_act": "silu",
-            "hidden_size": 5120,
-            "head_dim": 128,
-            "intermediate_size": 14336,
-            "max_position_embeddings": 1024000,
-            "num_attention_heads": 32,
-            "num_hidden_layers": 40,
-            "num_key_value_heads": 8,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 1000000000.0,
-            "sliding_window": None,
-            "vocab_size": 131072,
-            "tie_word_embeddings": False,
-        },
-        "vision_config": {
-            "model_type": "pixtral",
-            "hidden_act": "silu",
-            "hidden_size": 1024,
-            "head_dim": 64,
-            "intermediate_size": 4096,
-            "num_attention_heads": 16,
-            "num_hidden_layers": 24,
-            "num_channels": 3,
-            "image_size": 1024,
-            "patch_size": 16,
-            "rope_theta": 10000.0,
-        },
-    }
-
-
-def pixtral_config(sizes: TinyPixtralSizes | None = None):
-    """A `LlavaConfig` with Pixtral-12B's fields; with `sizes`, shrunk to tiny widths and depths."""
-    from transformers import LlavaConfig
-
-    config = pixtral_12b_config_dict()
-    if sizes is not None:
-        config["text_config"].update(
-            hidden_size=sizes.text_hidden_size,
-            intermediate_size=sizes.text_intermediate_size,
-            num_hidden_layers=sizes.text_layers,
-            num_attention_heads=sizes.text_heads,
-            num_key_value_heads=sizes.text_kv_heads,
-            head_dim=sizes.text_head_dim,
-        )
-        config["vision_config"].update(
-            hidden_size=sizes.vision_hidden_size,
-            intermediate_size=sizes.vision_intermediate_size,
-            num_hidden_layers=sizes.vision_layers,
-            num_attention_heads=sizes.vision_heads,
-            head_dim=sizes.vision_hidden_size // sizes.vision_heads,
-        )
-    return LlavaConfig(
-        **{k: v for k, v in config.items() if k != "architectures"}, architectures=config["architectures"]
-    )
-
-
-def build_processor():
-    """A `PixtralProcessor` whose tokenizer is converted from Pixtral-12B's own tekken file."""
-    from transformers import PixtralImageProcessor, PixtralProcessor
-    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
-
-    template = chat_template()
-    tokenizer = convert_tekken_tokenizer(str(tekken_path()), chat_template=template)
-    image_processor = PixtralImageProcessor(
-        size={"longest_edge": 1024}, patch_size={"height": 16, "width": 16}
-    )
-    return PixtralProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=16,
-        spatial_merge_size=1,
-        chat_template=template,
-    )
-
-
-def build_tiny_model(out: str | Path, sizes: TinyPixtralSizes | None = None, seed: int = 0) -> Path:
-    """Write a random-initialised tiny Pixtral (config, safetensors, processor) as an HF checkpoint."""
-    from transformers import LlavaForConditionalGeneration
-
-    from pixtral_lora.io import HF_CHECKPOINT_FILES, atomic_directory
-
-    out = Path(out)
-    torch.manual_seed(seed)
-    config = pixtral_config(sizes or TinyPixtralSizes())
-    model = LlavaForConditionalGeneration(config)
-    _match_logit_range(model, config)
-    processor = build_processor()
-    with atomic_directory(out, HF_CHECKPOINT_FILES) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        (tmp / "tiny_pixtral.json").write_text(
-            json.dumps({"seed": seed, "sizes": vars(sizes or TinyPixtralSizes())})
-        )
-    logger.info("tiny Pixtral written to %s", out)
-    return out
-
-
-def _match_logit_range(model, config) -> None:
-    """Give the tiny LM head the logit range of the 12B shape at the same init scale.
-
-    With hidden size 64 and std 0.02 the largest logit any hidden state can produce is ~1.3 against
-    131k near-equal competitors: the tiny model could never put more than ~1e-4 probability on a token
-    (loss stuck near 10.5, flat likelihoods for scoring). The 12B model's random logits have a std of
-    0.02 * sqrt(5120) = 1.4; scaling the tiny head's std by sqrt(5120 / hidden) gives it the same.
-    """
-    text = config.text_config
-    std = (
-        text.initializer_range
-        * (pixtral_12b_config_dict()["text_config"]["hidden_size"] / text.hidden_size) ** 0.5
-    )
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, std)
-
-
 def load_processor(model_name_or_path: str | os.PathLike):
-    """Load the processor of a checkpoint, always with the mistral_common-equivalent chat template."""
+    """Load the processor of a checkpoint with the chat template mistral_common generates for its own
+    tekken tokenizer (see `chat_template`); a folder without one (an adapter) keeps its saved template.
+    """
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_name_or_path))
-    # The hub checkpoint's own template drops the system prompt in training samples (see chat_template).
-    template = chat_template()
-    processor.chat_template = template
-    processor.tokenizer.chat_template = template
+    tekken = checkpoint_tekken(model_name_or_path)
+    if tekken is not None:
+        template = chat_template(str(tekken))
+        processor.chat_template = template
+        processor.tokenizer.chat_template = template
     return processor
 
 
@@ -354,13 +235,16 @@ def load_model(
     device: str | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """Load a `LlavaForConditionalGeneration` (Pixtral) from safetensors only.
+    """Load a supported Mistral vision model (see `families`) from safetensors only.
 
     quantization: None, or "4bit" for bitsandbytes NF4 with double quantisation (QLoRA).
     dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16" or "float32".
     """
-    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    from pixtral_lora.families import family_of
+
+    family_of(model_name_or_path)  # an unsupported architecture is one line, before any weight loads
     device = device or best_device()
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {
@@ -383,7 +267,7 @@ def load_model(
     if quantization or device.startswith("cuda"):
         # Straight onto the device (the current one: each data-parallel process has its own GPU).
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_name_or_path), **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_name_or_path), **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
     return model

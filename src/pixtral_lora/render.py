@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from pixtral_lora.data.loaders import image_source
 from pixtral_lora.errors import UserError
-from pixtral_lora.images import image_token_count, load_image, prepare_image
+from pixtral_lora.images import image_token_count, load_image, prepare_image, processor_cell
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ class Renderer:
         self.bands = bands  # geo.BandOptions for multi-band rasters, or None
         self.tokenizer = processor.tokenizer
         self.image_longest_edge = image_longest_edge
+        self.image_cell = processor_cell(processor)  # 16 px (Pixtral-12B) or 28 px (Mistral3)
+        largest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
+        if image_longest_edge is not None and largest and image_longest_edge > largest:
+            raise RenderError(
+                f"data.image_longest_edge is {image_longest_edge} but this model's vision encoder takes "
+                f"at most {largest} px (its processor would shrink every image behind the token count)"
+            )
         self.max_length = max_length
         self.pad_token_id = self.tokenizer.pad_token_id
         self.image_marker_ids = {
@@ -60,9 +67,11 @@ class Renderer:
 
     # -- images --------------------------------------------------------------------------------------
     def load_images(self, refs: list[dict]) -> list:
-        """Decode, check and patch-align the images of one row."""
+        """Decode, check and cell-align the images of one row."""
         return [
-            prepare_image(load_image(image_source(ref), bands=self.bands), self.image_longest_edge)
+            prepare_image(
+                load_image(image_source(ref), bands=self.bands), self.image_longest_edge, self.image_cell
+            )
             for ref in refs
         ]
 
@@ -158,7 +167,10 @@ class TrainingCollator:
             pixel_inputs = self.renderer.processor.image_processor(images, return_tensors="pt")
             batch["pixel_values"] = pixel_inputs["pixel_values"]
             batch["image_sizes"] = pixel_inputs["image_sizes"]
-            expected = sum(image_token_count(w, h) for h, w in pixel_inputs["image_sizes"].tolist())
+            expected = sum(
+                image_token_count(w, h, self.renderer.image_cell)
+                for h, w in pixel_inputs["image_sizes"].tolist()
+            )
             markers = torch.tensor(sorted(self.renderer.image_marker_ids))
             found = int(torch.isin(batch["input_ids"], markers).sum())
             if expected != found:

@@ -21,6 +21,7 @@ import torch
 from pixtral_lora.config import Config, dump_config
 from pixtral_lora.data.loaders import check_data_path
 from pixtral_lora.errors import RunDirError
+from pixtral_lora.families import family_of
 from pixtral_lora.io import atomic_file, check_writable, run_lock
 from pixtral_lora.modeling import check_model_source, checkpoint_fingerprint
 
@@ -165,6 +166,12 @@ def is_main_process() -> bool:
 def preflight(config: Config, resume: str = "auto") -> None:
     """Every check that needs no data loading, before anything is created: one-line errors."""
     check_model_source(config.model.name_or_path, "model.name_or_path")
+    family = family_of(config.model.name_or_path)  # an unsupported architecture: one line, now
+    if config.data.image_longest_edge and config.data.image_longest_edge > family.max_image_size:
+        raise RunDirError(
+            f"data.image_longest_edge is {config.data.image_longest_edge} but {family.models} take at most "
+            f"{family.max_image_size} px"
+        )
     check_data_path(config.data.path, "data.path")
     if config.data.test_path:
         check_data_path(config.data.test_path, "data.test_path")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from pixtral_lora.config import Config, best_metric, dump_config, with_absolute_
 from pixtral_lora.data.loaders import as_conversations
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
+from pixtral_lora.families import Family, family_of
 from pixtral_lora.io import ADAPTER_FILES, atomic_directory, atomic_file, write_json
 from pixtral_lora.modeling import best_device, load_model, load_processor
 from pixtral_lora.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
@@ -47,24 +49,27 @@ VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # Model
 
 
-def lora_target_regex(config: Config) -> str:
-    """PEFT target_modules regex: language model projections, plus vision tower/projector when asked."""
+def lora_target_regex(config: Config, family: Family) -> str:
+    """PEFT target_modules regex: language model projections, plus vision tower/projector when asked
+    (the projector is the family's connector: Mistral3's includes its patch merger)."""
     parts = [rf".*language_model.*\.({'|'.join(config.lora.target_modules)})"]
     if config.lora.train_vision_tower:
         parts.append(rf".*vision_tower.*\.({'|'.join(VISION_TARGETS)})")
     if config.lora.train_projector:
-        parts.append(r".*multi_modal_projector\.(linear_1|linear_2)")
+        connector = "|".join(re.escape(name) for name in family.connector_lora_modules)
+        parts.append(rf".*multi_modal_projector\.({connector})")
     return "^(" + "|".join(parts) + ")$"
 
 
-def peft_config(config: Config):
+def peft_config(config: Config, family: Family | None = None):
     from peft import LoraConfig
 
+    family = family or family_of(config.model.name_or_path)
     return LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
-        target_modules=lora_target_regex(config),
+        target_modules=lora_target_regex(config, family),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -1,0 +1,37 @@
+"""One model family's facts, as a frozen dataclass (the families are in `pixtral` and `mistral3`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's facts: everything the pipeline does differently for it."""
+
+    name: str  # "pixtral" | "mistral3": what `tiny-model --family` takes
+    models: str  # the released checkpoints, for messages and the README
+    model_type: str  # config.json `model_type`
+    architecture: str  # transformers class (loaded through AutoModelForImageTextToText)
+    patch_size: int  # vision encoder patch, pixels
+    spatial_merge_size: int  # patches merged per side into one image token
+    max_image_size: int  # longest edge the vision encoder takes, pixels
+    # tekken.json inside mistral_common's package data used when the checkpoint ships none
+    # (mistral-community/pixtral-12b does not); None: the checkpoint's own tekken.json is required
+    packaged_tekken: str | None
+    # Connector linears under `multi_modal_projector` that LoRA may target (lora.train_projector)
+    connector_lora_modules: tuple[str, ...]
+    # HF (current layout) -> Mistral native names of the connector, regex -> replacement
+    connector_native_keys: tuple[tuple[str, str], ...]
+    # params.json `vision_encoder` fields fixed by the family (the rest come from config.json)
+    native_vision_params: dict = field(default_factory=dict)
+
+    @property
+    def image_cell(self) -> int:
+        """Pixels per image token along each side (patch size times spatial merge)."""
+        return self.patch_size * self.spatial_merge_size
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Tokens an image of cell-aligned size costs: one per cell, one [IMG_BREAK]/[IMG_END] per row."""
+        columns, rows = -(-width // self.image_cell), -(-height // self.image_cell)
+        return rows * (columns + 1)
