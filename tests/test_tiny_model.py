@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import one_line_error, run_cli
 
 from pixtral_lora.families import by_name
 from pixtral_lora.modeling import (
@@ -13,8 +14,6 @@ from pixtral_lora.modeling import (
 )
 from pixtral_lora.render import Renderer
 from pixtral_lora.tiny import reference_config
-
-from conftest import one_line_error, run_cli
 
 SIZE_FIELDS = {
     "hidden_size",

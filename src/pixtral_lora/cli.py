@@ -87,9 +87,9 @@ def _data_preview(args) -> int:
     from pixtral_lora.config import load_config
     from pixtral_lora.data.preview import sample_view
     from pixtral_lora.modeling import load_processor
-    from pixtral_lora.tiny import build_processor
     from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
+    from pixtral_lora.tiny import build_processor
 
     if args.save_image:  # before any work: never over a file an earlier preview did not write
         from pixtral_lora.io import check_replaceable_file, is_our_png

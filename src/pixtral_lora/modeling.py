@@ -159,7 +159,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     A tampered rank, a truncated safetensors file or invalid JSON is a `ModelSourceError` naming the
     file: PEFT would otherwise load the tensors under the wrong scale, or fail with a traceback.
     """
-    import json
 
     from safetensors import safe_open
 
