@@ -92,6 +92,29 @@ def tiny_run(tiny_model_dir, learn_data_dir, tmp_path_factory):
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def tiny_mistral3_run(tiny_mistral3_dir, aid_dir, tmp_path_factory):
+    """configs/tiny.yaml trained on the tiny Mistral3 through `train.py`, as a user runs it."""
+    run = tmp_path_factory.mktemp("runs") / "tiny-mistral3"
+    result = run_command(
+        ROOT / "train.py",
+        ROOT / "configs" / "tiny.yaml",
+        *set_args(
+            f"model.name_or_path={tiny_mistral3_dir}",
+            f"data.path={aid_dir}",
+            f"training.output_dir={run}",
+            "training.report_to=none",
+            "training.num_train_epochs=3",
+            "training.eval_steps=3",
+            "training.save_steps=3",
+            "data.test_size=0.3",
+            "data.validation_size=0.2",
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
 def run_command(*args, cwd=None, env=None, timeout: int = 900):
     """`python ARGS...` from the repository root (or `cwd`), as a user runs it: a subprocess."""
     import subprocess

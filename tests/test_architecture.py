@@ -16,7 +16,7 @@ LAYERS = [
     ["data", "render"],
     ["run", "rundir"],
     ["evaluation"],
-    ["live_eval", "training", "inference", "export"],
+    ["live_eval", "training", "inference", "export", "serve_adapter"],
     ["cli"],
 ]
 

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pixtral_lora.errors import UserError
+from pixtral_lora.families import Family, UnknownFamilyError, family_from_config
+from pixtral_lora.families.pixtral import PIXTRAL
 from pixtral_lora.io import (
-    ADAPTER_FILES,
     HF_CHECKPOINT_FILES,
     MISTRAL_EXPORT_FILES,
     atomic_directory,
@@ -42,12 +42,11 @@ from pixtral_lora.io import (
 from pixtral_lora.modeling import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
-    VLLM_LORA_RANKS,
     ModelSourceError,
     check_model_source,
     checkpoint_fingerprint,
+    checkpoint_tekken,
     read_adapter_config,
-    tekken_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,10 +100,14 @@ _HF_TO_NATIVE = [
         r"model\.vision_tower\.transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.weight",
         r"vision_encoder.transformer.layers.\1.\2.weight",
     ),
-    (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
-    (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
-]
-_HF_TO_NATIVE_COMPILED = [(re.compile(f"^{pattern}$"), target) for pattern, target in _HF_TO_NATIVE]
+]  # the connector (projector, Mistral3's norm and patch merger) comes from the family
+
+
+def _native_table(family: Family) -> list[tuple[re.Pattern, str]]:
+    return [
+        (re.compile(f"^{pattern}$"), target)
+        for pattern, target in (*_HF_TO_NATIVE, *family.connector_native_keys)
+    ]
 
 
 def current_hf_name(name: str) -> str:
@@ -115,15 +118,13 @@ def current_hf_name(name: str) -> str:
     return name
 
 
-def native_name(hf_name: str) -> str:
-    """Mistral native key of an HF Pixtral key (either layout); unknown keys are an error."""
+def native_name(hf_name: str, family: Family = PIXTRAL) -> str:
+    """Mistral native key of an HF key of `family` (either layout); unknown keys are an error."""
     name = current_hf_name(hf_name)
-    for pattern, target in _HF_TO_NATIVE_COMPILED:
+    for pattern, target in _native_table(family):
         if pattern.match(name):
             return pattern.sub(target, name)
-    raise ExportError(
-        f"no native name for HF weight {hf_name!r}: not a Pixtral (Llava + Mistral) checkpoint?"
-    )
+    raise ExportError(f"no native name for HF weight {hf_name!r}: not a {family.models} checkpoint?")
 
 
 def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -260,8 +261,8 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
 # params.json
 
 
-def params_json(config: dict) -> dict:
-    """Mistral's params.json for a Pixtral HF config (text fields + the vision_encoder block)."""
+def params_json(config: dict, family: Family = PIXTRAL) -> dict:
+    """Mistral's params.json for an HF config of `family` (text fields + the vision_encoder block)."""
     text, vision = config["text_config"], config["vision_config"]
     rope_text = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta"))
     rope_vision = (vision.get("rope_parameters") or {}).get("rope_theta", vision.get("rope_theta"))
@@ -292,13 +293,33 @@ def params_json(config: dict) -> dict:
             "adapter_bias": config.get("multimodal_projector_bias", True),
         },
     }
+    if family.spatial_merge_size > 1:  # Mistral3: norm, patch merger, bias-free projector
+        params["vision_encoder"]["spatial_merge_size"] = config.get(
+            "spatial_merge_size", family.spatial_merge_size
+        )
+        params["vision_encoder"].update(family.native_vision_params)
     if text.get("sliding_window"):
         params["sliding_window"] = text["sliding_window"]
     return params
 
 
+def _check_native_text_model(config: dict, checkpoint: Path) -> None:
+    """Refuse language models whose native form no reference here can load (Ministral 3's YaRN rope and
+    llama-4 attention scaling: mistral_inference 1.6 has neither, so such an export could not be proved)."""
+    text = config["text_config"]
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if text.get("model_type") not in ("mistral", None) or kind != "default":
+        raise ExportError(
+            f"{checkpoint}: a {text.get('model_type')} language model with {kind} rope has no proved native "
+            "export yet (mistral_inference 1.6 lacks YaRN and llama-4 attention scaling); use --format hf, "
+            "which vLLM serves as a transformers checkpoint"
+        )
+
+
 def _check_tokenizer(checkpoint: Path, tekken: Path) -> None:
-    """The HF tokenizer of the checkpoint must be Pixtral's tekken: same ids for a probe text."""
+    """The HF tokenizer of the checkpoint must be the tekken file shipped with the export: same ids for a
+    probe text."""
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
     from transformers import AutoTokenizer
 
@@ -309,7 +330,7 @@ def _check_tokenizer(checkpoint: Path, tekken: Path) -> None:
     theirs = Tekkenizer.from_file(str(tekken)).encode(probe, bos=False, eos=False)
     if ours != theirs:
         raise ExportError(
-            f"{checkpoint}: its tokenizer differs from Pixtral's tekken tokenizer; give --tekken"
+            f"{checkpoint}: its tokenizer differs from {tekken}; give the checkpoint's own tekken.json as --tekken"
         )
 
 
@@ -384,17 +405,20 @@ def export_mistral(
     config = json.loads((checkpoint / "config.json").read_text())
     if config.get("quantization_config"):
         raise ExportError(f"{checkpoint}: quantized checkpoint; export from the bf16/fp32 base")
+    try:
+        family = family_from_config(config, str(checkpoint / "config.json"))
+    except UnknownFamilyError as err:
+        raise ExportError(str(err)) from None
+    _check_native_text_model(config, checkpoint)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     if adapter:
         check_adapter(checkpoint, model, adapter, force)
     deltas = LoraDeltas(adapter) if adapter else None
-    tekken_source = (
-        Path(tekken)
-        if tekken
-        else checkpoint / "tekken.json"
-        if (checkpoint / "tekken.json").is_file()
-        else tekken_path()
-    )
+    tekken_source = Path(tekken) if tekken else checkpoint_tekken(checkpoint)
+    if tekken_source is None:
+        raise ExportError(
+            f"{checkpoint}: no tekken.json; a {family.models} checkpoint ships one: give it as --tekken"
+        )
     _check_tokenizer(checkpoint, tekken_source)
 
     # Plan: every output tensor's name, source and shape, from the safetensors headers alone.
@@ -402,8 +426,12 @@ def export_mistral(
     for file in _weight_files(checkpoint):
         with safe_open(file, framework="pt") as handle:
             plan += [
-                (native_name(key), file, key, handle.get_slice(key).get_shape()) for key in handle.keys()
+                (native_name(key, family), file, key, handle.get_slice(key).get_shape())
+                for key in handle.keys()
             ]
+    if "output.weight" not in {entry[0] for entry in plan}:
+        # tied embeddings (Ministral-3-3B): the native format has its own output matrix, the same values
+        plan += [("output.weight", *entry[1:]) for entry in plan if entry[0] == "tok_embeddings.weight"]
     plan.sort()
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shards: list[list[tuple[str, Path, str, list[int]]]] = [[]]
@@ -458,7 +486,7 @@ def export_mistral(
                 tmp / "consolidated.safetensors.index.json",
                 {"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
             )
-        write_json(tmp / "params.json", params_json(config))
+        write_json(tmp / "params.json", params_json(config, family))
         shutil.copyfile(tekken_source, tmp / "tekken.json")
     logger.info("Mistral-format checkpoint written to %s", out)
     return Path(out)
@@ -493,98 +521,3 @@ def export_hf(
         base.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return Path(out)
-
-
-# What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
-# as LoRA: PEFT keys in transformers' current layout, mapped by its `hf_to_vllm_mapper`
-# (model.language_model. -> language_model.model., model.multi_modal_projector. ->
-# vision_language_adapter., .linear_1./.linear_2. -> .w_in./.w_out., the vision tower to its vision
-# encoder), q/k/v and gate/up packed into its qkv_proj/gate_up_proj. Text q/k LoRA stays in HF's rotary
-# row order: vLLM permutes Mistral-format wq/wk into that order when it loads them. Its vision encoder
-# keeps Mistral's interleaved rotary rows, so vision q/k lora_B rows are written in that order.
-_VLLM_LORA_KEY = re.compile(
-    r"base_model\.model\.("
-    r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-    r"|model\.multi_modal_projector\.linear_[12]"
-    r"|model\.vision_tower\.transformer\.layers\.\d+\.(attention\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)"
-    r")\.lora_[AB]\.weight"
-)
-_VISION_ROTARY_B = re.compile(r".*\.vision_tower\..*\.attention\.[qk]_proj\.lora_B\.weight")
-SERVE_COMMAND_FILE = "vllm_serve.sh"
-
-
-def _vision_heads(adapter: Path, model: str | None) -> int:
-    """The vision tower's attention heads, from the base's config.json (`model`, else the base the
-    adapter recorded)."""
-    if model is None:
-        recorded = adapter / "base_model.json"
-        model = (
-            json.loads(recorded.read_text(encoding="utf-8"))["name_or_path"] if recorded.is_file() else None
-        )
-    if model is None:
-        raise ExportError(
-            f"{adapter}: vision-tower LoRA needs --model (the base) to know its attention heads"
-        )
-    config = json.loads((resolve_checkpoint(model) / "config.json").read_text(encoding="utf-8"))
-    return config["vision_config"]["num_attention_heads"]
-
-
-def serve_command(adapter_dir: Path, rank: int, touches_tower: bool, name: str = "adapter") -> str:
-    """The `vllm serve` command that applies all of this adapter (the base: a Mistral-format export)."""
-    allowed = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
-    if allowed is None:
-        raise ExportError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
-    flags = [
-        "vllm serve BASE_MISTRAL_DIR --tokenizer-mode mistral --config-format mistral --load-format mistral",
-        "--enable-lora",
-        *(["--enable-tower-connector-lora"] if touches_tower else []),
-        f"--max-lora-rank {allowed}",
-        f"--lora-modules {name}={adapter_dir.resolve()}",
-    ]
-    return " \\\n    ".join(flags)
-
-
-def export_adapter_only(
-    adapter: str | Path, out: str | Path, overwrite: bool = False, model: str | None = None
-) -> Path:
-    """The adapter as vLLM's LoRA serving of the Mistral-format base loads it (`--enable-lora`), with
-    the exact serve command it needs beside it (`vllm_serve.sh`).
-
-    Keys are normalised to transformers' current layout (what vLLM's weight mapper expects); the
-    language model's projections, the projector and the vision tower are kept, the vision q/k
-    lora_B rows in Mistral's interleaved rotary order (`model` or the recorded base gives the heads).
-    """
-    adapter = Path(adapter)
-    LoraDeltas(adapter)  # the adapter's own checks (LoRA, no DoRA/patterns, key shapes)
-    tensors = {}
-    vision_heads = None
-    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
-        for key in handle.keys():
-            module, factor = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB]\.weight)", key).groups()
-            normalised = (
-                f"base_model.model.{current_hf_name(module + '.weight').removesuffix('.weight')}.{factor}"
-            )
-            if not _VLLM_LORA_KEY.fullmatch(normalised):
-                raise ExportError(
-                    f"{adapter}: LoRA on {module}, which vLLM does not serve as LoRA on Pixtral"
-                )
-            tensor = handle.get_tensor(key)
-            if _VISION_ROTARY_B.fullmatch(normalised):
-                vision_heads = vision_heads or _vision_heads(adapter, model)
-                tensor = unpermute_rotary(tensor, vision_heads)
-            tensors[normalised] = tensor
-    config = read_adapter_config(adapter)
-    config["target_modules"] = sorted({re.search(r"\.(\w+)\.lora_", k).group(1) for k in tensors})
-    touches_tower = any(".multi_modal_projector." in k or ".vision_tower." in k for k in tensors)
-    out = Path(out)
-    with atomic_directory(out, ADAPTER_FILES, overwrite) as tmp:
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", config)
-        (tmp / SERVE_COMMAND_FILE).write_text(
-            "#!/bin/sh\n# vLLM applies all of this adapter only with these flags (the projector and vision\n"
-            "# tower need --enable-tower-connector-lora); BASE_MISTRAL_DIR: the base converted by\n"
-            "# convert_to_mistral.py without --adapter.\n"
-            + serve_command(out, config["r"], touches_tower)
-            + "\n"
-        )
-    return out

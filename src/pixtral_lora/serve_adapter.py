@@ -1,0 +1,113 @@
+"""The LoRA adapter as vLLM serves it on a Mistral-format base (`--enable-lora`), with its serve command.
+
+`convert_to_mistral.py --adapter-only` calls `export_adapter_only`: keys normalised to the layout vLLM's
+weight mapper expects, vision q/k rows in Mistral's rotary order, and `vllm_serve.sh` beside it with the
+flags that make vLLM apply all of the adapter. What vLLM would load and silently drop is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pixtral_lora.export import ExportError, LoraDeltas, current_hf_name, resolve_checkpoint, unpermute_rotary
+from pixtral_lora.io import ADAPTER_FILES, atomic_directory, write_json
+from pixtral_lora.modeling import VLLM_LORA_RANKS, read_adapter_config
+
+# What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
+# as LoRA: PEFT keys in transformers' current layout, mapped by its `hf_to_vllm_mapper`
+# (model.language_model. -> language_model.model., model.multi_modal_projector. ->
+# vision_language_adapter., .linear_1./.linear_2. -> .w_in./.w_out., the vision tower to its vision
+# encoder), q/k/v and gate/up packed into its qkv_proj/gate_up_proj. Text q/k LoRA stays in HF's rotary
+# row order: vLLM permutes Mistral-format wq/wk into that order when it loads them. Its vision encoder
+# keeps Mistral's interleaved rotary rows, so vision q/k lora_B rows are written in that order.
+_VLLM_LORA_KEY = re.compile(
+    r"base_model\.model\.("
+    r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+    r"|model\.multi_modal_projector\.linear_[12]"
+    r"|model\.vision_tower\.transformer\.layers\.\d+\.(attention\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)"
+    r")\.lora_[AB]\.weight"
+)
+_VISION_ROTARY_B = re.compile(r".*\.vision_tower\..*\.attention\.[qk]_proj\.lora_B\.weight")
+SERVE_COMMAND_FILE = "vllm_serve.sh"
+
+
+def _vision_heads(adapter: Path, model: str | None) -> int:
+    """The vision tower's attention heads, from the base's config.json (`model`, else the base the
+    adapter recorded)."""
+    if model is None:
+        recorded = adapter / "base_model.json"
+        model = (
+            json.loads(recorded.read_text(encoding="utf-8"))["name_or_path"] if recorded.is_file() else None
+        )
+    if model is None:
+        raise ExportError(
+            f"{adapter}: vision-tower LoRA needs --model (the base) to know its attention heads"
+        )
+    config = json.loads((resolve_checkpoint(model) / "config.json").read_text(encoding="utf-8"))
+    return config["vision_config"]["num_attention_heads"]
+
+
+def serve_command(adapter_dir: Path, rank: int, touches_tower: bool, name: str = "adapter") -> str:
+    """The `vllm serve` command that applies all of this adapter (the base: a Mistral-format export)."""
+    allowed = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if allowed is None:
+        raise ExportError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
+    flags = [
+        "vllm serve BASE_MISTRAL_DIR --tokenizer-mode mistral --config-format mistral --load-format mistral",
+        "--enable-lora",
+        *(["--enable-tower-connector-lora"] if touches_tower else []),
+        f"--max-lora-rank {allowed}",
+        f"--lora-modules {name}={adapter_dir.resolve()}",
+    ]
+    return " \\\n    ".join(flags)
+
+
+def export_adapter_only(
+    adapter: str | Path, out: str | Path, overwrite: bool = False, model: str | None = None
+) -> Path:
+    """The adapter as vLLM's LoRA serving of the Mistral-format base loads it (`--enable-lora`), with
+    the exact serve command it needs beside it (`vllm_serve.sh`).
+
+    Keys are normalised to transformers' current layout (what vLLM's weight mapper expects); the
+    language model's projections, the projector and the vision tower are kept, the vision q/k
+    lora_B rows in Mistral's interleaved rotary order (`model` or the recorded base gives the heads).
+    """
+    adapter = Path(adapter)
+    LoraDeltas(adapter)  # the adapter's own checks (LoRA, no DoRA/patterns, key shapes)
+    tensors = {}
+    vision_heads = None
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
+        for key in handle.keys():
+            module, factor = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB]\.weight)", key).groups()
+            normalised = (
+                f"base_model.model.{current_hf_name(module + '.weight').removesuffix('.weight')}.{factor}"
+            )
+            if not _VLLM_LORA_KEY.fullmatch(normalised):
+                raise ExportError(
+                    f"{adapter}: LoRA on {module}, which vLLM does not serve as LoRA on Pixtral"
+                )
+            tensor = handle.get_tensor(key)
+            if _VISION_ROTARY_B.fullmatch(normalised):
+                vision_heads = vision_heads or _vision_heads(adapter, model)
+                tensor = unpermute_rotary(tensor, vision_heads)
+            tensors[normalised] = tensor
+    config = read_adapter_config(adapter)
+    config["target_modules"] = sorted({re.search(r"\.(\w+)\.lora_", k).group(1) for k in tensors})
+    touches_tower = any(".multi_modal_projector." in k or ".vision_tower." in k for k in tensors)
+    out = Path(out)
+    with atomic_directory(out, ADAPTER_FILES, overwrite) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", config)
+        (tmp / SERVE_COMMAND_FILE).write_text(
+            "#!/bin/sh\n# vLLM applies all of this adapter only with these flags (the projector and vision\n"
+            "# tower need --enable-tower-connector-lora); BASE_MISTRAL_DIR: the base converted by\n"
+            "# convert_to_mistral.py without --adapter.\n"
+            + serve_command(out, config["r"], touches_tower)
+            + "\n"
+        )
+    return out

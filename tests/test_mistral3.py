@@ -1,0 +1,173 @@
+"""The Mistral3 family (Ministral 3, Mistral Small 3.x) on the same proofs as Pixtral-12B, on its tiny
+model: training with live validation, every evaluation mode, predict, map, preview, and a native
+export that equals PEFT's merge and that Mistral's reference code loads strictly with the HF logits."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SYNTH_CLASSES, one_line_error, run_cli, run_command
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+
+def test_training_validates_live_and_puts_lora_on_the_patch_merger(tiny_mistral3_run):
+    metrics = [json.loads(line) for line in (tiny_mistral3_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in m for m in metrics)  # live validation accuracy, every eval_steps
+    with safe_open(tiny_mistral3_run / "adapter" / "adapter_model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert "base_model.model.model.multi_modal_projector.patch_merger.merging_layer.lora_A.weight" in keys
+    assert "base_model.model.model.multi_modal_projector.linear_1.lora_B.weight" in keys
+    # the run keeps the family's own template: the class list sits between [SYSTEM_PROMPT] tokens
+    template = (tiny_mistral3_run / "adapter" / "chat_template.jinja").read_text()
+    assert "[SYSTEM_PROMPT]" in template
+
+
+def test_every_evaluation_mode_predict_map_and_compare(tiny_mistral3_run, aid_dir, tmp_path):
+    from pixtral_lora.data.synth import generate_scene_mosaic
+
+    result = run_cli("eval", tiny_mistral3_run, "--modes", "generate,constrained,score",
+                     "--models", "base,finetuned", "--limit", 8)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tiny_mistral3_run / "eval" / "report.json").read_text())
+    for model in ("base", "finetuned"):
+        assert set(report["results"][model]) == {"generate", "constrained", "score"}
+        for mode in ("constrained", "score"):  # valid answers only: never a hallucinated class
+            assert report["results"][model][mode]["n"] == 8
+            assert report["results"][model][mode]["hallucination_rate"] == 0.0
+    import shutil
+
+    twin = shutil.copytree(
+        tiny_mistral3_run, tmp_path / "twin", ignore=shutil.ignore_patterns("checkpoint-*")
+    )
+    compared = run_cli("compare", tiny_mistral3_run, twin)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert "McNemar p = 1" in compared.stdout  # the same predictions, paired image by image
+
+    predicted = run_cli(
+        "predict", aid_dir / "Beach", "--run", tiny_mistral3_run, "--out", tmp_path / "p.jsonl"
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and {r["label"] for r in rows} <= set(SYNTH_CLASSES)
+
+    scene = tmp_path / "scene.tif"
+    generate_scene_mosaic(scene, SYNTH_CLASSES, grid=(2, 2), tile=56, seed=3)
+    mapped = run_cli("map", scene, "--run", tiny_mistral3_run, "--out", tmp_path / "m.geojson", "--tile", 56)
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    assert len(json.loads((tmp_path / "m.geojson").read_text())["features"]) == 4
+
+
+def test_preview_counts_28_px_image_tokens(aid_dir):
+    result = run_cli("data", "preview", aid_dir, "--family", "mistral3", "--image-longest-edge", 300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # 300 px rounds to 308 = 11 cells of 28 px: 11 rows of 11 [IMG] + one break/end each (Pixtral-12B:
+    # 304 px, 19 rows of 19 + 1 = 380, about 3x as many)
+    assert "132 image tokens" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_mistral3_dir, tiny_mistral3_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "mistral3"
+    result = run_command(ROOT / "scripts" / "convert_to_mistral.py", "--model", tiny_mistral3_dir,
+                         "--adapter", tiny_mistral3_run / "adapter", "--out", out, "--dtype", "float32")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_params_json_describes_the_patch_merger(exported, tiny_mistral3_dir):
+    params = json.loads((exported / "params.json").read_text())
+    vision = params["vision_encoder"]
+    assert vision["patch_size"] == 14 and vision["image_size"] == 1540 and vision["spatial_merge_size"] == 2
+    assert vision["mm_projector_id"] == "patch_merge" and vision["add_pre_mm_projector_layer_norm"] is True
+    assert vision["adapter_bias"] is False
+    assert (exported / "tekken.json").read_bytes() == (tiny_mistral3_dir / "tekken.json").read_bytes()
+    with safe_open(exported / "consolidated.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert {"pre_mm_projector_norm.weight", "patch_merger.merging_layer.weight",
+            "vision_language_adapter.w_in.weight", "output.weight"} <= keys  # fmt: skip
+    assert not any(key.endswith(".bias") for key in keys)
+
+
+def test_export_equals_peft_merge_rounded_once(exported, tiny_mistral3_dir, tiny_mistral3_run):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from pixtral_lora.export import _rotary_heads, current_hf_name, native_name, unpermute_rotary
+    from pixtral_lora.families import by_name
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_mistral3_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(tiny_mistral3_run / "adapter")).merge_and_unload()
+    config = json.loads((tiny_mistral3_dir / "config.json").read_text())
+    ours = load_file(exported / "consolidated.safetensors")
+    expected = {}
+    for key, value in merged.state_dict().items():
+        name = native_name(key, by_name("mistral3"))
+        heads = _rotary_heads(name, config)
+        expected[name] = unpermute_rotary(value, heads) if heads else value
+    assert ours.keys() == expected.keys()
+    worst = max((ours[k] - expected[k]).abs().max().item() for k in ours)
+    assert worst < 1e-6
+    merger = "patch_merger.merging_layer.weight"
+    plain = {current_hf_name(k): v for k, v in load_file(tiny_mistral3_dir / "model.safetensors").items()}
+    assert not torch.equal(
+        ours[merger], plain["model.multi_modal_projector.patch_merger.merging_layer.weight"]
+    )
+
+
+def test_mistral_reference_code_loads_it_strictly_with_the_hf_logits(
+    exported, tiny_mistral3_dir, tiny_mistral3_run
+):
+    import xformers_standin
+
+    xformers_standin.install()
+    from mistral_common.protocol.instruct.messages import ImageChunk, SystemMessage, TextChunk, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from mistral_inference.cache import BufferCache
+    from mistral_inference.transformer import Transformer
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    reference = Transformer.from_folder(str(exported), device="cpu", dtype=torch.float32)  # strict=True
+    tokenizer = MistralTokenizer.from_file(str(exported / "tekken.json"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    request = ChatCompletionRequest(messages=[
+        SystemMessage(content="Classify the image: Beach; Desert; Forest; Port."),
+        UserMessage(content=[ImageChunk(image=image), TextChunk(text="Which class?")]),
+    ])  # fmt: skip
+    encoded = tokenizer.encode_chat_completion(request)
+    assert encoded.tokens[1] == 17  # [SYSTEM_PROMPT]
+    ids = torch.tensor(encoded.tokens)
+    args = reference.args
+    cache = BufferCache(args.n_layers, 1, len(encoded.tokens), args.n_kv_heads, args.head_dim)
+    cache.to(device="cpu", dtype=torch.float32)
+    cache.reset()
+    with torch.no_grad():
+        theirs = reference.forward(ids, seqlens=[len(ids)], cache=cache,
+                                   images=[torch.tensor(i) for i in encoded.images])  # fmt: skip
+        hf = AutoModelForImageTextToText.from_pretrained(str(tiny_mistral3_dir), dtype=torch.float32)
+        hf = PeftModel.from_pretrained(hf, str(tiny_mistral3_run / "adapter")).merge_and_unload().eval()
+        pixels = torch.tensor(np.stack(encoded.images))
+        ours = hf(
+            input_ids=ids[None], pixel_values=pixels, image_sizes=torch.tensor([pixels.shape[2:]])
+        ).logits[0]
+    assert theirs.shape == ours.shape == (len(ids), 131072)
+    assert (theirs - ours).abs().max().item() < 1e-4  # the tolerance of the Pixtral test
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+def test_a_ministral3_language_model_export_is_one_line(tiny_mistral3_dir, tmp_path):
+    import shutil
+
+    ministral = tmp_path / "ministral3"
+    shutil.copytree(tiny_mistral3_dir, ministral)
+    config = json.loads((ministral / "config.json").read_text())
+    config["text_config"].update(model_type="ministral3", rope_parameters={"rope_type": "yarn", "factor": 16.0,
+                                 "rope_theta": 1e6, "original_max_position_embeddings": 16384})  # fmt: skip
+    (ministral / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run_command(ROOT / "scripts" / "convert_to_mistral.py", "--model", ministral,
+                                      "--out", tmp_path / "out"))  # fmt: skip
+    assert "ministral3" in line and "--format hf" in line
