@@ -17,7 +17,7 @@ LAYERS = [
     ["run", "rundir"],
     ["evaluation"],
     ["live_eval", "training", "inference", "export", "serve_adapter"],
-    ["cli"],
+    ["cli", "cli_data"],
 ]
 
 

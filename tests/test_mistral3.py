@@ -171,3 +171,66 @@ def test_a_ministral3_language_model_export_is_one_line(tiny_mistral3_dir, tmp_p
     line = one_line_error(run_command(ROOT / "scripts" / "convert_to_mistral.py", "--model", ministral,
                                       "--out", tmp_path / "out"))  # fmt: skip
     assert "ministral3" in line and "--format hf" in line
+
+
+def _fp8_copy(model_dir, out, block=32):
+    """The tiny Mistral3 as an FP8 checkpoint in the layout Ministral 3 Instruct ships: the language
+    model's projections as float8_e4m3fn blocks with a `weight_scale_inv` per block, a
+    quantization_config of quant_method fp8. Returns the dequantized values it stands for."""
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    state, stored, values = load_file(out / "model.safetensors"), {}, {}
+    for key, value in state.items():
+        if "language_model" in key and key.endswith("proj.weight"):
+            rows, columns = value.shape
+            blocks = value.reshape(rows // block, block, columns // block, block)
+            scale = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+            quantized = (blocks / scale[:, None, :, None]).reshape(rows, columns).to(torch.float8_e4m3fn)
+            stored[key], stored[f"{key}_scale_inv"] = quantized, scale
+            values[key] = (
+                quantized.float().reshape(rows // block, block, columns // block, block)
+                * scale[:, None, :, None]
+            ).reshape(rows, columns)
+        else:
+            stored[key] = value
+    from safetensors.torch import save_file
+
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block],
+                                     "modules_to_not_convert": ["vision_tower", "multi_modal_projector", "lm_head"]}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return values
+
+
+def test_fp8_checkpoints_load_dequantized_and_dequantize_writes_a_bf16_copy(
+    tiny_mistral3_dir, aid_dir, tmp_path
+):
+    from pixtral_lora.export import current_hf_name
+    from pixtral_lora.modeling import load_model
+
+    fp8 = tmp_path / "fp8"
+    values = _fp8_copy(tiny_mistral3_dir, fp8)
+    model = load_model(fp8, quantization=None, dtype="float32", device="cpu")  # what LoRA training loads
+    loaded = {current_hf_name(k): v for k, v in model.state_dict().items()}
+    for key, value in values.items():
+        assert torch.equal(loaded[current_hf_name(key)], value), key
+
+    result = run_cli("dequantize", fp8, "--out", tmp_path / "bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in config
+    written = {current_hf_name(k): v for k, v in load_file(tmp_path / "bf16" / "model.safetensors").items()}
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert written[key].dtype == torch.bfloat16
+    assert torch.equal(
+        written[key], values["language_model.model.layers.0.self_attn.q_proj.weight"].bfloat16()
+    )
+    assert (tmp_path / "bf16" / "tekken.json").read_bytes() == (fp8 / "tekken.json").read_bytes()
+
+    line = one_line_error(run_command(ROOT / "train.py", ROOT / "configs" / "tiny.yaml",
+                                      "--set", f"model.name_or_path={fp8}", "--set", "model.quantization=4bit",
+                                      "--set", f"data.path={aid_dir}", "--set", f"training.output_dir={tmp_path / 'r'}"))  # fmt: skip
+    assert "FP8" in line and "pixtral-lora dequantize" in line

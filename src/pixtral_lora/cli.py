@@ -1,4 +1,4 @@
-"""`pixtral-lora` command line: tiny-model, data {generate,generate-scene,validate,preview,export}, eval, calibrate, compare, predict, map."""
+"""`pixtral-lora` command line: tiny-model, dequantize, data {generate,generate-scene,validate,preview,export}, eval, calibrate, compare, predict, map."""
 
 from __future__ import annotations
 
@@ -12,138 +12,19 @@ from pathlib import Path
 logger = logging.getLogger("pixtral_lora")
 
 
+def _dequantize(args) -> int:
+    from pixtral_lora.export import export_hf
+
+    out = export_hf(args.model, args.out, None, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"{args.dtype} copy of {args.model} written to {out}")
+    return 0
+
+
 def _tiny_model(args) -> int:
     from pixtral_lora.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, seed=args.seed, family=args.family)
     print(f"tiny {args.family} model written to {out}")
-    return 0
-
-
-def _data_generate(args) -> int:
-    from pixtral_lora.data.synth import generate_aid_like
-
-    classes = args.classes.split(",") if args.classes else None
-    root = generate_aid_like(
-        args.out, classes=classes, per_class=args.per_class, size=args.size, seed=args.seed
-    )
-    print(f"synthetic AID-style data written to {root}")
-    return 0
-
-
-def _class_names_arg(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    path = Path(value)
-    if path.is_file():
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def _data_validate(args) -> int:
-    from pixtral_lora.data.validate import validate
-
-    class_names, test_path, allowed, hf_settings = (
-        _class_names_arg(args.classes),
-        args.test,
-        args.allow_path,
-        {},
-    )
-    if args.config:  # the data settings training will use
-        from pixtral_lora.config import load_config
-
-        data = load_config(args.config).data
-        class_names = class_names or data.class_names
-        test_path = test_path or data.test_path
-        allowed = [*allowed, *data.allow_paths_outside]
-        hf_settings = {
-            "image_column": data.image_column,
-            "label_column": data.label_column,
-            "hub_config": data.hub_config,
-            "hub_revision": data.hub_revision,
-        }
-    problems = validate(
-        args.path,
-        class_names=class_names,
-        test_path=test_path,
-        allowed_roots=allowed,
-        hf_settings=hf_settings,
-    )
-    errors = [p for p in problems if p.severity == "error"]
-    for problem in problems:
-        print(problem)
-    print(f"{args.path}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
-    return 1 if errors else 0
-
-
-def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roots: list[str] | None = None):
-    from pixtral_lora.data.loaders import as_conversations, load_any
-
-    dataset, names = load_any(path, class_names, allowed_roots)
-    return as_conversations(dataset, prompt, names or [])
-
-
-def _data_preview(args) -> int:
-    from pixtral_lora.config import load_config
-    from pixtral_lora.data.preview import sample_view
-    from pixtral_lora.modeling import load_processor
-    from pixtral_lora.prompt import PromptConfig
-    from pixtral_lora.render import Renderer
-    from pixtral_lora.tiny import build_processor
-
-    if args.save_image:  # before any work: never over a file an earlier preview did not write
-        from pixtral_lora.io import check_replaceable_file, is_our_png
-
-        check_replaceable_file(args.save_image, is_our_png)
-    prompt, longest_edge, allowed, bands = (
-        PromptConfig(),
-        args.image_longest_edge,
-        list(args.allow_path),
-        None,
-    )
-    if args.config:
-        config = load_config(args.config)
-        prompt, longest_edge = config.prompt, config.data.image_longest_edge
-        allowed += config.data.allow_paths_outside
-        bands = config.data.band_options()
-    dataset = _conversations(args.path, _class_names_arg(args.classes), prompt, allowed)
-    if not 0 <= args.index < len(dataset):
-        print(
-            f"--index {args.index} is out of range: {args.path} has {len(dataset)} samples", file=sys.stderr
-        )
-        return 2
-    processor = load_processor(args.processor) if args.processor else build_processor(args.family)
-    renderer = Renderer(processor, longest_edge, bands=bands)
-    view = sample_view(renderer, dataset[args.index])
-    if args.save_image:
-        from PIL.PngImagePlugin import PngInfo
-
-        from pixtral_lora.io import PNG_SOFTWARE, atomic_file, is_our_png
-
-        image = renderer.load_images(dataset[args.index]["images"])[0]  # exactly the pixels the model gets
-        info = PngInfo()
-        info.add_text("Software", f"{PNG_SOFTWARE} preview")
-        with atomic_file(args.save_image, "wb", recognise=is_our_png, overwrite=False) as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        print(f"image as the model sees it ({image.width}x{image.height}) saved to {args.save_image}")
-    if args.ids:
-        print(json.dumps({k: view[k] for k in ("id", "label", "input_ids", "labels", "loss_mask")}))
-    else:
-        print(
-            f"sample {args.index} ({view['id']}, label {view['label']!r}): {view['num_tokens']} tokens, "
-            f"{view['num_image_tokens']} image tokens, {view['num_loss_tokens']} with loss (inside ⟦ ⟧)"
-        )
-        print(view["text"])
-    return 0
-
-
-def _data_export(args) -> int:
-    from pixtral_lora.data.loaders import export_mistral_jsonl
-    from pixtral_lora.prompt import PromptConfig
-
-    dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig(), args.allow_path)
-    count = export_mistral_jsonl(dataset, args.out, args.image_longest_edge, overwrite=args.overwrite)
-    print(f"{count} samples written to {args.out}")
     return 0
 
 
@@ -295,24 +176,6 @@ def _map(args) -> int:
     return 0
 
 
-def _data_generate_scene(args) -> int:
-    from pixtral_lora.data.synth import generate_scene_mosaic
-
-    classes = args.classes.split(",") if args.classes else None
-    try:
-        rows, cols = (int(n) for n in args.grid.lower().split("x"))
-        if rows < 1 or cols < 1:
-            raise ValueError
-    except ValueError:
-        print(f"error: --grid {args.grid!r}: give rows x columns, e.g. 4x4", file=sys.stderr)
-        return 2
-    layout = generate_scene_mosaic(args.out, classes, (rows, cols), args.tile, args.seed)
-    print(f"synthetic georeferenced scene written to {args.out}; its grid, row by row:")
-    for row in layout:
-        print("  " + " ".join(f"{name:<10}" for name in row))
-    return 0
-
-
 def _is_comparison(path: Path) -> bool:
     head = path.read_text(encoding="utf-8", errors="replace")[:300]
     return head.startswith("# Run comparison") or "<title>Run comparison</title>" in head
@@ -355,9 +218,6 @@ def _abstention_options(parser, Probability, cli_number) -> None:
     )
 
 
-_ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise stay in the data folder)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     from typing import Annotated
 
@@ -391,67 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.set_defaults(func=_tiny_model)
 
-    data = commands.add_parser("data", help="generate, validate, preview and export datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-
-    generate = data_commands.add_parser("generate", help="write synthetic AID-style scene folders")
-    generate.add_argument("--out", required=True)
-    generate.add_argument("--per-class", type=cli_number(Count), default=20)
-    generate.add_argument("--size", type=cli_number(Pixels), default=600)
-    generate.add_argument("--classes", help="comma-separated subset of the synthetic scene classes")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.set_defaults(func=_data_generate)
-
-    scene = data_commands.add_parser("generate-scene", help="write a synthetic georeferenced scene (GeoTIFF)")
-    scene.add_argument("--out", required=True)
-    scene.add_argument("--grid", default="4x4", help="rows x columns of scenes")
-    scene.add_argument("--tile", type=cli_number(Pixels), default=64, help="pixels per grid cell")
-    scene.add_argument("--classes", help="comma-separated synthetic scene classes")
-    scene.add_argument("--seed", type=int, default=1)
-    scene.set_defaults(func=_data_generate_scene)
-
-    validate = data_commands.add_parser(
-        "validate", help="report every problem in a folder, JSONL, CSV or HF dataset (Parquet, hf://...)"
+    dequantize = commands.add_parser(
+        "dequantize", help="write a bf16 copy of an FP8 checkpoint (Ministral 3 Instruct) for QLoRA"
     )
-    validate.add_argument("path")
-    validate.add_argument("--classes", help="class names: comma-separated or a file with one per line")
-    validate.add_argument("--test", help="a test set to check for images shared with PATH")
-    validate.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
-    validate.add_argument(
-        "--config", help="take data settings (columns, hub config, allowed paths) from this config"
+    dequantize.add_argument("model", help="local checkpoint or hub id")
+    dequantize.add_argument("--out", required=True)
+    dequantize.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    dequantize.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not a checkpoint"
     )
-    validate.set_defaults(func=_data_validate)
+    dequantize.set_defaults(func=_dequantize)
 
-    preview = data_commands.add_parser("preview", help="show one sample exactly as the model sees it")
-    preview.add_argument("path")
-    preview.add_argument("--index", type=cli_number(NonNegativeCount), default=0)
-    preview.add_argument("--ids", action="store_true", help="print token ids, labels and loss mask as JSON")
-    preview.add_argument(
-        "--processor", help="model path or hub id whose processor to use (default: --family's)"
-    )
-    preview.add_argument(
-        "--family",
-        choices=["pixtral", "mistral3"],
-        default="pixtral",
-        help="without --processor: Pixtral-12B's processor (16-px tokens) or Mistral3's (28-px tokens)",
-    )
-    preview.add_argument("--config", help="take prompt and image size from this run config")
-    preview.add_argument("--classes", help="class names for JSONL/CSV data")
-    preview.add_argument("--image-longest-edge", type=cli_number(ImageEdge), default=300)
-    preview.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
-    preview.add_argument(
-        "--save-image", metavar="PNG", help="also save the image exactly as the model sees it"
-    )
-    preview.set_defaults(func=_data_preview)
+    from pixtral_lora.cli_data import add_data_commands
 
-    export = data_commands.add_parser("export", help="write a dataset as Mistral fine-tuning JSONL")
-    export.add_argument("path")
-    export.add_argument("--out", required=True)
-    export.add_argument("--classes", help="class names for JSONL/CSV data")
-    export.add_argument("--image-longest-edge", type=cli_number(ImageEdge), default=300)
-    export.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
-    export.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an export")
-    export.set_defaults(func=_data_export)
+    add_data_commands(commands)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's held-out split, base and fine-tuned")
     evaluate.add_argument("run_dir")

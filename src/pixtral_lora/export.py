@@ -404,7 +404,10 @@ def export_mistral(
     checkpoint = resolve_checkpoint(model)
     config = json.loads((checkpoint / "config.json").read_text())
     if config.get("quantization_config"):
-        raise ExportError(f"{checkpoint}: quantized checkpoint; export from the bf16/fp32 base")
+        raise ExportError(
+            f"{checkpoint}: quantized checkpoint; export from the bf16/fp32 base (an FP8 one: "
+            "`pixtral-lora dequantize` writes it)"
+        )
     try:
         family = family_from_config(config, str(checkpoint / "config.json"))
     except UnknownFamilyError as err:
@@ -500,7 +503,8 @@ def export_hf(
     overwrite: bool = False,
     force: bool = False,
 ) -> Path:
-    """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor."""
+    """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor
+    and the base's tekken.json; an FP8 base is written dequantized (`pixtral-lora dequantize`)."""
     from pixtral_lora.io import check_replaceable
     from pixtral_lora.modeling import load_model, load_processor
 
@@ -517,7 +521,13 @@ def export_hf(
 
         base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     processor = load_processor(adapter if adapter and (Path(adapter) / "tokenizer.json").is_file() else model)
+    if getattr(base.config, "quantization_config", None):  # FP8 loaded dequantized: the copy is plain
+        del base.config.quantization_config
+        base.hf_quantizer = None
+    tekken = checkpoint_tekken(checkpoint)
     with atomic_directory(out, HF_CHECKPOINT_FILES, overwrite) as tmp:
         base.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        if tekken is not None and checkpoint.joinpath("tekken.json").is_file():
+            shutil.copyfile(tekken, tmp / "tekken.json")
     return Path(out)

@@ -244,6 +244,7 @@ def load_model(
     from pixtral_lora.families import family_of
 
     family_of(model_name_or_path)  # an unsupported architecture is one line, before any weight loads
+    fp8 = check_quantization(model_name_or_path, quantization)
     device = device or best_device()
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {
@@ -263,6 +264,14 @@ def load_model(
         )
     elif quantization is not None:
         raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
+    elif fp8:
+        from transformers import FineGrainedFP8Config
+
+        # FP8 weights (Ministral 3 Instruct) become `dtype` as they load: LoRA trains on the dequantized
+        # weights, and the merge and export read the same values.
+        kwargs["quantization_config"] = FineGrainedFP8Config(
+            dequantize=True, weight_block_size=fp8.get("weight_block_size")
+        )
     if quantization or device.startswith("cuda"):
         # Straight onto the device (the current one: each data-parallel process has its own GPU).
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
@@ -270,6 +279,33 @@ def load_model(
     if "device_map" not in kwargs:
         model.to(device)
     return model
+
+
+def checkpoint_quantization(model_name_or_path: str | os.PathLike) -> dict:
+    """The `quantization_config` a checkpoint was saved with ({} for full-precision weights)."""
+    from pixtral_lora.families import config_json
+
+    return config_json(model_name_or_path)[0].get("quantization_config") or {}
+
+
+def check_quantization(model_name_or_path: str | os.PathLike, quantization: str | None) -> dict | None:
+    """The FP8 quantization_config of a checkpoint saved in FP8 (None otherwise); one line when the
+    requested 4-bit loading cannot start from it, or the checkpoint is quantized some other way."""
+    saved = checkpoint_quantization(model_name_or_path)
+    method = saved.get("quant_method")
+    if not method:
+        return None
+    if method != "fp8":
+        raise ModelSourceError(
+            f"{model_name_or_path}: saved quantized ({method}); use its bf16 checkpoint (QLoRA quantizes it itself)"
+        )
+    if quantization == "4bit":
+        raise ModelSourceError(
+            f"{model_name_or_path}: FP8 weights cannot be re-quantized to 4-bit as they load; write a bf16 copy "
+            f"with `pixtral-lora dequantize {model_name_or_path} --out DIR` and train on DIR, or use the "
+            "family's Base checkpoint (bf16)"
+        )
+    return saved
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -23,7 +23,7 @@ from pixtral_lora.data.loaders import check_data_path
 from pixtral_lora.errors import RunDirError
 from pixtral_lora.families import family_of
 from pixtral_lora.io import atomic_file, check_writable, run_lock
-from pixtral_lora.modeling import check_model_source, checkpoint_fingerprint
+from pixtral_lora.modeling import check_model_source, check_quantization, checkpoint_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def preflight(config: Config, resume: str = "auto") -> None:
     """Every check that needs no data loading, before anything is created: one-line errors."""
     check_model_source(config.model.name_or_path, "model.name_or_path")
     family = family_of(config.model.name_or_path)  # an unsupported architecture: one line, now
+    check_quantization(config.model.name_or_path, config.model.quantization)  # FP8 + 4-bit: one line
     if config.data.image_longest_edge and config.data.image_longest_edge > family.max_image_size:
         raise RunDirError(
             f"data.image_longest_edge is {config.data.image_longest_edge} but {family.models} take at most "
