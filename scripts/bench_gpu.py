@@ -1,7 +1,12 @@
-"""One GPU check of the Pixtral-12B shape, no download: training, evaluation, export, logits.
+"""One GPU check of a real model's shape, no download: training, evaluation, export, logits.
 
     python scripts/bench_gpu.py                 # one CUDA GPU, ~8 minutes -> benchmarks/results-gpu-12b.json
+    python scripts/bench_gpu.py --model mistral-small-3.2   # the Mistral3 family (also ministral-3-8b)
     python scripts/bench_gpu.py --tiny          # the same code on the tiny shape (CPU; in the test suite)
+    python scripts/bench_gpu.py --model mistral-small-3.2 --layers 1 ...   # full widths, 1+1 layers, CPU
+
+`--model` picks the architecture (config.json fields of Pixtral-12B, Mistral Small 3.2 or Ministral 3
+8B) and the training config (configs/aid.yaml, mistral_small_3_2_aid.yaml, ministral3_8b_aid.yaml).
 
 1. QLoRA training at configs/aid.yaml's settings (4-bit NF4 base, batch 4 x 4, 304x304 images, the
    30-class prompt) for `--warmup` + `--steps` optimizer steps on a random-weight 12B checkpoint:
@@ -58,21 +63,62 @@ sys.path.insert(0, str(ROOT / "src"))
 from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.loaders import AID_CLASS_NAMES  # noqa: E402
 from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
+from pixtral_lora.families import family_from_config  # noqa: E402
+from pixtral_lora.families.mistral3 import TOKENIZER_VERSIONS, ministral3_8b_config, mistral_small_config  # noqa: E402
+from pixtral_lora.families.pixtral import reference_config as pixtral_12b_config  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
-from pixtral_lora.modeling import TinyPixtralSizes, build_processor, pixtral_config  # noqa: E402
+from pixtral_lora.tiny import TinySizes, build_processor, model_config, write_tekken  # noqa: E402
 
-FLOPS_PER_TOKEN = 6 * 12.2e9  # see the module docstring
+# --model: (config.json of the real checkpoint, training config, tekken version, results file)
+MODELS = {
+    "pixtral-12b": (pixtral_12b_config, "aid.yaml", None, "results-gpu-12b.json"),
+    "mistral-small-3.2": (
+        mistral_small_config,
+        "mistral_small_3_2_aid.yaml",
+        TOKENIZER_VERSIONS["mistralai/Mistral-Small-3.2-24B-Instruct-2506"],
+        "results-gpu-mistral-small-3.2.json",
+    ),
+    "ministral-3-8b": (
+        ministral3_8b_config,
+        "ministral3_8b_aid.yaml",
+        TOKENIZER_VERSIONS["mistralai/Ministral-3-8B-Instruct-2512"],
+        "results-gpu-ministral-3-8b.json",
+    ),
+}
+
+
+def parameters(config: dict) -> float:
+    """Parameters of a checkpoint from its config.json: language model (embeddings, attention, MLP,
+    untied head) plus vision encoder layers; what the FLOPs count of the module docstring uses."""
+    text, vision = config["text_config"], config["vision_config"]
+    width, head = (
+        text["hidden_size"],
+        text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
+    )
+    attention = 2 * width * head * (text["num_attention_heads"] + text["num_key_value_heads"])
+    layer = attention + 3 * width * text["intermediate_size"]
+    vision_layer = 4 * vision["hidden_size"] ** 2 + 3 * vision["hidden_size"] * vision["intermediate_size"]
+    return (
+        2 * text["vocab_size"] * width
+        + text["num_hidden_layers"] * layer
+        + vision["num_hidden_layers"] * vision_layer
+    )
+
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, SXM
 TARGETS = {"samples_per_s": 9.0, "peak_vram_gib": 16.0, "eval_images_per_s": 2000 / 120}
 
 
 def write_random_checkpoint(
-    out: Path, sizes: TinyPixtralSizes | None, device: str, layers: int | None = None
+    out: Path, sizes: TinySizes | None, device: str, layers: int | None = None, model: str = "pixtral-12b"
 ):
-    """A random-weight Pixtral checkpoint (bf16 safetensors + processor); `layers` cuts the text depth."""
+    """A random-weight checkpoint of `model`'s shape (bf16 safetensors + processor, and for Mistral3
+    its tekken.json); `layers` cuts the text depth."""
     from transformers import AutoModelForImageTextToText
 
-    config = pixtral_config(sizes)
+    real, _, version, _ = MODELS[model]
+    family = family_from_config(real())
+    config = model_config(family, sizes, real())
     if layers is not None:
         config.text_config.num_hidden_layers = layers
         config.vision_config.num_hidden_layers = min(layers, config.vision_config.num_hidden_layers)
@@ -80,7 +126,8 @@ def write_random_checkpoint(
     with torch.device(device):  # built in bf16: 25 GB at the 12B shape, not 51 GB of float32 first
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
-    build_processor().save_pretrained(out)
+    tekken = write_tekken(out / "tekken.json", family, version) if version else None
+    build_processor(family, tekken).save_pretrained(out)
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -139,9 +186,11 @@ def _jpeg(image) -> bytes:
 def prepare_inputs(tmp: Path, args, device: str) -> dict:
     """The random checkpoint (tmp/model) and AID-sized scenes (tmp/data) every training run uses."""
     start = time.perf_counter()
-    write_random_checkpoint(tmp / "model", TinyPixtralSizes() if args.tiny else None, device, args.layers)
+    write_random_checkpoint(
+        tmp / "model", TinySizes() if args.tiny else None, device, args.layers, args.model
+    )
     build_s = time.perf_counter() - start
-    aid = load_config(ROOT / "configs" / "aid.yaml")
+    aid = load_config(ROOT / "configs" / MODELS[args.model][1])
     per_step = aid.training.per_device_train_batch_size * aid.training.gradient_accumulation_steps
     needed = (args.warmup + args.steps) * per_step / 0.78 + args.eval_images / 0.2
     # the stratified split puts every class in the test split: at least 1 / test_size images per class
@@ -153,12 +202,12 @@ def prepare_inputs(tmp: Path, args, device: str) -> dict:
 def measure_training(
     tmp: Path, args, device: str, name: str = "run", overrides: tuple[str, ...] = (), steps: int | None = None
 ) -> tuple[dict, Path]:
-    """QLoRA at aid.yaml's settings for `args.warmup` + `steps` optimizer steps: the figures and the run."""
+    """QLoRA at the model's AID config for `args.warmup` + `steps` optimizer steps: the figures and the run."""
     from pixtral_lora.training import train
 
     steps = steps or args.steps
     config = load_config(
-        ROOT / "configs" / "aid.yaml",
+        ROOT / "configs" / MODELS[args.model][1],
         [
             f"model.name_or_path={tmp / 'model'}",
             f"data.path={tmp / 'data'}",
@@ -187,7 +236,10 @@ def measure_training(
     times = clock.times[args.warmup - 1 :] if args.warmup else [clock.times[0], *clock.times]
     step_s = (times[-1] - times[0]) / max(1, len(times) - 1)
     samples_per_s = batch * accumulation / step_s
-    tokens = tokens_per_sample(config, build_processor())
+    from pixtral_lora.modeling import load_processor
+
+    tokens = tokens_per_sample(config, load_processor(tmp / "model"))
+    flops_per_token = 6 * parameters(MODELS[args.model][0]())  # the real model's count, see the docstring
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in gpu), None)
     figures = {
@@ -209,8 +261,8 @@ def measure_training(
         "peak_vram_reserved_gib": torch.cuda.max_memory_reserved() / 2**30
         if torch.cuda.is_available()
         else None,
-        "flops_per_token": FLOPS_PER_TOKEN,
-        "mfu": samples_per_s * tokens * FLOPS_PER_TOKEN / peak if peak else None,
+        "flops_per_token": flops_per_token,
+        "mfu": samples_per_s * tokens * flops_per_token / peak if peak else None,
     }
     return figures, run_dir
 
@@ -334,24 +386,25 @@ def stage_logits(tmp: Path, args, device: str) -> dict:
     from mistral_inference.cache import BufferCache
     from mistral_inference.transformer import Transformer
     from PIL import Image
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from pixtral_lora.export import export_mistral
-    from pixtral_lora.modeling import tekken_path
+    from pixtral_lora.families import family_of
 
-    sizes = TinyPixtralSizes() if args.tiny else None
-    write_random_checkpoint(tmp / "wide", sizes, device, layers=args.logit_layers)
+    sizes = TinySizes() if args.tiny else None
+    write_random_checkpoint(tmp / "wide", sizes, device, layers=args.logit_layers, model=args.model)
+    cell = family_of(tmp / "wide").image_cell
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     export_mistral(str(tmp / "wide"), tmp / "wide-mistral", dtype=str(dtype).removeprefix("torch."))
-    tokenizer = MistralTokenizer.from_file(str(tekken_path()))
-    image = Image.new("RGB", (64, 48), (120, 80, 40))
+    tokenizer = MistralTokenizer.from_file(str(tmp / "wide-mistral" / "tekken.json"))  # the export's own
+    image = Image.new("RGB", (4 * cell, 3 * cell), (120, 80, 40))  # cell-aligned: every reader agrees
     request = ChatCompletionRequest(
         messages=[UserMessage(content=[ImageChunk(image=image), TextChunk(text="Which scene is this?")])]
     )
     encoded = tokenizer.encode_chat_completion(request)
     ids = torch.tensor(encoded.tokens, device=device)
     pixels = torch.tensor(encoded.images[0], dtype=dtype, device=device)
-    hf = LlavaForConditionalGeneration.from_pretrained(tmp / "wide", dtype=dtype).to(device).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(tmp / "wide", dtype=dtype).to(device).eval()
     with torch.inference_mode():
         hf_logits = hf(
             input_ids=ids[None],
@@ -394,23 +447,26 @@ def main() -> int:
     parser.add_argument(
         "--skip", default="", help="comma-separated stages to skip: evaluation,logits,export,speed_options"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-gpu-12b.json"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="pixtral-12b", help="the shape checked")
+    parser.add_argument("--out", help="results file (default: benchmarks/results-gpu-<model>.json)")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / MODELS[args.model][3])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.tiny and not args.layers and device != "cuda":
         print(
-            "error: the 12B check needs a CUDA GPU; --tiny runs the same code on a CPU, and --layers N "
-            "runs it at the 12B widths cut to N layers",
+            f"error: the {args.model} check needs a CUDA GPU; --tiny runs the same code on a CPU, and "
+            f"--layers N runs it at the {args.model} widths cut to N layers",
             file=sys.stderr,
         )
         return 2
     import transformers
 
     results: dict = {
-        "benchmark": "tiny shape (script check)"
+        "benchmark": f"tiny {args.model} shape (script check)"
         if args.tiny
-        else "Pixtral-12B shape, random weights (configs/aid.yaml)"
+        else f"{args.model} shape, random weights (configs/{MODELS[args.model][1]})"
         + (f", cut to {args.layers} layers" if args.layers else ""),
+        "model": args.model,
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": {
@@ -419,7 +475,8 @@ def main() -> int:
             "transformers": transformers.__version__,
         },
         "targets": TARGETS,
-        "reproduce": "python scripts/bench_gpu.py",
+        "reproduce": "python scripts/bench_gpu.py"
+        + (f" --model {args.model}" if args.model != "pixtral-12b" else ""),
     }
     skip = set(filter(None, args.skip.split(",")))
     started = time.perf_counter()

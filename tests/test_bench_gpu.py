@@ -19,13 +19,17 @@ def load_bench_gpu():
 
 
 def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
+    """Every stage on the Mistral3 shape (the failing-stage test below runs Pixtral-12B's)."""
     out = tmp_path / "gpu.json"
-    command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), *TINY_ARGS, "--out", str(out)]
+    command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), *TINY_ARGS, "--out", str(out),
+               "--model", "mistral-small-3.2"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     training = figures["training"]
-    assert training["samples_per_s"] > 0 and training["tokens_per_sample"] > 380  # 304x304 image + prompt
+    assert figures["model"] == "mistral-small-3.2"
+    # a 308x308 image (132 tokens, Pixtral-12B's 304x304 costs 380) + the 30-class prompt
+    assert training["samples_per_s"] > 0 and 132 < training["tokens_per_sample"] < 380
     assert training["quantization"] == "4bit"  # the QLoRA path the GPU runs, on bitsandbytes' CPU backend
     assert set(figures["evaluation"]) == {"generate", "constrained", "score"}
     assert all(r["images"] >= 8 and r["images_per_s"] > 0 for r in figures["evaluation"].values())
@@ -71,6 +75,7 @@ def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     assert options["missing_package"] == {"skipped": "no_such_package_here is not installed"}
     assert figures["logits"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert "broken_logits" in figures["logits"]["traceback"]
+    assert figures["training"]["tokens_per_sample"] > 380  # Pixtral-12B: a 304x304 image + the prompt
     assert figures["training"]["samples_per_s"] > 0 and figures["export"]["seconds"] > 0  # ran on
     assert "evaluation" not in figures
     assert "FAILED: logits, speed_options" in capsys.readouterr().out
