@@ -8,12 +8,13 @@
 `--model` picks the architecture (config.json fields of Pixtral-12B, Mistral Small 3.2 or Ministral 3
 8B) and the training config (configs/aid.yaml, mistral_small_3_2_aid.yaml, ministral3_8b_aid.yaml).
 
-1. QLoRA training at configs/aid.yaml's settings (4-bit NF4 base, batch 4 x 4, 304x304 images, the
-   30-class prompt) for `--warmup` + `--steps` optimizer steps on a random-weight 12B checkpoint:
+1. QLoRA training at the model's AID config (4-bit NF4 base, batch 4 x 4, 300-px images, the 30-class
+   prompt) for `--warmup` + `--steps` optimizer steps on a random-weight checkpoint of its shape:
    seconds per step and samples/s over the steps after warm-up, tokens/s, the CUDA allocator's peak
-   (allocated and reserved), and model FLOPs utilisation from a stated count: 6 x 12.2e9 FLOPs per
-   token (forward 2N, input-gradient backward 2N, activation-checkpointing recompute 2N; the frozen
-   4-bit base takes no weight gradients, LoRA's are negligible).
+   (allocated and reserved), and model FLOPs utilisation from a stated count: 6 x N FLOPs per token,
+   N the language model's parameters from the config (12.2e9 Pixtral-12B, 23.6e9 Mistral Small 3.2,
+   8.5e9 Ministral 3 8B; forward 2N, input-gradient backward 2N, activation-checkpointing recompute
+   2N; the frozen 4-bit base takes no weight gradients, LoRA's are negligible).
 2. Evaluation images/s for generate, constrained and score modes at 30 classes on `--eval-images`.
 3. Logits of a full-width checkpoint (all widths of the 12B shape, `--logit-layers` layers) in
    Mistral's reference code (`mistral_inference`, with xformers when installed, else plain PyTorch
@@ -88,21 +89,16 @@ MODELS = {
 
 
 def parameters(config: dict) -> float:
-    """Parameters of a checkpoint from its config.json: language model (embeddings, attention, MLP,
-    untied head) plus vision encoder layers; what the FLOPs count of the module docstring uses."""
-    text, vision = config["text_config"], config["vision_config"]
+    """Language-model parameters of a checkpoint from its config.json (embeddings, attention, MLP, an
+    untied head): the N of the FLOPs count in the module docstring (12.2e9 for Pixtral-12B)."""
+    text = config["text_config"]
     width, head = (
         text["hidden_size"],
         text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
     )
     attention = 2 * width * head * (text["num_attention_heads"] + text["num_key_value_heads"])
     layer = attention + 3 * width * text["intermediate_size"]
-    vision_layer = 4 * vision["hidden_size"] ** 2 + 3 * vision["hidden_size"] * vision["intermediate_size"]
-    return (
-        2 * text["vocab_size"] * width
-        + text["num_hidden_layers"] * layer
-        + vision["num_hidden_layers"] * vision_layer
-    )
+    return 2 * text["vocab_size"] * width + text["num_hidden_layers"] * layer
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, SXM
