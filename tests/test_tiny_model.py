@@ -121,3 +121,47 @@ def test_tiny_model_command_builds_each_family(tmp_path):
         config["architectures"] == ["Mistral3ForConditionalGeneration"] and config["spatial_merge_size"] == 2
     )
     assert (tmp_path / "m3" / "tekken.json").is_file()
+
+
+def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp_path, aid_dir):
+    """Ministral 3's config (a `ministral3` language model: YaRN rope, llama-4 attention scaling) shrunk:
+    the Mistral3 family, LoRA on the same modules, a finite loss through the same renderer."""
+    from conftest import ROOT
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from pixtral_lora.config import load_config
+    from pixtral_lora.data.loaders import load_aid_folder, to_conversations
+    from pixtral_lora.families import family_from_config
+    from pixtral_lora.families.mistral3 import ministral3_8b_config
+    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.render import TrainingCollator, render_dataset
+    from pixtral_lora.tiny import TinySizes, build_processor, model_config
+    from pixtral_lora.training import peft_config
+
+    family = family_from_config(ministral3_8b_config())
+    assert family.name == "mistral3"
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(model_config(family, TinySizes(), ministral3_8b_config()))
+    assert type(model.model.language_model).__name__ == "Ministral3Model"
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["lora.train_projector=true"])
+    model = get_peft_model(model, peft_config(config, family))
+    targets = {
+        name.rsplit(".", 1)[-1]
+        for name, _ in model.named_modules()
+        if name.endswith(("merging_layer", "q_proj"))
+    }
+    assert targets == {"merging_layer", "q_proj"}
+    renderer = Renderer(build_processor(family), 64)
+    conversations = to_conversations(
+        load_aid_folder(aid_dir).select(range(2)), PromptConfig(), ["Beach", "Desert", "Forest", "Port"]
+    )
+    batch = TrainingCollator(renderer)(list(render_dataset(renderer, conversations)))
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if "merging_layer.lora_B" in n
+    )
