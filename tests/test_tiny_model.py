@@ -13,7 +13,6 @@ from pixtral_lora.modeling import (
     load_processor,
 )
 from pixtral_lora.render import Renderer
-from pixtral_lora.tiny import reference_config
 
 SIZE_FIELDS = {
     "hidden_size",
@@ -34,7 +33,7 @@ def family_model(request, tiny_model_dir, tiny_mistral3_dir):
 def test_tiny_config_has_every_field_of_the_real_config(family_model):
     family, model_dir = family_model
     saved = json.loads((model_dir / "config.json").read_text())
-    real = reference_config(family)  # Pixtral-12B's, or Mistral Small 3.2's
+    real = family.reference_config()  # Pixtral-12B's, or Mistral Small 3.2's
     for key, value in real.items():
         if key in ("text_config", "vision_config"):
             continue

@@ -293,11 +293,7 @@ def params_json(config: dict, family: Family = PIXTRAL) -> dict:
             "adapter_bias": config.get("multimodal_projector_bias", True),
         },
     }
-    if family.spatial_merge_size > 1:  # Mistral3: norm, patch merger, bias-free projector
-        params["vision_encoder"]["spatial_merge_size"] = config.get(
-            "spatial_merge_size", family.spatial_merge_size
-        )
-        params["vision_encoder"].update(family.native_vision_params)
+    params["vision_encoder"].update(family.native_vision_params)  # Mistral3: norm, merger, no bias
     if text.get("sliding_window"):
         params["sliding_window"] = text["sliding_window"]
     return params

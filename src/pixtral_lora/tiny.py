@@ -45,17 +45,6 @@ class TinySizes:
 TinyPixtralSizes = TinySizes  # the name scripts and older runs' notes use
 
 
-def reference_config(family: Family) -> dict:
-    """config.json of the family's flagship checkpoint (the fields that define the architecture)."""
-    if family.name == "mistral3":
-        from pixtral_lora.families.mistral3 import reference_config as mistral3_config
-
-        return mistral3_config()
-    from pixtral_lora.families.pixtral import reference_config as pixtral_config
-
-    return pixtral_config()
-
-
 def model_config(
     family: Family | str = "pixtral", sizes: TinySizes | None = None, config: dict | None = None
 ):
@@ -63,7 +52,7 @@ def model_config(
     from transformers import AutoConfig
 
     family = by_name(family) if isinstance(family, str) else family
-    config = json.loads(json.dumps(config or reference_config(family)))
+    config = json.loads(json.dumps(config or family.reference_config()))
     if sizes is not None:
         config["text_config"].update(
             hidden_size=sizes.text_hidden_size,
@@ -160,7 +149,7 @@ def build_tiny_model(
     sizes = sizes or TinySizes()
     config = model_config(family, sizes)
     model = AutoModelForImageTextToText.from_config(config)
-    match_logit_range(model, reference_config(family)["text_config"]["hidden_size"])
+    match_logit_range(model, family.reference_config()["text_config"]["hidden_size"])
     with atomic_directory(out, HF_CHECKPOINT_FILES) as tmp:
         tekken = None
         if family.packaged_tekken is None:

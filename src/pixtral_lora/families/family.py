@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -25,6 +26,8 @@ class Family:
     connector_native_keys: tuple[tuple[str, str], ...]
     # params.json `vision_encoder` fields fixed by the family (the rest come from config.json)
     native_vision_params: dict = field(default_factory=dict)
+    # config.json of the family's flagship checkpoint: what the tiny model copies
+    reference_config: Callable[[], dict] = dict
 
     @property
     def image_cell(self) -> int:

@@ -9,29 +9,6 @@ language model is a Mistral; Ministral 3's is a `ministral3` (YaRN rope, llama-4
 
 from pixtral_lora.families.family import Family
 
-MISTRAL3 = Family(
-    name="mistral3",
-    models="Ministral 3, Mistral Small 3.1/3.2, Magistral Small",
-    model_type="mistral3",
-    architecture="Mistral3ForConditionalGeneration",
-    patch_size=14,
-    spatial_merge_size=2,
-    max_image_size=1540,
-    packaged_tekken=None,  # every Mistral3 checkpoint ships its tekken.json (its version is read from it)
-    connector_lora_modules=("linear_1", "linear_2", "patch_merger.merging_layer"),
-    connector_native_keys=(
-        (r"model\.multi_modal_projector\.norm\.weight", "pre_mm_projector_norm.weight"),
-        (
-            r"model\.multi_modal_projector\.patch_merger\.merging_layer\.weight",
-            "patch_merger.merging_layer.weight",
-        ),
-        (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
-        (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
-    ),
-    # mistral_inference's VisionEncoderArgs / vLLM's Mistral-format Pixtral loader read these
-    native_vision_params={"mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True},
-)
-
 # The tokenizer version of each released checkpoint, as its tekken.json `config.version` states it
 # (model cards / mistral_common's release notes; the code reads the real file, never this table).
 TOKENIZER_VERSIONS = {
@@ -134,6 +111,30 @@ def ministral3_8b_config() -> dict:
     )
 
 
-def reference_config() -> dict:
-    """The config the tiny Mistral3 copies (Mistral Small 3.2's: a Mistral language model)."""
-    return mistral_small_config()
+MISTRAL3 = Family(
+    name="mistral3",
+    models="Ministral 3, Mistral Small 3.1/3.2, Magistral Small",
+    model_type="mistral3",
+    architecture="Mistral3ForConditionalGeneration",
+    patch_size=14,
+    spatial_merge_size=2,
+    max_image_size=1540,
+    packaged_tekken=None,  # every Mistral3 checkpoint ships its tekken.json (its version is read from it)
+    connector_lora_modules=("linear_1", "linear_2", "patch_merger.merging_layer"),
+    connector_native_keys=(
+        (r"model\.multi_modal_projector\.norm\.weight", "pre_mm_projector_norm.weight"),
+        (
+            r"model\.multi_modal_projector\.patch_merger\.merging_layer\.weight",
+            "patch_merger.merging_layer.weight",
+        ),
+        (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
+        (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
+    ),
+    # mistral_inference's VisionEncoderArgs / vLLM's Mistral-format Pixtral loader read these
+    native_vision_params={
+        "spatial_merge_size": 2,
+        "mm_projector_id": "patch_merge",
+        "add_pre_mm_projector_layer_norm": True,
+    },
+    reference_config=mistral_small_config,
+)

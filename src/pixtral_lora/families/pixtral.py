@@ -2,22 +2,6 @@
 
 from pixtral_lora.families.family import Family
 
-PIXTRAL = Family(
-    name="pixtral",
-    models="Pixtral-12B",
-    model_type="llava",
-    architecture="LlavaForConditionalGeneration",
-    patch_size=16,
-    spatial_merge_size=1,
-    max_image_size=1024,
-    packaged_tekken="tekken_240911.json",  # Pixtral-12B's tokenizer (v3), shipped inside mistral_common
-    connector_lora_modules=("linear_1", "linear_2"),
-    connector_native_keys=(
-        (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
-        (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
-    ),
-)
-
 
 def reference_config() -> dict:
     """`config.json` of `mistral-community/pixtral-12b` (the fields that define the architecture)."""
@@ -62,3 +46,21 @@ def reference_config() -> dict:
             "rope_theta": 10000.0,
         },
     }
+
+
+PIXTRAL = Family(
+    name="pixtral",
+    models="Pixtral-12B",
+    model_type="llava",
+    architecture="LlavaForConditionalGeneration",
+    patch_size=16,
+    spatial_merge_size=1,
+    max_image_size=1024,
+    packaged_tekken="tekken_240911.json",  # Pixtral-12B's tokenizer (v3), shipped inside mistral_common
+    connector_lora_modules=("linear_1", "linear_2"),
+    connector_native_keys=(
+        (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
+        (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
+    ),
+    reference_config=reference_config,
+)
