@@ -109,6 +109,7 @@ def tiny_mistral3_run(tiny_mistral3_dir, aid_dir, tmp_path_factory):
             "training.save_steps=3",
             "data.test_size=0.3",
             "data.validation_size=0.2",
+            "lora.train_patch_merger=true",
         ),
     )
     assert result.returncode == 0, result.stderr[-3000:]

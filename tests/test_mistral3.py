@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 
-def test_training_validates_live_and_puts_lora_on_the_patch_merger(tiny_mistral3_run):
+def test_training_validates_live_and_puts_lora_on_the_patch_merger(tiny_mistral3_run, tmp_path):
     metrics = [json.loads(line) for line in (tiny_mistral3_run / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_accuracy" in m for m in metrics)  # live validation accuracy, every eval_steps
     with safe_open(tiny_mistral3_run / "adapter" / "adapter_model.safetensors", "pt") as handle:
@@ -23,6 +23,10 @@ def test_training_validates_live_and_puts_lora_on_the_patch_merger(tiny_mistral3
     # the run keeps the family's own template: the class list sits between [SYSTEM_PROMPT] tokens
     template = (tiny_mistral3_run / "adapter" / "chat_template.jinja").read_text()
     assert "[SYSTEM_PROMPT]" in template
+    # vLLM's LoRA serving maps nothing onto the merger: --adapter-only says so instead of dropping it
+    line = one_line_error(run_command(ROOT / "scripts" / "convert_to_mistral.py", "--adapter-only", "--adapter",
+                                      tiny_mistral3_run / "adapter", "--out", tmp_path / "lora"))  # fmt: skip
+    assert "patch_merger.merging_layer" in line and "without --adapter-only" in line
 
 
 def test_every_evaluation_mode_predict_map_and_compare(tiny_mistral3_run, aid_dir, tmp_path):

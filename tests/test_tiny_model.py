@@ -143,7 +143,9 @@ def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(model_config(family, TinySizes(), ministral3_8b_config()))
     assert type(model.model.language_model).__name__ == "Ministral3Model"
-    config = load_config(ROOT / "configs" / "tiny.yaml", ["lora.train_projector=true"])
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml", ["lora.train_projector=true", "lora.train_patch_merger=true"]
+    )
     model = get_peft_model(model, peft_config(config, family))
     targets = {
         name.rsplit(".", 1)[-1]
@@ -164,3 +166,13 @@ def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp
         for n, p in model.named_parameters()
         if "merging_layer.lora_B" in n
     )
+
+
+def test_patch_merger_lora_on_pixtral_is_one_line(tiny_model_dir, aid_dir, tmp_path):
+    from conftest import ROOT, run_command, set_args
+
+    result = run_command(ROOT / "train.py", ROOT / "configs" / "tiny.yaml", *set_args(
+        f"model.name_or_path={tiny_model_dir}", f"data.path={aid_dir}", f"training.output_dir={tmp_path / 'run'}",
+        "lora.train_patch_merger=true"))  # fmt: skip
+    assert "Pixtral-12B has no patch merger" in one_line_error(result)
+    assert not (tmp_path / "run").exists()

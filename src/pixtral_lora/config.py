@@ -168,7 +168,10 @@ class LoraSection(_Section):
     # Projections of the language model (what vLLM can serve as LoRA).
     target_modules: list[LanguageTarget] = Field(default_factory=lambda: list(LANGUAGE_TARGETS), min_length=1)
     train_vision_tower: bool = False  # also put LoRA on the vision encoder's attention/MLP
-    train_projector: bool = False  # also put LoRA on the multimodal projector
+    train_projector: bool = False  # also put LoRA on the multimodal projector (linear_1, linear_2)
+    # Mistral3 only: LoRA on the 2x2 patch merger too. Merged exports carry it; vLLM's LoRA serving maps
+    # no adapter onto the merger, so --adapter-only refuses such an adapter (merge it instead).
+    train_patch_merger: bool = False
 
 
 class EvalClassificationSection(_Section):

@@ -168,6 +168,10 @@ def preflight(config: Config, resume: str = "auto") -> None:
     check_model_source(config.model.name_or_path, "model.name_or_path")
     family = family_of(config.model.name_or_path)  # an unsupported architecture: one line, now
     check_quantization(config.model.name_or_path, config.model.quantization)  # FP8 + 4-bit: one line
+    if config.lora.train_patch_merger and not family.merger_lora_modules:
+        raise RunDirError(
+            f"lora.train_patch_merger: {family.models} has no patch merger (Mistral3 models do)"
+        )
     if config.data.image_longest_edge and config.data.image_longest_edge > family.max_image_size:
         raise RunDirError(
             f"data.image_longest_edge is {config.data.image_longest_edge} but {family.models} take at most "

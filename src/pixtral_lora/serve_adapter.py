@@ -89,7 +89,8 @@ def export_adapter_only(
             )
             if not _VLLM_LORA_KEY.fullmatch(normalised):
                 raise ExportError(
-                    f"{adapter}: LoRA on {module}, which vLLM does not serve as LoRA on Pixtral"
+                    f"{adapter}: LoRA on {module}, which vLLM's LoRA serving does not apply (it would be "
+                    "dropped); export the merged model instead (convert_to_mistral.py without --adapter-only)"
                 )
             tensor = handle.get_tensor(key)
             if _VISION_ROTARY_B.fullmatch(normalised):

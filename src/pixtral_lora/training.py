@@ -50,14 +50,17 @@ VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def lora_target_regex(config: Config, family: Family) -> str:
-    """PEFT target_modules regex: language model projections, plus vision tower/projector when asked
-    (the projector is the family's connector: Mistral3's includes its patch merger)."""
+    """PEFT target_modules regex: language model projections, plus vision tower, projector and (Mistral3)
+    patch merger when asked; the family names its connector's modules."""
     parts = [rf".*language_model.*\.({'|'.join(config.lora.target_modules)})"]
     if config.lora.train_vision_tower:
         parts.append(rf".*vision_tower.*\.({'|'.join(VISION_TARGETS)})")
-    if config.lora.train_projector:
-        connector = "|".join(re.escape(name) for name in family.connector_lora_modules)
-        parts.append(rf".*multi_modal_projector\.({connector})")
+    connector = [
+        *(family.connector_lora_modules if config.lora.train_projector else ()),
+        *(family.merger_lora_modules if config.lora.train_patch_merger else ()),
+    ]
+    if connector:
+        parts.append(rf".*multi_modal_projector\.({'|'.join(re.escape(name) for name in connector)})")
     return "^(" + "|".join(parts) + ")$"
 
 

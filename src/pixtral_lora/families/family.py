@@ -20,8 +20,10 @@ class Family:
     # tekken.json inside mistral_common's package data used when the checkpoint ships none
     # (mistral-community/pixtral-12b does not); None: the checkpoint's own tekken.json is required
     packaged_tekken: str | None
-    # Connector linears under `multi_modal_projector` that LoRA may target (lora.train_projector)
+    # Connector linears under `multi_modal_projector` that LoRA may target: the projector
+    # (lora.train_projector) and the patch merger (lora.train_patch_merger; none in Pixtral-12B)
     connector_lora_modules: tuple[str, ...]
+    merger_lora_modules: tuple[str, ...]
     # HF (current layout) -> Mistral native names of the connector, regex -> replacement
     connector_native_keys: tuple[tuple[str, str], ...]
     # params.json `vision_encoder` fields fixed by the family (the rest come from config.json)

@@ -120,7 +120,8 @@ MISTRAL3 = Family(
     spatial_merge_size=2,
     max_image_size=1540,
     packaged_tekken=None,  # every Mistral3 checkpoint ships its tekken.json (its version is read from it)
-    connector_lora_modules=("linear_1", "linear_2", "patch_merger.merging_layer"),
+    connector_lora_modules=("linear_1", "linear_2"),
+    merger_lora_modules=("patch_merger.merging_layer",),
     connector_native_keys=(
         (r"model\.multi_modal_projector\.norm\.weight", "pre_mm_projector_norm.weight"),
         (

@@ -58,6 +58,7 @@ PIXTRAL = Family(
     max_image_size=1024,
     packaged_tekken="tekken_240911.json",  # Pixtral-12B's tokenizer (v3), shipped inside mistral_common
     connector_lora_modules=("linear_1", "linear_2"),
+    merger_lora_modules=(),
     connector_native_keys=(
         (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
         (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
