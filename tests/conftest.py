@@ -21,10 +21,12 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_mistral3_dir(tmp_path_factory):
-    """The tiny Mistral3 (Mistral Small 3.2's config shrunk, the real vocabulary as a v11 tekken.json)."""
-    from pixtral_lora.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mistral3", family="mistral3")
+    """The tiny Mistral3 (Mistral Small 3.2's config shrunk, the real vocabulary as a v11 tekken.json),
+    built with the command a user types: `pixtral-lora tiny-model --family mistral3`."""
+    out = tmp_path_factory.mktemp("models") / "tiny-mistral3"
+    result = run_cli("tiny-model", "--family", "mistral3", "--out", out)
+    assert result.returncode == 0 and "tiny mistral3 model written" in result.stdout, result.stderr[-2000:]
+    return out
 
 
 @pytest.fixture(scope="session")

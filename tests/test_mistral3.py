@@ -29,7 +29,7 @@ def test_training_validates_live_and_puts_lora_on_the_patch_merger(tiny_mistral3
     assert "patch_merger.merging_layer" in line and "without --adapter-only" in line
 
 
-def test_every_evaluation_mode_predict_map_and_compare(tiny_mistral3_run, aid_dir, tmp_path):
+def test_every_evaluation_mode_predict_and_map(tiny_mistral3_run, aid_dir, tmp_path):
     from pixtral_lora.data.synth import generate_scene_mosaic
 
     result = run_cli("eval", tiny_mistral3_run, "--modes", "generate,constrained,score",
@@ -41,15 +41,6 @@ def test_every_evaluation_mode_predict_map_and_compare(tiny_mistral3_run, aid_di
         for mode in ("constrained", "score"):  # valid answers only: never a hallucinated class
             assert report["results"][model][mode]["n"] == 8
             assert report["results"][model][mode]["hallucination_rate"] == 0.0
-    import shutil
-
-    twin = shutil.copytree(
-        tiny_mistral3_run, tmp_path / "twin", ignore=shutil.ignore_patterns("checkpoint-*")
-    )
-    compared = run_cli("compare", tiny_mistral3_run, twin)
-    assert compared.returncode == 0, compared.stderr[-2000:]
-    assert "McNemar p = 1" in compared.stdout  # the same predictions, paired image by image
-
     predicted = run_cli(
         "predict", aid_dir / "Beach", "--run", tiny_mistral3_run, "--out", tmp_path / "p.jsonl"
     )

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_line_error, run_cli
+from conftest import one_line_error
 
 from pixtral_lora.families import by_name
 from pixtral_lora.modeling import (
@@ -110,16 +110,6 @@ def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones(tiny_
     line = one_line_error(result)
     assert "qwen2_vl" in line and "Qwen2VLForConditionalGeneration" in line
     assert "Mistral3ForConditionalGeneration" in line and "LlavaForConditionalGeneration" in line
-
-
-def test_tiny_model_command_builds_each_family(tmp_path):
-    result = run_cli("tiny-model", "--family", "mistral3", "--out", tmp_path / "m3")
-    assert result.returncode == 0, result.stderr[-2000:]
-    config = json.loads((tmp_path / "m3" / "config.json").read_text())
-    assert (
-        config["architectures"] == ["Mistral3ForConditionalGeneration"] and config["spatial_merge_size"] == 2
-    )
-    assert (tmp_path / "m3" / "tekken.json").is_file()
 
 
 def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp_path, aid_dir):
