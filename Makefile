@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps mistral-inference==1.6.0
 	touch $(STAMP)
 
+# Two workers (pytest-xdist), one test file each at a time: 11 minutes instead of 16 on 2 cores.
 test: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check src tests scripts train.py
