@@ -392,6 +392,12 @@ def stage_logits(tmp: Path, args, device: str) -> dict:
     cell = family_of(tmp / "wide").image_cell
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     export_mistral(str(tmp / "wide"), tmp / "wide-mistral", dtype=str(dtype).removeprefix("torch."))
+    params = json.loads((tmp / "wide-mistral" / "params.json").read_text())
+    if "yarn" in params or "llama_4_scaling" in params:
+        return {
+            "skipped": "mistral_inference 1.6 has no YaRN rope or llama-4 attention scaling (Ministral 3); "
+            "make serve-check compares vLLM's answers on this shape with eval's"
+        }
     tokenizer = MistralTokenizer.from_file(str(tmp / "wide-mistral" / "tekken.json"))  # the export's own
     image = Image.new("RGB", (4 * cell, 3 * cell), (120, 80, 40))  # cell-aligned: every reader agrees
     request = ChatCompletionRequest(

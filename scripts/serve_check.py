@@ -11,7 +11,8 @@ on 127.0.0.1 (always stopped afterwards), sends the test split exactly as the RE
 (the run's system prompt, each image resized as `predict` prepares it, a PNG data URI), and compares
 vLLM's answers with eval's: the base, each adapter served as LoRA with the command its
 `vllm_serve.sh` names, and both merged exports; then the same for the Mistral3 family's tiny model
-(its base, its LoRA adapter with the patch merger, its merged export). A short load run sends the same requests from 4
+(Mistral Small's shape: its base, its LoRA adapter, its merged export; Ministral 3's, with YaRN rope
+and llama-4 attention scaling that mistral_inference cannot check: its merged export). A short load run sends the same requests from 4
 concurrent clients and checks every answer against the sequential ones; its p50/p95 latency goes to
 `benchmarks/results-serve-cpu.json` beside transformers' images/s on the same images. Any mismatch
 fails the check, naming the image and both answers.
@@ -200,44 +201,43 @@ def lora_server_args(adapters: dict[str, Path]) -> list[str]:
     return [*sorted(flags), "--max-lora-rank", str(rank), "--dtype", "float32", "--lora-modules", *modules]
 
 
-def check_mistral3(vllm_python: str, work: Path, data: Path, max_tokens: int) -> tuple[list[str], dict]:
-    """The Mistral3 family's tiny model through the same comparisons: its base and its LoRA adapter
-    (language model + projector; vLLM serves no merger LoRA, --adapter-only refuses one) on the base
-    export, and its merged float32 export."""
-    print("the Mistral3 family: tiny model, one run, its exports", flush=True)
-    model = work / "tiny-mistral3"
-    run("-m", "pixtral_lora.cli", "tiny-model", "--family", "mistral3", "--out", str(model))
-    run_dir = train(work, model, data, "mistral3")
+def check_mistral3(
+    vllm_python: str, work: Path, data: Path, max_tokens: int, like: str, lora: bool
+) -> tuple[list[str], dict]:
+    """A Mistral3 tiny model (`tiny-model --family mistral3 --like LIKE`) through the same comparisons:
+    its merged float32 export and, with `lora`, its base and its LoRA adapter (language model +
+    projector; vLLM serves no merger LoRA, --adapter-only refuses one) on the base export."""
+    print(f"the Mistral3 family, like {like}: tiny model, one run, its exports", flush=True)
+    model = work / f"tiny-{like}"
+    run("-m", "pixtral_lora.cli", "tiny-model", "--family", "mistral3", "--like", like, "--out", str(model))
+    run_dir = train(work, model, data, like)
     expected = eval_answers(run_dir, "base,finetuned")
-    convert, exports = str(ROOT / "scripts" / "convert_to_mistral.py"), work / "exports-mistral3"
-    run(convert, "--model", str(model), "--out", str(exports / "base"), "--dtype", "float32")
+    convert, exports = str(ROOT / "scripts" / "convert_to_mistral.py"), work / f"exports-{like}"
     run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--out", str(exports / "merged"),
         "--dtype", "float32")  # fmt: skip
-    run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--adapter-only",
-        "--out", str(exports / "lora"))  # fmt: skip
     requests = requests_of(run_dir)
     changed = sum(
         expected["base"][i]["raw_answer"] != expected["finetuned"][i]["raw_answer"] for i, _ in requests
     )
     # the adapter must change answers, or serving it with the adapter silently dropped would pass too
     problems = (
-        []
-        if changed
-        else ["Mistral3: the fine-tuned answers equal the base's; the LoRA check proves nothing"]
+        [] if changed else [f"{like}: the fine-tuned answers equal the base's; the check proves nothing"]
     )
-    lora_args = lora_server_args({"mistral3": exports / "lora"})
-    with Server(vllm_python, exports / "base", lora_args, work / "vllm-mistral3-lora.log") as server:
-        for served_model, answers, label in (
-            (str(exports / "base"), expected["base"], "Mistral3 base"),
-            ("mistral3", expected["finetuned"], "Mistral3 LoRA: language model + projector"),
-        ):
-            served = {i: server.answer(served_model, m, max_tokens)[0] for i, m in requests}
-            problems += compare(label, served, answers)
-    with Server(
-        vllm_python, exports / "merged", ["--dtype", "float32"], work / "vllm-mistral3.log"
-    ) as server:
+    if lora:
+        run(convert, "--model", str(model), "--out", str(exports / "base"), "--dtype", "float32")
+        run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--adapter-only",
+            "--out", str(exports / "lora"))  # fmt: skip
+        lora_args = lora_server_args({like: exports / "lora"})
+        with Server(vllm_python, exports / "base", lora_args, work / f"vllm-{like}-lora.log") as server:
+            for served_model, answers, label in (
+                (str(exports / "base"), expected["base"], f"{like} base"),
+                (like, expected["finetuned"], f"{like} LoRA: language model + projector"),
+            ):
+                served = {i: server.answer(served_model, m, max_tokens)[0] for i, m in requests}
+                problems += compare(label, served, answers)
+    with Server(vllm_python, exports / "merged", ["--dtype", "float32"], work / f"vllm-{like}.log") as server:
         served = {i: server.answer(str(exports / "merged"), m, max_tokens)[0] for i, m in requests}
-        problems += compare("Mistral3 merged float32", served, expected["finetuned"])
+        problems += compare(f"{like} merged float32", served, expected["finetuned"])
     results = {"images": len(requests), "answers_changed_by_the_adapter": changed}
     return problems, {**results, "transformers_images_per_second": expected["_speed"]}
 
@@ -342,8 +342,11 @@ def main() -> int:
             "eval --backend vllm, base + LoRA (vision tower)", served, expected["vision"]["finetuned"]
         )
         results["transformers_images_per_second"] = expected["text"]["_speed"]
-        mistral3_problems, results["mistral3"] = check_mistral3(args.vllm_python, work, data, max_tokens)
-        problems += mistral3_problems
+        # the Mistral3 family: Mistral Small's shape (base, LoRA, merged), Ministral 3's (YaRN, llama-4
+        # attention scaling: its native export, merged) whose form only vLLM here can check
+        for like, lora in (("mistral-small-3.2", True), ("ministral-3-8b", False)):
+            found, results[like] = check_mistral3(args.vllm_python, work, data, max_tokens, like, lora)
+            problems += found
         results["check_seconds"] = time.perf_counter() - began
     from pixtral_lora.io import write_json
 

@@ -154,18 +154,29 @@ def test_mistral_reference_code_loads_it_strictly_with_the_hf_logits(
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
-def test_a_ministral3_language_model_export_is_one_line(tiny_mistral3_dir, tmp_path):
-    import shutil
+def test_a_ministral3_language_model_exports_its_yarn_and_llama4_scaling(tmp_path):
+    """Ministral 3's shape (`tiny-model --like ministral-3-8b`): params.json carries the YaRN and llama-4
+    blocks vLLM's Mistral-format loader reads; mistral_inference (no YaRN) loads it strictly, which checks
+    every name and shape; `make serve-check` compares vLLM's answers on it with eval's."""
+    import xformers_standin
 
-    ministral = tmp_path / "ministral3"
-    shutil.copytree(tiny_mistral3_dir, ministral)
-    config = json.loads((ministral / "config.json").read_text())
-    config["text_config"].update(model_type="ministral3", rope_parameters={"rope_type": "yarn", "factor": 16.0,
-                                 "rope_theta": 1e6, "original_max_position_embeddings": 16384})  # fmt: skip
-    (ministral / "config.json").write_text(json.dumps(config))
-    line = one_line_error(run_command(ROOT / "scripts" / "convert_to_mistral.py", "--model", ministral,
-                                      "--out", tmp_path / "out"))  # fmt: skip
-    assert "ministral3" in line and "--format hf" in line
+    xformers_standin.install()
+    from mistral_inference.transformer import Transformer
+
+    model, out = tmp_path / "ministral3", tmp_path / "export"
+    built = run_cli("tiny-model", "--family", "mistral3", "--like", "ministral-3-8b", "--out", model)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert json.loads((model / "tekken.json").read_text())["config"]["version"] == "v13"
+    result = run_command(ROOT / "scripts" / "convert_to_mistral.py", "--model", model, "--out", out,
+                         "--dtype", "float32")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    params = json.loads((out / "params.json").read_text())
+    rope = json.loads((model / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert params["rope_theta"] == rope["rope_theta"] == 1e6
+    assert params["yarn"] == {"factor": 16.0, "original_max_position_embeddings": 16384, "beta": 32.0,
+                              "alpha": 1.0, "apply_scale": False}  # fmt: skip
+    assert params["llama_4_scaling"] == {"original_max_position_embeddings": 16384, "beta": 0.1}
+    Transformer.from_folder(str(out), device="cpu", dtype=torch.float32)  # load_state_dict(strict=True)
 
 
 def _fp8_copy(model_dir, out, block=32):

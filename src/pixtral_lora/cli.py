@@ -23,7 +23,10 @@ def _dequantize(args) -> int:
 def _tiny_model(args) -> int:
     from pixtral_lora.tiny import build_tiny_model
 
-    out = build_tiny_model(args.out, seed=args.seed, family=args.family)
+    if args.like and args.family != "mistral3":
+        print("error: --like picks a Mistral3 model's config; use it with --family mistral3", file=sys.stderr)
+        return 2
+    out = build_tiny_model(args.out, seed=args.seed, family=args.family, like=args.like)
     print(f"tiny {args.family} model written to {out}")
     return 0
 
@@ -248,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pixtral", "mistral3"],
         default="pixtral",
         help="pixtral: Pixtral-12B's config (default); mistral3: Mistral Small 3.2's (Ministral 3's family)",
+    )
+    tiny.add_argument(
+        "--like",
+        choices=["mistral-small-3.2", "ministral-3-8b"],
+        help="with --family mistral3: whose config to copy (default mistral-small-3.2; ministral-3-8b has a "
+        "ministral3 language model: YaRN rope, llama-4 attention scaling)",
     )
     tiny.set_defaults(func=_tiny_model)
 

@@ -261,10 +261,10 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
 # params.json
 
 
-def params_json(config: dict, family: Family = PIXTRAL) -> dict:
+def params_json(config: dict, family: Family = PIXTRAL, source: Path = Path("config.json")) -> dict:
     """Mistral's params.json for an HF config of `family` (text fields + the vision_encoder block)."""
     text, vision = config["text_config"], config["vision_config"]
-    rope_text = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta"))
+    rope = _native_rope(text, source)
     rope_vision = (vision.get("rope_parameters") or {}).get("rope_theta", vision.get("rope_theta"))
     params = {
         "dim": text["hidden_size"],
@@ -273,7 +273,7 @@ def params_json(config: dict, family: Family = PIXTRAL) -> dict:
         "hidden_dim": text["intermediate_size"],
         "n_heads": text["num_attention_heads"],
         "n_kv_heads": text["num_key_value_heads"],
-        "rope_theta": rope_text,
+        "rope_theta": rope.pop("rope_theta"),
         "norm_eps": text["rms_norm_eps"],
         "vocab_size": text["vocab_size"],
         # vLLM reads the context length from here (without it, it logs a traceback and guesses)
@@ -294,23 +294,46 @@ def params_json(config: dict, family: Family = PIXTRAL) -> dict:
         },
     }
     params["vision_encoder"].update(family.native_vision_params)  # Mistral3: norm, merger, no bias
+    params.update(rope)  # Ministral 3: yarn, llama_4_scaling
     if text.get("sliding_window"):
         params["sliding_window"] = text["sliding_window"]
     return params
 
 
-def _check_native_text_model(config: dict, checkpoint: Path) -> None:
-    """Refuse language models whose native form no reference here can load (Ministral 3's YaRN rope and
-    llama-4 attention scaling: mistral_inference 1.6 has neither, so such an export could not be proved)."""
-    text = config["text_config"]
+def _native_rope(text: dict, source: Path) -> dict:
+    """params.json's rope fields for the language model: `rope_theta`, and for Ministral 3 (YaRN rope,
+    llama-4 attention scaling) the `yarn` and `llama_4_scaling` blocks vLLM's Mistral-format loader reads.
+
+    YaRN's attention factor is taken from transformers' own rope code, so the native `apply_scale` says
+    exactly what the HF model does; anything the native format cannot express is an ExportError.
+    """
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     kind = rope.get("rope_type") or rope.get("type") or "default"
-    if text.get("model_type") not in ("mistral", None) or kind != "default":
-        raise ExportError(
-            f"{checkpoint}: a {text.get('model_type')} language model with {kind} rope has no proved native "
-            "export yet (mistral_inference 1.6 lacks YaRN and llama-4 attention scaling); use --format hf, "
-            "which vLLM serves as a transformers checkpoint"
-        )
+    fields = {"rope_theta": rope.get("rope_theta", text.get("rope_theta"))}
+    if kind == "yarn":
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        text_config = AutoConfig.for_model(**{"model_type": text["model_type"], **text})
+        attention_factor = ROPE_INIT_FUNCTIONS["yarn"](text_config, "cpu")[1]
+        default_factor = 0.1 * math.log(rope["factor"]) + 1.0 if rope["factor"] > 1 else 1.0
+        if not (math.isclose(attention_factor, 1.0) or math.isclose(attention_factor, default_factor)):
+            raise ExportError(f"{source}: YaRN attention factor {attention_factor} has no native form")
+        fields["yarn"] = {
+            "factor": rope["factor"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta": rope.get("beta_fast", 32.0),
+            "alpha": rope.get("beta_slow", 1.0),
+            "apply_scale": not math.isclose(attention_factor, 1.0),
+        }
+    elif kind != "default":
+        raise ExportError(f"{source}: {kind} rope has no native form here; use --format hf")
+    if rope.get("llama_4_scaling_beta") is not None:
+        fields["llama_4_scaling"] = {
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta": rope["llama_4_scaling_beta"],
+        }
+    return fields
 
 
 def _check_tokenizer(checkpoint: Path, tekken: Path) -> None:
@@ -408,7 +431,6 @@ def export_mistral(
         family = family_from_config(config, str(checkpoint / "config.json"))
     except UnknownFamilyError as err:
         raise ExportError(str(err)) from None
-    _check_native_text_model(config, checkpoint)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     if adapter:
         check_adapter(checkpoint, model, adapter, force)
@@ -485,7 +507,7 @@ def export_mistral(
                 tmp / "consolidated.safetensors.index.json",
                 {"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
             )
-        write_json(tmp / "params.json", params_json(config, family))
+        write_json(tmp / "params.json", params_json(config, family, checkpoint / "config.json"))
         shutil.copyfile(tekken_source, tmp / "tekken.json")
     logger.info("Mistral-format checkpoint written to %s", out)
     return Path(out)

@@ -136,9 +136,17 @@ def build_processor(family: Family | str = "pixtral", tekken: Path | None = None
 
 
 def build_tiny_model(
-    out: str | Path, sizes: TinySizes | None = None, seed: int = 0, family: Family | str = "pixtral"
+    out: str | Path,
+    sizes: TinySizes | None = None,
+    seed: int = 0,
+    family: Family | str = "pixtral",
+    like: str | None = None,
 ) -> Path:
-    """Write a random-initialised tiny model of `family` (config, safetensors, processor[, tekken.json])."""
+    """Write a random-initialised tiny model of `family` (config, safetensors, processor[, tekken.json]).
+
+    like: for Mistral3, the released config to copy ("mistral-small-3.2", the default, or
+    "ministral-3-8b": a `ministral3` language model with YaRN rope and llama-4 attention scaling).
+    """
     from transformers import AutoModelForImageTextToText
 
     from pixtral_lora.io import HF_CHECKPOINT_FILES, atomic_directory
@@ -147,19 +155,21 @@ def build_tiny_model(
     out = Path(out)
     torch.manual_seed(seed)
     sizes = sizes or TinySizes()
-    config = model_config(family, sizes)
-    model = AutoModelForImageTextToText.from_config(config)
-    match_logit_range(model, family.reference_config()["text_config"]["hidden_size"])
-    with atomic_directory(out, HF_CHECKPOINT_FILES) as tmp:
-        tekken = None
-        if family.packaged_tekken is None:
-            from pixtral_lora.families.mistral3 import TINY_TOKENIZER_VERSION
+    real, version = family.reference_config(), None
+    if family.packaged_tekken is None:
+        from pixtral_lora.families.mistral3 import LIKE
 
-            tekken = write_tekken(tmp / "tekken.json", family, TINY_TOKENIZER_VERSION)
+        copy, version = LIKE[like or "mistral-small-3.2"]
+        real = copy()
+    config = model_config(family, sizes, real)
+    model = AutoModelForImageTextToText.from_config(config)
+    match_logit_range(model, real["text_config"]["hidden_size"])
+    with atomic_directory(out, HF_CHECKPOINT_FILES) as tmp:
+        tekken = write_tekken(tmp / "tekken.json", family, version) if version else None
         model.save_pretrained(tmp, safe_serialization=True)
         build_processor(family, tekken).save_pretrained(tmp)
         (tmp / "tiny_pixtral.json").write_text(
-            json.dumps({"family": family.name, "seed": seed, "sizes": vars(sizes)})
+            json.dumps({"family": family.name, "like": like, "seed": seed, "sizes": vars(sizes)})
         )
     logger.info("tiny %s written to %s", family.name, out)
     return out

@@ -17,7 +17,7 @@ TOKENIZER_VERSIONS = {
     "mistralai/Magistral-Small-2509": "v13",
     "mistralai/Ministral-3-8B-Instruct-2512": "v13",
 }
-TINY_TOKENIZER_VERSION = "v11"  # Mistral-Small-3.2's, whose config the tiny model copies
+TINY_TOKENIZER_VERSION = "v11"  # Mistral-Small-3.2's, whose config the tiny model copies by default
 
 
 def _vision_config() -> dict:
@@ -139,3 +139,9 @@ MISTRAL3 = Family(
     },
     reference_config=mistral_small_config,
 )
+
+# `tiny-model --family mistral3 --like NAME`: the released config a tiny model copies, and its tekken version
+LIKE = {
+    "mistral-small-3.2": (mistral_small_config, TINY_TOKENIZER_VERSION),
+    "ministral-3-8b": (ministral3_8b_config, TOKENIZER_VERSIONS["mistralai/Ministral-3-8B-Instruct-2512"]),
+}
