@@ -65,11 +65,14 @@ def config_json(model_name_or_path: str | os.PathLike) -> tuple[dict, str]:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         cached = try_to_load_from_cache(str(model_name_or_path), "config.json")
-        source = (
-            Path(cached)
-            if isinstance(cached, str)
-            else Path(hf_hub_download(str(model_name_or_path), "config.json"))
-        )
+        try:
+            source = Path(
+                cached if isinstance(cached, str) else hf_hub_download(str(model_name_or_path), "config.json")
+            )
+        except Exception as err:  # hub errors come in many types; all mean the same here
+            raise UnknownFamilyError(
+                f"{model_name_or_path}: its config.json cannot be read from the hub ({type(err).__name__})"
+            ) from None
     try:
         return json.loads(source.read_text(encoding="utf-8")), str(source)
     except FileNotFoundError:
