@@ -61,11 +61,11 @@ def export_memory(tmp: Path) -> list[dict]:
     """
     import subprocess
 
-    from pixtral_lora.tiny import TinyPixtralSizes
+    from pixtral_lora.tiny import TinySizes
 
     results = []
     for layers in (8, 48):
-        sizes = TinyPixtralSizes(
+        sizes = TinySizes(
             text_hidden_size=512,
             text_intermediate_size=1536,
             text_layers=layers,

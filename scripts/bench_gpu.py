@@ -64,28 +64,22 @@ sys.path.insert(0, str(ROOT / "src"))
 from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.loaders import AID_CLASS_NAMES  # noqa: E402
 from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
-from pixtral_lora.families import family_from_config  # noqa: E402
-from pixtral_lora.families.mistral3 import TOKENIZER_VERSIONS, ministral3_8b_config, mistral_small_config  # noqa: E402
-from pixtral_lora.families.pixtral import reference_config as pixtral_12b_config  # noqa: E402
+from pixtral_lora.families import by_shape, shape_names  # noqa: E402
 from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.tiny import TinySizes, build_processor, model_config, write_tekken  # noqa: E402
 
-# --model: (config.json of the real checkpoint, training config, tekken version, results file)
+# --model (a family's released shape, `families`): its training config and results file
 MODELS = {
-    "pixtral-12b": (pixtral_12b_config, "aid.yaml", None, "results-gpu-12b.json"),
-    "mistral-small-3.2": (
-        mistral_small_config,
-        "mistral_small_3_2_aid.yaml",
-        TOKENIZER_VERSIONS["mistralai/Mistral-Small-3.2-24B-Instruct-2506"],
-        "results-gpu-mistral-small-3.2.json",
-    ),
-    "ministral-3-8b": (
-        ministral3_8b_config,
-        "ministral3_8b_aid.yaml",
-        TOKENIZER_VERSIONS["mistralai/Ministral-3-8B-Instruct-2512"],
-        "results-gpu-ministral-3-8b.json",
-    ),
+    "pixtral-12b": ("aid.yaml", "results-gpu-12b.json"),
+    "mistral-small-3.2": ("mistral_small_3_2_aid.yaml", "results-gpu-mistral-small-3.2.json"),
+    "ministral-3-8b": ("ministral3_8b_aid.yaml", "results-gpu-ministral-3-8b.json"),
 }
+assert set(MODELS) == set(shape_names()), "every released shape needs its training config here"
+
+
+def real_config(model: str) -> dict:
+    """config.json of the released checkpoint `model` (its architecture fields)."""
+    return by_shape(model).shapes[model][0]()
 
 
 def parameters(config: dict) -> float:
@@ -112,8 +106,8 @@ def write_random_checkpoint(
     its tekken.json); `layers` cuts the text depth."""
     from transformers import AutoModelForImageTextToText
 
-    real, _, version, _ = MODELS[model]
-    family = family_from_config(real())
+    family = by_shape(model)
+    real, version = family.shapes[model]
     config = model_config(family, sizes, real())
     if layers is not None:
         config.text_config.num_hidden_layers = layers
@@ -186,7 +180,7 @@ def prepare_inputs(tmp: Path, args, device: str) -> dict:
         tmp / "model", TinySizes() if args.tiny else None, device, args.layers, args.model
     )
     build_s = time.perf_counter() - start
-    aid = load_config(ROOT / "configs" / MODELS[args.model][1])
+    aid = load_config(ROOT / "configs" / MODELS[args.model][0])
     per_step = aid.training.per_device_train_batch_size * aid.training.gradient_accumulation_steps
     needed = (args.warmup + args.steps) * per_step / 0.78 + args.eval_images / 0.2
     # the stratified split puts every class in the test split: at least 1 / test_size images per class
@@ -203,7 +197,7 @@ def measure_training(
 
     steps = steps or args.steps
     config = load_config(
-        ROOT / "configs" / MODELS[args.model][1],
+        ROOT / "configs" / MODELS[args.model][0],
         [
             f"model.name_or_path={tmp / 'model'}",
             f"data.path={tmp / 'data'}",
@@ -235,7 +229,7 @@ def measure_training(
     from pixtral_lora.modeling import load_processor
 
     tokens = tokens_per_sample(config, load_processor(tmp / "model"))
-    flops_per_token = 6 * parameters(MODELS[args.model][0]())  # the real model's count, see the docstring
+    flops_per_token = 6 * parameters(real_config(args.model))  # the real model's count, see the docstring
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in gpu), None)
     figures = {
@@ -452,7 +446,7 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="pixtral-12b", help="the shape checked")
     parser.add_argument("--out", help="results file (default: benchmarks/results-gpu-<model>.json)")
     args = parser.parse_args()
-    args.out = args.out or str(ROOT / "benchmarks" / MODELS[args.model][3])
+    args.out = args.out or str(ROOT / "benchmarks" / MODELS[args.model][1])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.tiny and not args.layers and device != "cuda":
         print(
@@ -466,7 +460,7 @@ def main() -> int:
     results: dict = {
         "benchmark": f"tiny {args.model} shape (script check)"
         if args.tiny
-        else f"{args.model} shape, random weights (configs/{MODELS[args.model][1]})"
+        else f"{args.model} shape, random weights (configs/{MODELS[args.model][0]})"
         + (f", cut to {args.layers} layers" if args.layers else ""),
         "model": args.model,
         "date": time.strftime("%Y-%m-%d"),

@@ -166,3 +166,26 @@ def test_patch_merger_lora_on_pixtral_is_one_line(tiny_model_dir, aid_dir, tmp_p
         "lora.train_patch_merger=true"))  # fmt: skip
     assert "Pixtral-12B has no patch merger" in one_line_error(result)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_image_edge_past_the_models_largest_is_one_line(tiny_model_dir, aid_dir, tmp_path):
+    """Pixtral-12B takes at most 1024 px (Mistral3 1540): train.py refuses more before anything is
+    created, and every other command through the renderer (here `data preview`)."""
+    from conftest import ROOT, run_cli, run_command, set_args
+
+    result = run_command(ROOT / "train.py", ROOT / "configs" / "tiny.yaml", *set_args(
+        f"model.name_or_path={tiny_model_dir}", f"data.path={aid_dir}", f"training.output_dir={tmp_path / 'run'}",
+        "data.image_longest_edge=1100"))  # fmt: skip
+    assert "Pixtral-12B take at most 1024 px" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+    preview = run_cli("data", "preview", aid_dir, "--processor", tiny_model_dir, "--image-longest-edge", 1100)
+    assert "takes at most 1024 px" in one_line_error(preview)
+
+
+def test_like_names_a_shape_of_the_family(tmp_path):
+    from pixtral_lora.families import UnknownFamilyError
+    from pixtral_lora.tiny import build_tiny_model
+
+    with pytest.raises(UnknownFamilyError, match="not a pixtral shape; its shapes: pixtral-12b"):
+        build_tiny_model(tmp_path / "m", family="pixtral", like="ministral-3-8b")
+    assert not (tmp_path / "m").exists()

@@ -23,9 +23,6 @@ def _dequantize(args) -> int:
 def _tiny_model(args) -> int:
     from pixtral_lora.tiny import build_tiny_model
 
-    if args.like and args.family != "mistral3":
-        print("error: --like picks a Mistral3 model's config; use it with --family mistral3", file=sys.stderr)
-        return 2
     out = build_tiny_model(args.out, seed=args.seed, family=args.family, like=args.like)
     print(f"tiny {args.family} model written to {out}")
     return 0
@@ -236,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         Probability,
         cli_number,
     )
+    from pixtral_lora.families import shape_names
 
     parser = argparse.ArgumentParser(prog="pixtral-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -254,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument(
         "--like",
-        choices=["mistral-small-3.2", "ministral-3-8b"],
-        help="with --family mistral3: whose config to copy (default mistral-small-3.2; ministral-3-8b has a "
+        choices=shape_names(),
+        help="which released shape of --family to copy (default its flagship; mistral3's ministral-3-8b has a "
         "ministral3 language model: YaRN rope, llama-4 attention scaling)",
     )
     tiny.set_defaults(func=_tiny_model)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.families import Family, by_name
+from pixtral_lora.families import Family, UnknownFamilyError, by_name
 from pixtral_lora.modeling import chat_template, packaged_tekken
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ class TinySizes:
     vision_intermediate_size: int = 128
     vision_layers: int = 2
     vision_heads: int = 2
-
-
-TinyPixtralSizes = TinySizes  # the name scripts and older runs' notes use
 
 
 def model_config(
@@ -113,12 +110,11 @@ def build_processor(family: Family | str = "pixtral", tekken: Path | None = None
     from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
     family = by_name(family) if isinstance(family, str) else family
-    if tekken is None and family.packaged_tekken is None:
+    version = next(iter(family.shapes.values()))[1]  # the flagship's, when no tekken is given
+    if tekken is None and version is not None:
         import tempfile
 
-        from pixtral_lora.families.mistral3 import TINY_TOKENIZER_VERSION
-
-        tekken = write_tekken(Path(tempfile.mkdtemp()) / "tekken.json", family, TINY_TOKENIZER_VERSION)
+        tekken = write_tekken(Path(tempfile.mkdtemp()) / "tekken.json", family, version)
     tekken = tekken or packaged_tekken(family.packaged_tekken)
     template = chat_template(str(tekken))
     tokenizer = convert_tekken_tokenizer(str(tekken), chat_template=template)
@@ -144,23 +140,24 @@ def build_tiny_model(
 ) -> Path:
     """Write a random-initialised tiny model of `family` (config, safetensors, processor[, tekken.json]).
 
-    like: for Mistral3, the released config to copy ("mistral-small-3.2", the default, or
-    "ministral-3-8b": a `ministral3` language model with YaRN rope and llama-4 attention scaling).
+    like: which of the family's released `shapes` to copy (default: its flagship; for Mistral3
+    "ministral-3-8b" is a `ministral3` language model with YaRN rope and llama-4 attention scaling).
     """
     from transformers import AutoModelForImageTextToText
 
     from pixtral_lora.io import HF_CHECKPOINT_FILES, atomic_directory
 
     family = by_name(family) if isinstance(family, str) else family
+    like = like or next(iter(family.shapes))
+    if like not in family.shapes:
+        raise UnknownFamilyError(
+            f"--like {like}: not a {family.name} shape; its shapes: {', '.join(family.shapes)}"
+        )
+    copy, version = family.shapes[like]
     out = Path(out)
     torch.manual_seed(seed)
     sizes = sizes or TinySizes()
-    real, version = family.reference_config(), None
-    if family.packaged_tekken is None:
-        from pixtral_lora.families.mistral3 import LIKE
-
-        copy, version = LIKE[like or "mistral-small-3.2"]
-        real = copy()
+    real = copy()
     config = model_config(family, sizes, real)
     model = AutoModelForImageTextToText.from_config(config)
     match_logit_range(model, real["text_config"]["hidden_size"])

@@ -37,6 +37,19 @@ def by_name(name: str) -> Family:
     raise UnknownFamilyError(f"unknown model family {name!r}; supported: {supported()}")
 
 
+def by_shape(name: str) -> Family:
+    """The family one of whose released `shapes` is `name` ("pixtral-12b", "ministral-3-8b", ...)."""
+    for family in _families().values():
+        if name in family.shapes:
+            return family
+    raise UnknownFamilyError(f"unknown model shape {name!r}; known: {', '.join(shape_names())}")
+
+
+def shape_names() -> list[str]:
+    """Every family's released shapes, flagship first."""
+    return [name for family in _families().values() for name in family.shapes]
+
+
 def supported() -> str:
     """One line naming every supported family and its checkpoints."""
     return "; ".join(f"{f.architecture} ({f.models})" for f in _families().values())
@@ -93,8 +106,10 @@ __all__ = [
     "Family",
     "UnknownFamilyError",
     "by_name",
+    "by_shape",
     "config_json",
     "family_from_config",
     "family_of",
+    "shape_names",
     "supported",
 ]

@@ -28,8 +28,14 @@ class Family:
     connector_native_keys: tuple[tuple[str, str], ...]
     # params.json `vision_encoder` fields fixed by the family (the rest come from config.json)
     native_vision_params: dict = field(default_factory=dict)
-    # config.json of the family's flagship checkpoint: what the tiny model copies
-    reference_config: Callable[[], dict] = dict
+    # Released shapes a tiny model (`tiny-model --like`) or a benchmark (`bench_gpu.py --model`) copies:
+    # name -> (config.json's architecture fields, tekken version to write; None: the packaged tekken).
+    # The first is the family's flagship.
+    shapes: dict[str, tuple[Callable[[], dict], str | None]] = field(default_factory=dict)
+
+    def reference_config(self) -> dict:
+        """config.json of the family's flagship checkpoint (the first of `shapes`)."""
+        return next(iter(self.shapes.values()))[0]()
 
     @property
     def image_cell(self) -> int:

@@ -17,7 +17,6 @@ TOKENIZER_VERSIONS = {
     "mistralai/Magistral-Small-2509": "v13",
     "mistralai/Ministral-3-8B-Instruct-2512": "v13",
 }
-TINY_TOKENIZER_VERSION = "v11"  # Mistral-Small-3.2's, whose config the tiny model copies by default
 
 
 def _vision_config() -> dict:
@@ -137,11 +136,14 @@ MISTRAL3 = Family(
         "mm_projector_id": "patch_merge",
         "add_pre_mm_projector_layer_norm": True,
     },
-    reference_config=mistral_small_config,
+    shapes={
+        "mistral-small-3.2": (
+            mistral_small_config,
+            TOKENIZER_VERSIONS["mistralai/Mistral-Small-3.2-24B-Instruct-2506"],
+        ),
+        "ministral-3-8b": (
+            ministral3_8b_config,
+            TOKENIZER_VERSIONS["mistralai/Ministral-3-8B-Instruct-2512"],
+        ),
+    },
 )
-
-# `tiny-model --family mistral3 --like NAME`: the released config a tiny model copies, and its tekken version
-LIKE = {
-    "mistral-small-3.2": (mistral_small_config, TINY_TOKENIZER_VERSION),
-    "ministral-3-8b": (ministral3_8b_config, TOKENIZER_VERSIONS["mistralai/Ministral-3-8B-Instruct-2512"]),
-}

@@ -3,7 +3,7 @@
 from pixtral_lora.families.family import Family
 
 
-def reference_config() -> dict:
+def pixtral_12b_config() -> dict:
     """`config.json` of `mistral-community/pixtral-12b` (the fields that define the architecture)."""
     return {
         "architectures": ["LlavaForConditionalGeneration"],
@@ -63,5 +63,5 @@ PIXTRAL = Family(
         (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"vision_language_adapter.w_in.\1"),
         (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"vision_language_adapter.w_out.\1"),
     ),
-    reference_config=reference_config,
+    shapes={"pixtral-12b": (pixtral_12b_config, None)},
 )
