@@ -203,3 +203,21 @@ def test_preview_save_image_never_replaces_a_picture_it_did_not_write(tmp_path, 
         304,
         304,
     )  # a 64-px scene at the default longest edge 300, in 16-px patches
+
+
+def test_a_run_recorded_before_a_config_field_existed_is_still_the_same_run(tiny_run, tmp_path):
+    """Runs record their config as text; a field added since (here lora.train_patch_merger, at its
+    default) must not make an unchanged run 'another config', while a real difference still does."""
+    from pixtral_lora.config import load_config
+    from pixtral_lora.errors import RunDirError
+    from pixtral_lora.rundir import recorded_split
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    recorded = (run / "config.yaml").read_text().replace(str(tiny_run), str(run))
+    assert "  train_patch_merger: false\n" in recorded
+    (run / "config.yaml").write_text(recorded.replace("  train_patch_merger: false\n", ""))
+    config = load_config(run / "config.yaml")  # today's schema: the field back at its default
+    assert recorded_split(config) == json.loads((run / "split.json").read_text())
+    (run / "config.yaml").write_text(recorded.replace("  r: 16\n", "  r: 8\n"))
+    with pytest.raises(RunDirError, match="holds a run with a different config"):
+        recorded_split(config)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.config import Config, dump_config
+from pixtral_lora.config import Config, dump_config, load_config
 from pixtral_lora.data.loaders import check_data_path
-from pixtral_lora.errors import RunDirError
-from pixtral_lora.families import family_of
+from pixtral_lora.errors import RunDirError, UserError
+from pixtral_lora.families import config_json, family_from_config
 from pixtral_lora.io import atomic_file, check_writable, run_lock
 from pixtral_lora.modeling import check_model_source, check_quantization, checkpoint_fingerprint
 
@@ -60,6 +60,15 @@ def environment(config: Config, device: str) -> dict:
     }
 
 
+def _in_current_schema(saved_config: Path) -> str | None:
+    """A run's config.yaml re-dumped through today's schema, so a field added since (at its default, the
+    behaviour the run had) does not make it another run; None when it no longer loads."""
+    try:
+        return dump_config(load_config(saved_config))
+    except UserError:
+        return None
+
+
 def recorded_split(config: Config, also_same: list[Config] = ()) -> dict | None:
     """The split recorded by an earlier run of this same config in its run directory (None if new).
 
@@ -73,7 +82,8 @@ def recorded_split(config: Config, also_same: list[Config] = ()) -> dict | None:
     if not saved_config.exists():
         return None
     saved = saved_config.read_text(encoding="utf-8")
-    if saved not in {dump_config(c) for c in (config, *also_same)}:
+    same = {dump_config(c) for c in (config, *also_same)}
+    if saved not in same and _in_current_schema(saved_config) not in same:
         trained = (run_dir / "adapter").exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
         if not trained:
             logger.warning(
@@ -166,8 +176,9 @@ def is_main_process() -> bool:
 def preflight(config: Config, resume: str = "auto") -> None:
     """Every check that needs no data loading, before anything is created: one-line errors."""
     check_model_source(config.model.name_or_path, "model.name_or_path")
-    family = family_of(config.model.name_or_path)  # an unsupported architecture: one line, now
-    check_quantization(config.model.name_or_path, config.model.quantization)  # FP8 + 4-bit: one line
+    saved, source = config_json(config.model.name_or_path)
+    family = family_from_config(saved, source)  # an unsupported architecture: one line, now
+    check_quantization(config.model.name_or_path, config.model.quantization, saved)  # FP8 + 4-bit: one line
     if config.lora.train_patch_merger and not family.merger_lora_modules:
         raise RunDirError(
             f"lora.train_patch_merger: {family.models} has no patch merger (Mistral3 models do)"
