@@ -241,10 +241,11 @@ def load_model(
     """
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    from pixtral_lora.families import family_of
+    from pixtral_lora.families import config_json, family_from_config
 
-    family_of(model_name_or_path)  # an unsupported architecture is one line, before any weight loads
-    fp8 = check_quantization(model_name_or_path, quantization)
+    saved, source = config_json(model_name_or_path)
+    family_from_config(saved, source)  # an unsupported architecture is one line, before any weight loads
+    fp8 = check_quantization(model_name_or_path, quantization, saved)
     device = device or best_device()
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {
@@ -281,17 +282,13 @@ def load_model(
     return model
 
 
-def checkpoint_quantization(model_name_or_path: str | os.PathLike) -> dict:
-    """The `quantization_config` a checkpoint was saved with ({} for full-precision weights)."""
-    from pixtral_lora.families import config_json
-
-    return config_json(model_name_or_path)[0].get("quantization_config") or {}
-
-
-def check_quantization(model_name_or_path: str | os.PathLike, quantization: str | None) -> dict | None:
-    """The FP8 quantization_config of a checkpoint saved in FP8 (None otherwise); one line when the
-    requested 4-bit loading cannot start from it, or the checkpoint is quantized some other way."""
-    saved = checkpoint_quantization(model_name_or_path)
+def check_quantization(
+    model_name_or_path: str | os.PathLike, quantization: str | None, config: dict
+) -> dict | None:
+    """The FP8 quantization_config of a checkpoint saved in FP8 (None otherwise), from its config.json
+    dict `config`; one line when the requested 4-bit loading cannot start from it, or the checkpoint is
+    quantized some other way."""
+    saved = config.get("quantization_config") or {}
     method = saved.get("quant_method")
     if not method:
         return None

@@ -41,8 +41,3 @@ class Family:
     def image_cell(self) -> int:
         """Pixels per image token along each side (patch size times spatial merge)."""
         return self.patch_size * self.spatial_merge_size
-
-    def image_tokens(self, width: int, height: int) -> int:
-        """Tokens an image of cell-aligned size costs: one per cell, one [IMG_BREAK]/[IMG_END] per row."""
-        columns, rows = -(-width // self.image_cell), -(-height // self.image_cell)
-        return rows * (columns + 1)
