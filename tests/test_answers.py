@@ -2,7 +2,7 @@
 
 import pytest
 
-from pixtral_lora.answers import AnswerParser
+from pixtral_lora.task.answers import AnswerParser
 
 CLASSES = ["Airport", "DenseResidential", "MediumResidential", "Forest", "Port", "RailwayStation"]
 

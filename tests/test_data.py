@@ -17,7 +17,7 @@ from pixtral_lora.data.loaders import (
     to_conversations,
 )
 from pixtral_lora.data.synth import draw_scene, generate_aid_like
-from pixtral_lora.prompt import PromptConfig
+from pixtral_lora.task.prompt import PromptConfig
 
 
 def test_generator_writes_aid_layout_deterministically(tmp_path):

@@ -352,8 +352,8 @@ def test_a_jsonl_without_newlines_is_not_read_whole(tmp_path, monkeypatch):
 
 
 def test_a_class_name_with_quotes_trains_on_valid_json_and_round_trips():
-    from pixtral_lora.answers import AnswerParser
-    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.task.answers import AnswerParser
+    from pixtral_lora.task.prompt import PromptConfig
 
     classes = ['Say "Hi"', "Back\\slash", "Forest", "森林"]
     prompt = PromptConfig()
@@ -368,7 +368,7 @@ def test_a_class_name_with_quotes_trains_on_valid_json_and_round_trips():
 
 
 def test_non_ascii_class_names_stay_apart_and_nonsense_is_a_hallucination():
-    from pixtral_lora.answers import AnswerParser, class_name_problem
+    from pixtral_lora.task.answers import AnswerParser, class_name_problem
 
     parser = AnswerParser(["森林", "沙漠", "Forest"])  # before: ValueError, same key
     assert class_name_problem(["森林", "沙漠"]) is None

@@ -2,8 +2,8 @@ import json
 
 from pixtral_lora.cli import main
 from pixtral_lora.data.loaders import load_aid_folder, to_conversations
-from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
+from pixtral_lora.task.prompt import PromptConfig
 
 
 def _conversations(aid_dir):

@@ -8,8 +8,8 @@ from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder, to_conve
 from pixtral_lora.evaluation import scoring
 from pixtral_lora.evaluation.evaluate import _batch_inputs, answer_token_ids, load_eval_model
 from pixtral_lora.evaluation.scoring import score_batch, score_positions
-from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, prompt_messages
+from pixtral_lora.task.prompt import PromptConfig
 
 
 def _full_forward_scores(model, renderer, row, images, candidates):

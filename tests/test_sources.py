@@ -265,8 +265,8 @@ def test_rendering_an_hf_source_again_is_read_from_the_datasets_cache(
 ):
     from pixtral_lora.data.hf import load_hf_splits
     from pixtral_lora.data.loaders import as_conversations
-    from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer, render_dataset
+    from pixtral_lora.task.prompt import PromptConfig
 
     _hub_like_dataset(aid_dir).to_parquet(tmp_path / "scenes.parquet")
 

@@ -70,8 +70,8 @@ def test_processor_uses_the_real_image_tokens_and_cell(family_model):
 
 def test_tiny_model_runs_forward_and_loss(family_model, aid_dir):
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
-    from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import TrainingCollator, render_dataset
+    from pixtral_lora.task.prompt import PromptConfig
 
     family, model_dir = family_model
     model = load_model(model_dir, quantization=None, device="cpu")
@@ -123,8 +123,8 @@ def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.families import family_from_config
     from pixtral_lora.families.mistral3 import ministral3_8b_config
-    from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import TrainingCollator, render_dataset
+    from pixtral_lora.task.prompt import PromptConfig
     from pixtral_lora.tiny import TinySizes, build_processor, model_config
     from pixtral_lora.training import peft_config
 

@@ -85,8 +85,8 @@ def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
 def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, processor, aid_dir):
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.modeling import load_model
-    from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer, TrainingCollator, render_dataset
+    from pixtral_lora.task.prompt import PromptConfig
     from pixtral_lora.training import _answer_only_trainer_class
 
     model = load_model(tiny_model_dir, device="cpu")
@@ -286,7 +286,7 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
 def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):
     from pixtral_lora.data.loaders import export_mistral_jsonl, load_aid_folder, to_conversations
     from pixtral_lora.evaluation.evaluate import evaluate_run
-    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.task.prompt import PromptConfig
     from pixtral_lora.training import train
 
     classes = ["Beach", "Desert", "Forest", "Port"]

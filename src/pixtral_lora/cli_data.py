@@ -74,8 +74,8 @@ def _data_preview(args) -> int:
     from pixtral_lora.config import load_config
     from pixtral_lora.data.preview import sample_view
     from pixtral_lora.modeling import load_processor
-    from pixtral_lora.prompt import PromptConfig
     from pixtral_lora.render import Renderer
+    from pixtral_lora.task.prompt import PromptConfig
     from pixtral_lora.tiny import build_processor
 
     if args.save_image:  # before any work: never over a file an earlier preview did not write
@@ -126,7 +126,7 @@ def _data_preview(args) -> int:
 
 def _data_export(args) -> int:
     from pixtral_lora.data.loaders import export_mistral_jsonl
-    from pixtral_lora.prompt import PromptConfig
+    from pixtral_lora.task.prompt import PromptConfig
 
     dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig(), args.allow_path)
     count = export_mistral_jsonl(dataset, args.out, args.image_longest_edge, overwrite=args.overwrite)

@@ -20,10 +20,10 @@ from pydantic import (
     model_validator,
 )
 
-from pixtral_lora.answers import class_name_problem
 from pixtral_lora.errors import UserError
 from pixtral_lora.modeling import PIXTRAL_12B
-from pixtral_lora.prompt import PromptConfig
+from pixtral_lora.task.answers import class_name_problem
+from pixtral_lora.task.prompt import PromptConfig
 
 LANGUAGE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LanguageTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

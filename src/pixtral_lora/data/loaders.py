@@ -21,10 +21,10 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
 
-from pixtral_lora.answers import class_name_problem
 from pixtral_lora.errors import DataError
 from pixtral_lora.images import DATA_URI, ImageError, encode_data_uri, load_image, read_image_bytes
-from pixtral_lora.prompt import PromptConfig, messages_to_json
+from pixtral_lora.task.answers import class_name_problem
+from pixtral_lora.task.prompt import PromptConfig, messages_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def check_roles(messages: list[dict], where: str) -> None:
 def _label_of(messages: list[dict], class_names: list[str] | None) -> str:
     if not class_names:
         return ""
-    from pixtral_lora.answers import AnswerParser
+    from pixtral_lora.task.answers import AnswerParser
 
     answer = "".join(c.get("text", "") for c in messages[-1]["content"])
     parsed = AnswerParser(class_names).parse(answer)

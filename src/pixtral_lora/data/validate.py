@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pixtral_lora.answers import AnswerParser, class_name_problem
 from pixtral_lora.data.loaders import (
     IMAGE_SUFFIXES,
     DataError,
@@ -28,6 +27,7 @@ from pixtral_lora.data.loaders import (
     read_lines,
 )
 from pixtral_lora.images import ImageError, load_image
+from pixtral_lora.task.answers import AnswerParser, class_name_problem
 
 
 @dataclass(frozen=True)

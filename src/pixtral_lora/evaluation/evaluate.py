@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pixtral_lora.answers import AnswerParser
 from pixtral_lora.evaluation.calibration import abstain, abstention_threshold, run_temperature
 from pixtral_lora.evaluation.metrics import classification_report, expected_calibration_error, outcome
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.evaluation.scoring import score_batch
-from pixtral_lora.prompt import PromptConfig
 from pixtral_lora.render import Renderer, pad_batch, prompt_messages
 from pixtral_lora.run import Run, load_eval_model  # noqa: F401  (load_eval_model: part of this module's API)
+from pixtral_lora.task.answers import AnswerParser
+from pixtral_lora.task.prompt import PromptConfig
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ class RunClassifier:
         abstain_below: float | None = None,
         target_accuracy: float | None = None,
     ):
-        from pixtral_lora.prompt import messages_to_json
+        from pixtral_lora.task.prompt import messages_to_json
 
         self.run = Run.open(run_dir, needs_adapter=model_path is None, needs_base=model_path is None)
         self.run_dir, self.config, self.class_names = self.run.run_dir, self.run.config, self.run.class_names

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pixtral_lora.answers import AnswerParser
 from pixtral_lora.errors import UserError
 from pixtral_lora.evaluation.evaluate import parsed_predictions, run_facts, summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.render import Renderer, prompt_messages
 from pixtral_lora.run import Run
+from pixtral_lora.task.answers import AnswerParser
 
 
 def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
