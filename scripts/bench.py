@@ -30,8 +30,8 @@ from pixtral_lora.data.splits import load_run_data  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.evaluation.evaluate import answer_token_ids, load_eval_model, predict_rows  # noqa: E402
 from pixtral_lora.evaluation.scoring import score_positions  # noqa: E402
-from pixtral_lora.io import write_json  # noqa: E402
 from pixtral_lora.modeling import best_device, load_processor  # noqa: E402
+from pixtral_lora.outputs import write_json  # noqa: E402
 from pixtral_lora.render import Renderer, render_dataset  # noqa: E402
 from pixtral_lora.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.training import train  # noqa: E402

@@ -65,7 +65,7 @@ from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.loaders import AID_CLASS_NAMES  # noqa: E402
 from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
 from pixtral_lora.families import by_shape, shape_names  # noqa: E402
-from pixtral_lora.io import write_json  # noqa: E402
+from pixtral_lora.outputs import write_json  # noqa: E402
 from pixtral_lora.tiny import TinySizes, build_processor, model_config, write_tekken  # noqa: E402
 
 # --model (a family's released shape, `families`): its training config and results file

@@ -375,7 +375,7 @@ def main() -> int:
             found, results[like] = check_mistral3(args.vllm_python, work, data, max_tokens, like, lora)
             problems += found
         results["check_seconds"] = time.perf_counter() - began
-    from pixtral_lora.io import write_json
+    from pixtral_lora.outputs import write_json
 
     write_json(args.out, results)
     print(json.dumps(results, indent=1))

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pixtral_lora"
 LAYERS = [
     ["errors"],
     ["families"],
-    ["io", "tiny", "task", "raster", "images", "modeling", "config"],
+    ["outputs", "tiny", "task", "raster", "images", "modeling", "config"],
     ["data", "render"],
     ["run", "rundir"],
     ["evaluation"],

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pixtral_lora.cli import main
 from pixtral_lora.errors import DataError
-from pixtral_lora.io import OutputError
+from pixtral_lora.outputs import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_eval_predict_and_data_export_refuse_foreign_outputs(tiny_run, aid_dir, 
 
 
 def test_a_second_training_on_a_locked_run_directory_fails_at_once(tiny_model_dir, aid_dir, tmp_path):
-    from pixtral_lora.io import run_lock
+    from pixtral_lora.outputs import run_lock
 
     run = tmp_path / "run"
     run.mkdir()
@@ -184,13 +184,13 @@ def test_a_second_training_on_a_locked_run_directory_fails_at_once(tiny_model_di
 
 
 def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path):
-    from pixtral_lora.io import RunLockedError, run_lock
+    from pixtral_lora.outputs import RunLockedError, run_lock
 
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pixtral_lora.io import run_lock\n"
+            "import sys, time; from pixtral_lora.outputs import run_lock\n"
             f"with run_lock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

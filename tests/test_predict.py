@@ -119,7 +119,7 @@ def test_lists_globs_and_datasets_are_sources_and_parquet_an_output(tiny_run, ar
 
 
 def test_a_second_predict_on_the_same_output_fails_at_once(tiny_run, archive, tmp_path, capsys):
-    from pixtral_lora.io import output_lock
+    from pixtral_lora.outputs import output_lock
 
     out = tmp_path / "p.jsonl"
     with output_lock(out):

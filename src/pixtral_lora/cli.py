@@ -183,7 +183,7 @@ def _is_comparison(path: Path) -> bool:
 
 def _compare(args) -> int:
     from pixtral_lora.evaluation.compare import compare, render_html, render_markdown
-    from pixtral_lora.io import atomic_file, check_replaceable_file
+    from pixtral_lora.outputs import atomic_file, check_replaceable_file
 
     if args.out and Path(args.out).suffix not in (".md", ".html"):
         print(f"error: --out {args.out}: use a .md or .html file name", file=sys.stderr)

@@ -79,7 +79,7 @@ def _data_preview(args) -> int:
     from pixtral_lora.tiny import build_processor
 
     if args.save_image:  # before any work: never over a file an earlier preview did not write
-        from pixtral_lora.io import check_replaceable_file, is_our_png
+        from pixtral_lora.outputs import check_replaceable_file, is_our_png
 
         check_replaceable_file(args.save_image, is_our_png)
     prompt, longest_edge, allowed, bands = (
@@ -105,7 +105,7 @@ def _data_preview(args) -> int:
     if args.save_image:
         from PIL.PngImagePlugin import PngInfo
 
-        from pixtral_lora.io import PNG_SOFTWARE, atomic_file, is_our_png
+        from pixtral_lora.outputs import PNG_SOFTWARE, atomic_file, is_our_png
 
         image = renderer.load_images(dataset[args.index]["images"])[0]  # exactly the pixels the model gets
         info = PngInfo()

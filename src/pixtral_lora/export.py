@@ -33,12 +33,6 @@ from tqdm import tqdm
 from pixtral_lora.errors import UserError
 from pixtral_lora.families import Family, UnknownFamilyError, family_from_config
 from pixtral_lora.families.pixtral import PIXTRAL
-from pixtral_lora.io import (
-    HF_CHECKPOINT_FILES,
-    MISTRAL_EXPORT_FILES,
-    atomic_directory,
-    write_json,
-)
 from pixtral_lora.modeling import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
@@ -47,6 +41,12 @@ from pixtral_lora.modeling import (
     checkpoint_fingerprint,
     checkpoint_tekken,
     read_adapter_config,
+)
+from pixtral_lora.outputs import (
+    HF_CHECKPOINT_FILES,
+    MISTRAL_EXPORT_FILES,
+    atomic_directory,
+    write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def export_mistral(
     `out` may replace a previous Mistral-format export only (else `overwrite`); `force` merges an
     adapter into a base other than the one it was trained on (same shapes).
     """
-    from pixtral_lora.io import check_replaceable
+    from pixtral_lora.outputs import check_replaceable
 
     check_replaceable(out, MISTRAL_EXPORT_FILES, overwrite)
     checkpoint = resolve_checkpoint(model)
@@ -523,8 +523,8 @@ def export_hf(
 ) -> Path:
     """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor
     and the base's tekken.json; an FP8 base is written dequantized (`pixtral-lora dequantize`)."""
-    from pixtral_lora.io import check_replaceable
     from pixtral_lora.modeling import load_model, load_processor
+    from pixtral_lora.outputs import check_replaceable
 
     check_replaceable(out, HF_CHECKPOINT_FILES, overwrite)
     checkpoint = resolve_checkpoint(model)

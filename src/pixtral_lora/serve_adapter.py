@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pixtral_lora.export import ExportError, LoraDeltas, current_hf_name, resolve_checkpoint, unpermute_rotary
-from pixtral_lora.io import ADAPTER_FILES, atomic_directory, write_json
 from pixtral_lora.modeling import VLLM_LORA_RANKS, read_adapter_config
+from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
 
 # What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
 # as LoRA: PEFT keys in transformers' current layout, mapped by its `hf_to_vllm_mapper`

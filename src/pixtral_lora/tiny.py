@@ -145,7 +145,7 @@ def build_tiny_model(
     """
     from transformers import AutoModelForImageTextToText
 
-    from pixtral_lora.io import HF_CHECKPOINT_FILES, atomic_directory
+    from pixtral_lora.outputs import HF_CHECKPOINT_FILES, atomic_directory
 
     family = by_name(family) if isinstance(family, str) else family
     like = like or next(iter(family.shapes))

@@ -437,7 +437,7 @@ def export_mistral_jsonl(
     An existing `out` is replaced only if it is such a JSONL file (or with `overwrite`).
     """
     from pixtral_lora.images import prepare_image
-    from pixtral_lora.io import atomic_file
+    from pixtral_lora.outputs import atomic_file
 
     count = 0
     with atomic_file(out, recognise=_is_mistral_jsonl, overwrite=overwrite) as handle:

@@ -160,7 +160,7 @@ def generate_aid_like(
     or an earlier synthetic folder (it holds `synthetic.json`): the scenes are named like AID's own
     files, and drawing them into a real dataset would overwrite its images.
     """
-    from pixtral_lora.io import OutputError, atomic_directory
+    from pixtral_lora.outputs import OutputError, atomic_directory
 
     root = Path(root)
     classes = _known_classes(classes)
@@ -199,7 +199,7 @@ def generate_scene_mosaic(
     import numpy as np
     from rasterio.transform import from_origin
 
-    from pixtral_lora.io import atomic_file, check_replaceable_file
+    from pixtral_lora.outputs import atomic_file, check_replaceable_file
     from pixtral_lora.raster import write_geotiff
 
     classes = _known_classes(classes)

@@ -443,7 +443,7 @@ def evaluate_run(
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     The report directory replaces a previous report only (anything else needs `overwrite`).
     """
-    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable, check_writable
+    from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable, check_writable
 
     needs_adapter = "finetuned" in models and merged is None
     run = Run.open(run_dir, needs_adapter=needs_adapter, needs_base="base" in models or needs_adapter)

@@ -177,7 +177,7 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
 
 def write_confusion_csv(report: ClassificationReport, class_names: list[str], path: Path) -> None:
     """Confusion matrix as CSV: one row per gold class, one column per predicted class (+ invalid)."""
-    from pixtral_lora.io import atomic_file
+    from pixtral_lora.outputs import atomic_file
 
     with atomic_file(path) as handle:
         writer = csv.writer(handle)
@@ -193,7 +193,7 @@ def plot_confusion(report: ClassificationReport, class_names: list[str], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pixtral_lora.io import atomic_file
+    from pixtral_lora.outputs import atomic_file
 
     matrix = np.asarray(report.confusion, dtype=float)
     rows = matrix.sum(axis=1, keepdims=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pixtral_lora.evaluation.metrics import plot_confusion, write_confusion_csv
-from pixtral_lora.io import EVAL_REPORT_FILES, atomic_directory, atomic_file, write_json
+from pixtral_lora.outputs import EVAL_REPORT_FILES, atomic_directory, atomic_file, write_json
 
 
 def write_report(

@@ -96,7 +96,7 @@ def evaluate_run_vllm(
 ) -> Path:
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format
     dir, or (base dir, --adapter-only LoRA dir) to evaluate the adapter as vLLM serves it."""
-    from pixtral_lora.io import EVAL_REPORT_FILES, check_replaceable
+    from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable
 
     run = Run.open(run_dir, needs_adapter=False, needs_base=False)
     run_dir, config, class_names = run.run_dir, run.config, run.class_names

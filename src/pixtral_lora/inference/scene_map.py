@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pixtral_lora.errors import DataError
-from pixtral_lora.io import (
+from pixtral_lora.outputs import (
     PNG_SOFTWARE,
     atomic_file,
     check_replaceable_file,
