@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pixtral_lora"
 LAYERS = [
     ["errors"],
     ["families"],
-    ["outputs", "tiny", "task", "raster", "images", "modeling", "config"],
-    ["data", "render"],
+    ["outputs", "tiny", "task", "modeling"],
+    ["config", "data", "render"],
     ["run", "rundir"],
     ["evaluation"],
     ["live_eval", "training", "inference", "export", "serve_adapter"],
@@ -98,8 +98,8 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
     (package / "data" / "__init__.py").write_text("")
     (package / "data" / "a.py").write_text("def f():\n    from pixtral_lora.data.b import g\n")
     (package / "data" / "b.py").write_text("from pixtral_lora.data.a import f\n")
-    (package / "images.py").write_text("from pixtral_lora.data.a import f\n")
+    (package / "outputs.py").write_text("from pixtral_lora.data.a import f\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     graph = _imports(_modules())
     assert "data.b" in graph["data.a"] and "data.a" in graph["data.b"]
-    assert _layer("data.a") > _layer("images") and "data.a" in graph["images"]
+    assert _layer("data.a") > _layer("outputs") and "data.a" in graph["outputs"]

@@ -325,7 +325,7 @@ def test_csv_and_folder_symlinks_outside_are_refused(tmp_path):
 
 
 def test_huge_files_are_refused_before_they_are_read(tmp_path):
-    from pixtral_lora.images import ImageError, load_image, read_image_bytes
+    from pixtral_lora.data.images import ImageError, load_image, read_image_bytes
 
     huge = tmp_path / "huge.jpg"
     with open(huge, "wb") as handle:

@@ -188,8 +188,8 @@ def test_validate_names_a_null_image_by_split_and_row(hub_home):
 
 
 def test_a_null_image_is_an_unreadable_image_not_a_traceback():
+    from pixtral_lora.data.images import ImageError
     from pixtral_lora.data.loaders import image_source
-    from pixtral_lora.images import ImageError
 
     with pytest.raises(ImageError, match="null"):
         image_source(None)

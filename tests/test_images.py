@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixtral_lora.images import (
+from pixtral_lora.data.images import (
     ImageError,
     encode_data_uri,
     image_token_count,

@@ -41,7 +41,7 @@ def mosaic_pixels(tmp_path_factory):
 
 
 def _write(path: Path, pixels: np.ndarray, crs, transform, **creation_options) -> Path:
-    from pixtral_lora.raster import write_geotiff
+    from pixtral_lora.data.raster import write_geotiff
 
     write_geotiff(path, pixels, crs=crs, transform=transform, **creation_options)
     return path

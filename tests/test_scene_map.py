@@ -71,7 +71,7 @@ def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
     import numpy as np
 
     import pixtral_lora.inference.scene_map as scene_map
-    from pixtral_lora.raster import write_geotiff
+    from pixtral_lora.data.raster import write_geotiff
 
     array = np.zeros((3, 96, 96), dtype=np.uint8)
     array[:, :48, :48] = 200  # one tile with content, three empty (0 = no data here)

@@ -203,8 +203,8 @@ def test_benchmark_layouts_load_with_readable_labels_and_back(name, tmp_path, pr
 
 
 def test_band_selection_and_percentile_stretch_are_exact(tmp_path):
-    from pixtral_lora.images import load_image
-    from pixtral_lora.raster import BandOptions, write_geotiff
+    from pixtral_lora.data.images import load_image
+    from pixtral_lora.data.raster import BandOptions, write_geotiff
 
     # 4 bands, uint16; band b holds the values 1000*b + 0..99 in a 10x10 ramp, plus a nodata corner
     ramp = np.arange(100, dtype=np.uint16).reshape(10, 10)
@@ -229,7 +229,7 @@ def test_trains_from_a_13_band_geotiff_folder_and_preview_shows_the_same_pixels(
     tiny_model_dir, aid_dir, tmp_path
 ):
     from pixtral_lora.cli import main
-    from pixtral_lora.raster import write_geotiff
+    from pixtral_lora.data.raster import write_geotiff
 
     data = tmp_path / "ms"
     for name in SYNTH_CLASSES:

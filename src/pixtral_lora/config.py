@@ -151,7 +151,7 @@ class DataSection(_Section):
 
     def band_options(self):
         """The `raster.BandOptions` images are read with (None: the defaults)."""
-        from pixtral_lora.raster import BandOptions
+        from pixtral_lora.data.raster import BandOptions
 
         stretch = self.stretch if self.stretch == "percentile" else tuple(tuple(r) for r in self.stretch)
         return BandOptions(

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 
+from pixtral_lora.data.images import image_token_count, load_image, prepare_image, processor_cell
 from pixtral_lora.data.loaders import image_source
 from pixtral_lora.errors import UserError
-from pixtral_lora.images import image_token_count, load_image, prepare_image, processor_cell
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def render_dataset(renderer: Renderer, conversations: Dataset, report: RenderRep
     Truncating would cut inside image tokens (the model then errors on a token/feature mismatch) or
     drop the answer; a skipped sample is reported by id instead.
     """
-    from pixtral_lora.images import ImageError
+    from pixtral_lora.data.images import ImageError
 
     report = report if report is not None else RenderReport()
 

@@ -378,7 +378,7 @@ def _train_in(
 
 def _unreadable(renderer: Renderer, dataset) -> list[str]:
     """Ids of rows whose images cannot be decoded (checked once, here, so eval need not trip on them)."""
-    from pixtral_lora.images import ImageError
+    from pixtral_lora.data.images import ImageError
 
     bad = []
     for row in dataset:

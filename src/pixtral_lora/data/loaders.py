@@ -21,8 +21,8 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
 
+from pixtral_lora.data.images import DATA_URI, ImageError, encode_data_uri, load_image, read_image_bytes
 from pixtral_lora.errors import DataError
-from pixtral_lora.images import DATA_URI, ImageError, encode_data_uri, load_image, read_image_bytes
 from pixtral_lora.task.answers import class_name_problem
 from pixtral_lora.task.prompt import PromptConfig, messages_to_json
 
@@ -436,7 +436,7 @@ def export_mistral_jsonl(
 
     An existing `out` is replaced only if it is such a JSONL file (or with `overwrite`).
     """
-    from pixtral_lora.images import prepare_image
+    from pixtral_lora.data.images import prepare_image
     from pixtral_lora.outputs import atomic_file
 
     count = 0

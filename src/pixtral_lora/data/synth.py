@@ -199,8 +199,8 @@ def generate_scene_mosaic(
     import numpy as np
     from rasterio.transform import from_origin
 
+    from pixtral_lora.data.raster import write_geotiff
     from pixtral_lora.outputs import atomic_file, check_replaceable_file
-    from pixtral_lora.raster import write_geotiff
 
     classes = _known_classes(classes)
     check_replaceable_file(out, _is_synthetic_scene)  # never over a raster someone else made

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pixtral_lora.data.images import ImageError, load_image
 from pixtral_lora.data.loaders import (
     IMAGE_SUFFIXES,
     DataError,
@@ -26,7 +27,6 @@ from pixtral_lora.data.loaders import (
     mistral_messages_to_hf,
     read_lines,
 )
-from pixtral_lora.images import ImageError, load_image
 from pixtral_lora.task.answers import AnswerParser, class_name_problem
 
 

@@ -229,7 +229,7 @@ def predict_rows(
     `unreadable`; the others in its batch go on. Score mode's probabilities are softmax(scores / T)
     with a calibration's `temperature` (marked `calibrated`), else the raw softmax.
     """
-    from pixtral_lora.images import ImageError
+    from pixtral_lora.data.images import ImageError
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -506,8 +506,8 @@ def evaluate_run(
 
 def _thumbnails(rows: list[dict], predictions: dict, renderer: Renderer, limit: int, size: int = 160) -> dict:
     """Image id -> JPEG data URI of the image as the model saw it (resized), for the gallery's items."""
+    from pixtral_lora.data.images import ImageError, encode_data_uri
     from pixtral_lora.evaluation.report_html import gallery_items
-    from pixtral_lora.images import ImageError, encode_data_uri
 
     by_id = {row["id"]: row for row in rows}
     wanted = {p.id for (_, mode), preds in predictions.items() for p in gallery_items(preds, mode, limit)}

@@ -24,7 +24,7 @@ def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
     encodes with mistral_common under `--tokenizer-mode mistral`) sees the prompt the model was
     trained on; `tests/test_evaluation.py` checks the token ids against our renderer's.
     """
-    from pixtral_lora.images import encode_data_uri
+    from pixtral_lora.data.images import encode_data_uri
 
     images = iter(renderer.load_images(row["images"]))
     out = []

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pixtral_lora.data.images import ImageError, read_image_bytes
 from pixtral_lora.data.loaders import IMAGE_SUFFIXES
 from pixtral_lora.errors import DataError
-from pixtral_lora.images import ImageError, read_image_bytes
 from pixtral_lora.outputs import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
 
 logger = logging.getLogger(__name__)

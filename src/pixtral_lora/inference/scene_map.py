@@ -33,6 +33,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pixtral_lora.data.raster import read_rgb
 from pixtral_lora.errors import DataError
 from pixtral_lora.outputs import (
     PNG_SOFTWARE,
@@ -42,7 +43,6 @@ from pixtral_lora.outputs import (
     is_our_png,
     locks_its_output,
 )
-from pixtral_lora.raster import read_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, b
     band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`raster`).
     Raises `ImageError` for missing, truncated, corrupt or oversized images.
     """
-    from pixtral_lora import raster
+    from pixtral_lora.data import raster
 
     name = describe_source(source)
     data = read_image_bytes(source)
