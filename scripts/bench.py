@@ -30,10 +30,10 @@ from pixtral_lora.data.splits import load_run_data  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.evaluation.evaluate import answer_token_ids, load_eval_model, predict_rows  # noqa: E402
 from pixtral_lora.evaluation.scoring import score_positions  # noqa: E402
-from pixtral_lora.modeling import best_device, load_processor  # noqa: E402
+from pixtral_lora.model.loading import best_device, load_processor  # noqa: E402
+from pixtral_lora.model.render import Renderer, render_dataset  # noqa: E402
+from pixtral_lora.model.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402
-from pixtral_lora.render import Renderer, render_dataset  # noqa: E402
-from pixtral_lora.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.training import train  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def export_memory(tmp: Path) -> list[dict]:
     """
     import subprocess
 
-    from pixtral_lora.tiny import TinySizes
+    from pixtral_lora.model.tiny import TinySizes
 
     results = []
     for layers in (8, 48):
@@ -145,7 +145,7 @@ def input_pipeline(tmp: Path, processor, images: int = 96) -> dict:
     from torch.utils.data import DataLoader
 
     from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder
-    from pixtral_lora.render import TrainingCollator
+    from pixtral_lora.model.render import TrainingCollator
 
     config = load_config(ROOT / "configs" / "aid.yaml")
     data = generate_aid_like(

@@ -65,8 +65,8 @@ from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.loaders import AID_CLASS_NAMES  # noqa: E402
 from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
 from pixtral_lora.families import by_shape, shape_names  # noqa: E402
+from pixtral_lora.model.tiny import TinySizes, build_processor, model_config, write_tekken  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402
-from pixtral_lora.tiny import TinySizes, build_processor, model_config, write_tekken  # noqa: E402
 
 # --model (a family's released shape, `families`): its training config and results file
 MODELS = {
@@ -154,7 +154,7 @@ def _step_clock():
 def tokens_per_sample(config, processor) -> int:
     from PIL import Image
 
-    from pixtral_lora.render import Renderer
+    from pixtral_lora.model.render import Renderer
 
     renderer = Renderer(processor, config.data.image_longest_edge)
     image = renderer.load_images(
@@ -226,7 +226,7 @@ def measure_training(
     times = clock.times[args.warmup - 1 :] if args.warmup else [clock.times[0], *clock.times]
     step_s = (times[-1] - times[0]) / max(1, len(times) - 1)
     samples_per_s = batch * accumulation / step_s
-    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.model.loading import load_processor
 
     tokens = tokens_per_sample(config, load_processor(tmp / "model"))
     flops_per_token = 6 * parameters(real_config(args.model))  # the real model's count, see the docstring

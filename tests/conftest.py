@@ -14,7 +14,7 @@ SYNTH_CLASSES = ["Beach", "Desert", "Forest", "Port"]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from pixtral_lora.tiny import build_tiny_model
+    from pixtral_lora.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-pixtral")
 
@@ -31,7 +31,7 @@ def tiny_mistral3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def processor(tiny_model_dir):
-    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.model.loading import load_processor
 
     return load_processor(tiny_model_dir)
 
@@ -40,7 +40,7 @@ def processor(tiny_model_dir):
 def mistral_tokenizer():
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from pixtral_lora.modeling import tekken_path
+    from pixtral_lora.model.loading import tekken_path
 
     return MistralTokenizer.from_file(str(tekken_path()))
 

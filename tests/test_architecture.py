@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pixtral_lora"
 LAYERS = [
     ["errors"],
     ["families"],
-    ["outputs", "tiny", "task", "modeling"],
-    ["config", "data", "render"],
+    ["outputs", "task"],
+    ["config", "data", "model"],
     ["run", "rundir"],
     ["evaluation"],
     ["live_eval", "training", "inference", "export", "serve_adapter"],

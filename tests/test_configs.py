@@ -6,7 +6,7 @@ from PIL import Image
 
 from pixtral_lora.config import load_config
 from pixtral_lora.data.loaders import AID_CLASS_NAMES
-from pixtral_lora.render import Renderer
+from pixtral_lora.model.render import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_mistral3_configs_cost_132_image_tokens_and_state_their_vram(tiny_mistra
     """The Mistral3 configs: the same study settings as aid.yaml, 308x308 = 11x11 cells of 28 px."""
     from pixtral_lora.families import family_from_config
     from pixtral_lora.families.mistral3 import mistral_small_config
-    from pixtral_lora.modeling import load_processor
+    from pixtral_lora.model.loading import load_processor
 
     assert family_from_config(mistral_small_config()).name == "mistral3"
     processor = load_processor(tiny_mistral3_dir)

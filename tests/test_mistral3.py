@@ -215,7 +215,7 @@ def test_fp8_checkpoints_load_dequantized_and_dequantize_writes_a_bf16_copy(
     tiny_mistral3_dir, aid_dir, tmp_path
 ):
     from pixtral_lora.export import current_hf_name
-    from pixtral_lora.modeling import load_model
+    from pixtral_lora.model.loading import load_model
 
     fp8 = tmp_path / "fp8"
     values = _fp8_copy(tiny_mistral3_dir, fp8)

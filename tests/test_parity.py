@@ -15,7 +15,7 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from PIL import Image
 
-from pixtral_lora.render import IGNORE_INDEX, Renderer
+from pixtral_lora.model.render import IGNORE_INDEX, Renderer
 
 
 def _image(width, height, seed):
@@ -90,8 +90,8 @@ def pair(request, processor, mistral_tokenizer, tiny_mistral3_dir, tmp_path_fact
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from pixtral_lora.families import by_name
-    from pixtral_lora.modeling import load_processor
-    from pixtral_lora.tiny import build_processor, write_tekken
+    from pixtral_lora.model.loading import load_processor
+    from pixtral_lora.model.tiny import build_processor, write_tekken
 
     if request.param == "pixtral-v3":
         return processor, mistral_tokenizer, 16

@@ -2,7 +2,7 @@ import json
 
 from pixtral_lora.cli import main
 from pixtral_lora.data.loaders import load_aid_folder, to_conversations
-from pixtral_lora.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
+from pixtral_lora.model.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.task.prompt import PromptConfig
 
 
@@ -110,7 +110,7 @@ def test_preview_text_collapses_image_and_marks_loss(tiny_model_dir, aid_dir, ca
 def test_collator_refuses_rows_whose_image_tokens_do_not_fit_their_images(processor, aid_dir):
     import pytest
 
-    from pixtral_lora.render import RenderError
+    from pixtral_lora.model.render import RenderError
 
     renderer = Renderer(processor, 64)
     row = dict(next(iter(render_dataset(renderer, _conversations(aid_dir).select(range(1))))))

@@ -173,7 +173,7 @@ BENCHMARKS = {
 def test_benchmark_layouts_load_with_readable_labels_and_back(name, tmp_path, processor):
     from pixtral_lora.config import load_config
     from pixtral_lora.data.splits import load_run_data
-    from pixtral_lora.render import Renderer
+    from pixtral_lora.model.render import Renderer
 
     folders, suffix, size, (folder, label) = BENCHMARKS[name]
     folders = folders.split()
@@ -265,7 +265,7 @@ def test_rendering_an_hf_source_again_is_read_from_the_datasets_cache(
 ):
     from pixtral_lora.data.hf import load_hf_splits
     from pixtral_lora.data.loaders import as_conversations
-    from pixtral_lora.render import Renderer, render_dataset
+    from pixtral_lora.model.render import Renderer, render_dataset
     from pixtral_lora.task.prompt import PromptConfig
 
     _hub_like_dataset(aid_dir).to_parquet(tmp_path / "scenes.parquet")

@@ -5,14 +5,14 @@ import torch
 from conftest import one_line_error
 
 from pixtral_lora.families import by_name
-from pixtral_lora.modeling import (
+from pixtral_lora.model.loading import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
     IMAGE_TOKEN_ID,
     load_model,
     load_processor,
 )
-from pixtral_lora.render import Renderer
+from pixtral_lora.model.render import Renderer
 
 SIZE_FIELDS = {
     "hidden_size",
@@ -70,7 +70,7 @@ def test_processor_uses_the_real_image_tokens_and_cell(family_model):
 
 def test_tiny_model_runs_forward_and_loss(family_model, aid_dir):
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
-    from pixtral_lora.render import TrainingCollator, render_dataset
+    from pixtral_lora.model.render import TrainingCollator, render_dataset
     from pixtral_lora.task.prompt import PromptConfig
 
     family, model_dir = family_model
@@ -123,9 +123,9 @@ def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.families import family_from_config
     from pixtral_lora.families.mistral3 import ministral3_8b_config
-    from pixtral_lora.render import TrainingCollator, render_dataset
+    from pixtral_lora.model.render import TrainingCollator, render_dataset
+    from pixtral_lora.model.tiny import TinySizes, build_processor, model_config
     from pixtral_lora.task.prompt import PromptConfig
-    from pixtral_lora.tiny import TinySizes, build_processor, model_config
     from pixtral_lora.training import peft_config
 
     family = family_from_config(ministral3_8b_config())
@@ -184,7 +184,7 @@ def test_an_image_edge_past_the_models_largest_is_one_line(tiny_model_dir, aid_d
 
 def test_like_names_a_shape_of_the_family(tmp_path):
     from pixtral_lora.families import UnknownFamilyError
-    from pixtral_lora.tiny import build_tiny_model
+    from pixtral_lora.model.tiny import build_tiny_model
 
     with pytest.raises(UnknownFamilyError, match="not a pixtral shape; its shapes: pixtral-12b"):
         build_tiny_model(tmp_path / "m", family="pixtral", like="ministral-3-8b")

@@ -84,8 +84,8 @@ def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
 
 def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, processor, aid_dir):
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
-    from pixtral_lora.modeling import load_model
-    from pixtral_lora.render import Renderer, TrainingCollator, render_dataset
+    from pixtral_lora.model.loading import load_model
+    from pixtral_lora.model.render import Renderer, TrainingCollator, render_dataset
     from pixtral_lora.task.prompt import PromptConfig
     from pixtral_lora.training import _answer_only_trainer_class
 
@@ -161,7 +161,7 @@ def test_qlora_keeps_the_frozen_weights_in_their_loaded_dtype(tiny_model_dir, ai
     prepare_model_for_kbit_training makes one, +3.3 GiB at the 12B shape, undone by bf16 autocast."""
     from peft import prepare_model_for_kbit_training
 
-    from pixtral_lora.modeling import load_model
+    from pixtral_lora.model.loading import load_model
     from pixtral_lora.training import load_training_model
 
     config = tiny_config(
@@ -314,7 +314,7 @@ def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_pa
 def test_lora_targets_follow_the_config(tiny_model_dir, tmp_path):
     from peft import get_peft_model
 
-    from pixtral_lora.modeling import load_model
+    from pixtral_lora.model.loading import load_model
     from pixtral_lora.training import peft_config
 
     def wrapped(*overrides):

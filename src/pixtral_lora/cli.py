@@ -21,7 +21,7 @@ def _dequantize(args) -> int:
 
 
 def _tiny_model(args) -> int:
-    from pixtral_lora.tiny import build_tiny_model
+    from pixtral_lora.model.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, seed=args.seed, family=args.family, like=args.like)
     print(f"tiny {args.family} model written to {out}")

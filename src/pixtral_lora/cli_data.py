@@ -72,11 +72,11 @@ def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roo
 
 def _data_preview(args) -> int:
     from pixtral_lora.config import load_config
-    from pixtral_lora.data.preview import sample_view
-    from pixtral_lora.modeling import load_processor
-    from pixtral_lora.render import Renderer
+    from pixtral_lora.model.loading import load_processor
+    from pixtral_lora.model.preview import sample_view
+    from pixtral_lora.model.render import Renderer
+    from pixtral_lora.model.tiny import build_processor
     from pixtral_lora.task.prompt import PromptConfig
-    from pixtral_lora.tiny import build_processor
 
     if args.save_image:  # before any work: never over a file an earlier preview did not write
         from pixtral_lora.outputs import check_replaceable_file, is_our_png

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from pixtral_lora.errors import UserError
-from pixtral_lora.modeling import PIXTRAL_12B
+from pixtral_lora.model.loading import PIXTRAL_12B
 from pixtral_lora.task.answers import class_name_problem
 from pixtral_lora.task.prompt import PromptConfig
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pixtral_lora.errors import UserError
 from pixtral_lora.families import Family, UnknownFamilyError, family_from_config
 from pixtral_lora.families.pixtral import PIXTRAL
-from pixtral_lora.modeling import (
+from pixtral_lora.model.loading import (
     IMAGE_BREAK_TOKEN_ID,
     IMAGE_END_TOKEN_ID,
     ModelSourceError,
@@ -523,7 +523,7 @@ def export_hf(
 ) -> Path:
     """A merged HF checkpoint (PEFT's merge_and_unload on the full-precision base) with its processor
     and the base's tekken.json; an FP8 base is written dequantized (`pixtral-lora dequantize`)."""
-    from pixtral_lora.modeling import load_model, load_processor
+    from pixtral_lora.model.loading import load_model, load_processor
     from pixtral_lora.outputs import check_replaceable
 
     check_replaceable(out, HF_CHECKPOINT_FILES, overwrite)

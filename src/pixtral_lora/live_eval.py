@@ -13,7 +13,7 @@ import time
 
 from pixtral_lora.config import Config
 from pixtral_lora.evaluation.evaluate import predict_for_run, summarise
-from pixtral_lora.render import Renderer
+from pixtral_lora.model.render import Renderer
 
 logger = logging.getLogger(__name__)
 

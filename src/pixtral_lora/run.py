@@ -22,7 +22,7 @@ def load_eval_model(
     base: str, adapter: str | Path | None = None, quantization: str | None = None, dtype: str = "auto"
 ):
     """The base model, with a LoRA adapter applied when given; in eval mode."""
-    from pixtral_lora.modeling import load_model
+    from pixtral_lora.model.loading import load_model
 
     model = load_model(base, quantization=quantization, dtype=dtype)
     if adapter is not None:
@@ -55,7 +55,7 @@ class Run:
     def open(cls, run_dir: str | Path, needs_adapter: bool = True, needs_base: bool = True) -> Run:
         """Check and read a run directory; `needs_adapter` unless a merged model stands in for it,
         `needs_base` when the base model will be loaded (its source is checked now, in one line)."""
-        from pixtral_lora.modeling import check_model_source
+        from pixtral_lora.model.loading import check_model_source
 
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -71,7 +71,7 @@ class Run:
                 "or evaluate a merged model with --merged)"
             )
         if needs_adapter:
-            from pixtral_lora.modeling import read_adapter_config
+            from pixtral_lora.model.loading import read_adapter_config
 
             read_adapter_config(run_dir / "adapter")  # complete, and its config agrees with its tensors
         config = load_config(run_dir / "config.yaml")
@@ -128,8 +128,8 @@ class Run:
 
     def renderer(self, resize_to: int | None = None):
         """The processor the run saved with its adapter (else the base's), with the run's image size."""
-        from pixtral_lora.modeling import load_processor
-        from pixtral_lora.render import Renderer
+        from pixtral_lora.model.loading import load_processor
+        from pixtral_lora.model.render import Renderer
 
         source = self.adapter_dir if self.adapter_dir.is_dir() else self.config.model.name_or_path
         return Renderer(

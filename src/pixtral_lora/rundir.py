@@ -22,7 +22,7 @@ from pixtral_lora.config import Config, dump_config, load_config
 from pixtral_lora.data.loaders import check_data_path
 from pixtral_lora.errors import RunDirError, UserError
 from pixtral_lora.families import config_json, family_from_config
-from pixtral_lora.modeling import check_model_source, check_quantization, checkpoint_fingerprint
+from pixtral_lora.model.loading import check_model_source, check_quantization, checkpoint_fingerprint
 from pixtral_lora.outputs import atomic_file, check_writable, run_lock
 
 logger = logging.getLogger(__name__)

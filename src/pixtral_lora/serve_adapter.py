@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pixtral_lora.export import ExportError, LoraDeltas, current_hf_name, resolve_checkpoint, unpermute_rotary
-from pixtral_lora.modeling import VLLM_LORA_RANKS, read_adapter_config
+from pixtral_lora.model.loading import VLLM_LORA_RANKS, read_adapter_config
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
 
 # What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads

@@ -26,9 +26,9 @@ from pixtral_lora.data.loaders import as_conversations
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
 from pixtral_lora.families import Family, family_of
-from pixtral_lora.modeling import best_device, load_model, load_processor
+from pixtral_lora.model.loading import best_device, load_model, load_processor
+from pixtral_lora.model.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, atomic_file, write_json
-from pixtral_lora.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.rundir import (
     base_identity,
     drop_metrics_after,

@@ -12,7 +12,7 @@ from pathlib import Path
 from pixtral_lora.errors import UserError
 from pixtral_lora.evaluation.evaluate import parsed_predictions, run_facts, summarise
 from pixtral_lora.evaluation.reports import write_report
-from pixtral_lora.render import Renderer, prompt_messages
+from pixtral_lora.model.render import Renderer, prompt_messages
 from pixtral_lora.run import Run
 from pixtral_lora.task.answers import AnswerParser
 
@@ -63,7 +63,7 @@ def vllm_generate(
 
         from vllm.lora.request import LoRARequest
 
-        from pixtral_lora.modeling import VLLM_LORA_RANKS
+        from pixtral_lora.model.loading import VLLM_LORA_RANKS
 
         rank = json.loads((Path(lora_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
         lora = {

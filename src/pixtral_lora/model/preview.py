@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from pixtral_lora.render import IGNORE_INDEX, Renderer
+from pixtral_lora.model.render import IGNORE_INDEX, Renderer
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pixtral_lora.families import Family, UnknownFamilyError, by_name
-from pixtral_lora.modeling import chat_template, packaged_tekken
+from pixtral_lora.model.loading import chat_template, packaged_tekken
 
 logger = logging.getLogger(__name__)
 
