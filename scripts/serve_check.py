@@ -103,7 +103,7 @@ def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> di
 def requests_of(run_dir: Path) -> list[tuple[str, list[dict]]]:
     """(image id, OpenAI chat messages) for the run's test split, as the README tells users to send
     them: the run's system prompt and each image resized as predict prepares it, as a PNG data URI."""
-    from pixtral_lora.run import Run
+    from pixtral_lora.run.reader import Run
 
     opened = Run.open(run_dir)
     renderer = opened.renderer()

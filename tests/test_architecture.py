@@ -14,7 +14,7 @@ LAYERS = [
     ["families"],
     ["outputs", "task"],
     ["config", "data", "model"],
-    ["run", "rundir"],
+    ["run"],
     ["evaluation"],
     ["live_eval", "training", "inference", "export", "serve_adapter"],
     ["cli", "cli_data"],

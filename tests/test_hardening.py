@@ -82,7 +82,7 @@ def test_resume_skips_a_checkpoint_killed_while_being_saved(tiny_model_dir, aid_
 
 
 def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
-    from pixtral_lora.rundir import last_checkpoint
+    from pixtral_lora.run.writer import last_checkpoint
 
     for step, state in ((5, "{}"), (10, "{}"), (15, None), (20, '{"trunc')):
         folder = tmp_path / "checkpoints" / f"checkpoint-{step}"

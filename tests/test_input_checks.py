@@ -210,7 +210,7 @@ def test_a_run_recorded_before_a_config_field_existed_is_still_the_same_run(tiny
     default) must not make an unchanged run 'another config', while a real difference still does."""
     from pixtral_lora.config import load_config
     from pixtral_lora.errors import RunDirError
-    from pixtral_lora.rundir import recorded_split
+    from pixtral_lora.run.writer import recorded_split
 
     run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
     recorded = (run / "config.yaml").read_text().replace(str(tiny_run), str(run))

@@ -238,7 +238,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, aid_dir, tmp_pat
 
 
 def test_rerun_with_a_different_config_is_refused(tiny_run, tiny_model_dir, learn_data_dir):
-    from pixtral_lora.rundir import RunDirError
+    from pixtral_lora.run.writer import RunDirError
     from pixtral_lora.training import train
 
     with pytest.raises(RunDirError, match="different config"):

@@ -29,7 +29,7 @@ from pixtral_lora.families import Family, family_of
 from pixtral_lora.model.loading import best_device, load_model, load_processor
 from pixtral_lora.model.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, atomic_file, write_json
-from pixtral_lora.rundir import (
+from pixtral_lora.run.writer import (
     base_identity,
     drop_metrics_after,
     environment,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pixtral_lora.rundir import RunDirError
+from pixtral_lora.run.writer import RunDirError
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -29,7 +29,7 @@ from pixtral_lora.evaluation.metrics import classification_report, expected_cali
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.evaluation.scoring import score_batch
 from pixtral_lora.model.render import Renderer, pad_batch, prompt_messages
-from pixtral_lora.run import Run, load_eval_model  # noqa: F401  (load_eval_model: part of this module's API)
+from pixtral_lora.run.reader import Run, load_eval_model  # noqa: F401  (load_eval_model: part of this module's API)
 from pixtral_lora.task.answers import AnswerParser
 from pixtral_lora.task.prompt import PromptConfig
 

@@ -13,7 +13,7 @@ from pixtral_lora.errors import UserError
 from pixtral_lora.evaluation.evaluate import parsed_predictions, run_facts, summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.model.render import Renderer, prompt_messages
-from pixtral_lora.run import Run
+from pixtral_lora.run.reader import Run
 from pixtral_lora.task.answers import AnswerParser
 
 
