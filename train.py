@@ -14,7 +14,7 @@ import sys
 
 from pixtral_lora.config import load_config
 from pixtral_lora.errors import user_errors
-from pixtral_lora.training import train
+from pixtral_lora.training.recipe import train
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ from pixtral_lora.model.loading import best_device, load_processor  # noqa: E402
 from pixtral_lora.model.render import Renderer, render_dataset  # noqa: E402
 from pixtral_lora.model.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402
-from pixtral_lora.training import train  # noqa: E402
+from pixtral_lora.training.recipe import train  # noqa: E402
 
 
 def peak_memory_mb() -> float:

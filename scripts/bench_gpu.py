@@ -193,7 +193,7 @@ def measure_training(
     tmp: Path, args, device: str, name: str = "run", overrides: tuple[str, ...] = (), steps: int | None = None
 ) -> tuple[dict, Path]:
     """QLoRA at the model's AID config for `args.warmup` + `steps` optimizer steps: the figures and the run."""
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     steps = steps or args.steps
     config = load_config(

@@ -28,7 +28,7 @@ from pixtral_lora.config import load_config  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.model.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402
-from pixtral_lora.training import train  # noqa: E402
+from pixtral_lora.training.recipe import train  # noqa: E402
 
 CLASSES = ["Beach", "Desert", "Forest", "Port"]
 

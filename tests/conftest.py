@@ -86,7 +86,7 @@ def tiny_config(model_dir, data_dir, output_dir, *overrides):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model_dir, learn_data_dir, tmp_path_factory):
     """One full training run of configs/tiny.yaml (the learning test and the evaluation tests share it)."""
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     return train(tiny_config(tiny_model_dir, learn_data_dir, tmp_path_factory.mktemp("runs") / "tiny"))
 

@@ -16,7 +16,7 @@ LAYERS = [
     ["config", "data", "model"],
     ["run"],
     ["evaluation"],
-    ["live_eval", "training", "inference", "export", "serve_adapter"],
+    ["training", "inference", "export", "serve_adapter"],
     ["cli", "cli_data"],
 ]
 

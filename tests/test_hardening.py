@@ -63,7 +63,7 @@ def _quick(model_dir, data_dir, out, *extra):
 
 
 def test_resume_skips_a_checkpoint_killed_while_being_saved(tiny_model_dir, aid_dir, tmp_path, caplog):
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     config = _quick(tiny_model_dir, aid_dir, tmp_path / "run")
     run = train(config)
@@ -228,7 +228,7 @@ def test_predict_over_a_folder_with_bad_files_classifies_the_rest(tiny_run, aid_
 
 def test_corrupt_images_are_recorded_by_training_and_counted_by_eval(tiny_model_dir, aid_dir, tmp_path):
     from pixtral_lora.evaluation.evaluate import evaluate_run
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     data = shutil.copytree(aid_dir, tmp_path / "data")
     corrupt = sorted(
@@ -448,7 +448,7 @@ def test_missing_data_and_bad_output_dir_are_one_line_and_leave_nothing(tmp_path
 def test_an_unwritable_output_dir_is_found_before_rendering(tmp_path, monkeypatch, tiny_model_dir, aid_dir):
     import tempfile
 
-    import pixtral_lora.training as training
+    import pixtral_lora.training.recipe as training
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

@@ -132,7 +132,7 @@ def test_compare_two_runs_with_a_mcnemar_test(tiny_run, tiny_model_dir, learn_da
 
     from pixtral_lora.cli import main
     from pixtral_lora.evaluation.evaluate import evaluate_run
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     barely = train(
         tiny_config(

@@ -34,7 +34,7 @@ def _hub_splits(aid_dir):
 
 
 def _train(tiny_model_dir, data_path, out, *extra):
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     return train(
         tiny_config(

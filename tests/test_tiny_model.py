@@ -126,7 +126,7 @@ def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp
     from pixtral_lora.model.render import TrainingCollator, render_dataset
     from pixtral_lora.model.tiny import TinySizes, build_processor, model_config
     from pixtral_lora.task.prompt import PromptConfig
-    from pixtral_lora.training import peft_config
+    from pixtral_lora.training.recipe import peft_config
 
     family = family_from_config(ministral3_8b_config())
     assert family.name == "mistral3"

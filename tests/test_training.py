@@ -87,7 +87,7 @@ def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, processor, 
     from pixtral_lora.model.loading import load_model
     from pixtral_lora.model.render import Renderer, TrainingCollator, render_dataset
     from pixtral_lora.task.prompt import PromptConfig
-    from pixtral_lora.training import _answer_only_trainer_class
+    from pixtral_lora.training.recipe import _answer_only_trainer_class
 
     model = load_model(tiny_model_dir, device="cpu")
     dataset = load_aid_folder(aid_dir).select(range(3))
@@ -115,7 +115,7 @@ def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, processor, 
 
 
 def test_bad_config_and_bad_data_fail_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
-    import pixtral_lora.training as training
+    import pixtral_lora.training.recipe as training
 
     monkeypatch.setattr(training, "load_training_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DataError, match="data.path: .*nowhere does not exist"):
@@ -131,7 +131,7 @@ def test_bad_config_and_bad_data_fail_before_the_model_loads(tiny_model_dir, tmp
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path, dtype):
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     run = train(
         tiny_config(
@@ -162,7 +162,7 @@ def test_qlora_keeps_the_frozen_weights_in_their_loaded_dtype(tiny_model_dir, ai
     from peft import prepare_model_for_kbit_training
 
     from pixtral_lora.model.loading import load_model
-    from pixtral_lora.training import load_training_model
+    from pixtral_lora.training.recipe import load_training_model
 
     config = tiny_config(
         tiny_model_dir, aid_dir, tmp_path / "run", "model.quantization=4bit", "model.dtype=bfloat16"
@@ -239,7 +239,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, aid_dir, tmp_pat
 
 def test_rerun_with_a_different_config_is_refused(tiny_run, tiny_model_dir, learn_data_dir):
     from pixtral_lora.run.writer import RunDirError
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     with pytest.raises(RunDirError, match="different config"):
         train(tiny_config(tiny_model_dir, learn_data_dir, tiny_run, "training.learning_rate=0.5"))
@@ -287,7 +287,7 @@ def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_pa
     from pixtral_lora.data.loaders import export_mistral_jsonl, load_aid_folder, to_conversations
     from pixtral_lora.evaluation.evaluate import evaluate_run
     from pixtral_lora.task.prompt import PromptConfig
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     classes = ["Beach", "Desert", "Forest", "Port"]
     dataset = load_aid_folder(aid_dir)
@@ -315,7 +315,7 @@ def test_lora_targets_follow_the_config(tiny_model_dir, tmp_path):
     from peft import get_peft_model
 
     from pixtral_lora.model.loading import load_model
-    from pixtral_lora.training import peft_config
+    from pixtral_lora.training.recipe import peft_config
 
     def wrapped(*overrides):
         config = tiny_config(tiny_model_dir, tmp_path, tmp_path / "run", *overrides)
@@ -333,7 +333,7 @@ def test_lora_targets_follow_the_config(tiny_model_dir, tmp_path):
 
 
 def test_early_stopping_ends_a_run_that_stops_improving(tiny_model_dir, aid_dir, tmp_path):
-    from pixtral_lora.training import train
+    from pixtral_lora.training.recipe import train
 
     # a learning rate of ~0 cannot improve the validation loss: patience 1 stops after the 2nd evaluation
     run = train(

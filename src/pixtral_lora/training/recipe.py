@@ -334,7 +334,7 @@ def _train_in(
         callbacks=callbacks,
     )
     if eval_set is not None and config.training.eval_classification.enabled:
-        from pixtral_lora.live_eval import ValidationClassifier
+        from pixtral_lora.training.live_eval import ValidationClassifier
 
         rows = as_conversations(
             run_data.splits.validation, config.prompt, run_data.class_names, with_answer=False
