@@ -79,7 +79,7 @@ def export_memory(tmp: Path) -> list[dict]:
         # libraries torch maps at import).
         probe = (
             "import threading, time, psutil, transformers, mistral_common\n"
-            "from pixtral_lora.export import export_mistral\n"
+            "from pixtral_lora.export.mistral import export_mistral\n"
             "process = psutil.Process(); base = process.memory_info().rss; peak = [base]; done = []\n"
             "def watch():\n"
             "    while not done:\n"

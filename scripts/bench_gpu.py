@@ -378,7 +378,7 @@ def stage_logits(tmp: Path, args, device: str) -> dict:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from pixtral_lora.export import export_mistral
+    from pixtral_lora.export.mistral import export_mistral
     from pixtral_lora.families import family_of
 
     sizes = TinySizes() if args.tiny else None

@@ -24,8 +24,8 @@ import sys
 
 from pixtral_lora.config import PositiveFloat, cli_number
 from pixtral_lora.errors import user_errors
-from pixtral_lora.export import export_hf, export_mistral
-from pixtral_lora.serve_adapter import export_adapter_only
+from pixtral_lora.export.mistral import export_hf, export_mistral
+from pixtral_lora.export.vllm_adapter import export_adapter_only
 
 
 def main() -> int:

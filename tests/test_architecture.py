@@ -16,7 +16,7 @@ LAYERS = [
     ["config", "data", "model"],
     ["run"],
     ["evaluation"],
-    ["training", "inference", "export", "serve_adapter"],
+    ["training", "inference", "export"],
     ["cli", "cli_data"],
 ]
 

@@ -113,7 +113,7 @@ def test_resume_from_a_missing_or_incomplete_checkpoint_is_one_line(tiny_model_d
 
 
 def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tiny_model_dir, tmp_path):
-    from pixtral_lora.export import export_mistral
+    from pixtral_lora.export.mistral import export_mistral
 
     notes = tmp_path / "out"
     notes.mkdir()
@@ -464,7 +464,7 @@ def test_an_unwritable_output_dir_is_found_before_rendering(tmp_path, monkeypatc
 
 
 def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    import pixtral_lora.export as export
+    import pixtral_lora.export.mistral as export
 
     def no_space(path, *args, **kwargs):
         with open(path, "wb") as handle:
@@ -478,7 +478,7 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tiny_model_dir
 
 
 def test_the_next_export_cleans_up_what_a_killed_one_left(tiny_model_dir, tmp_path):
-    from pixtral_lora.export import export_mistral
+    from pixtral_lora.export.mistral import export_mistral
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -506,7 +506,7 @@ def test_data_export_on_a_full_disk_is_one_line(aid_dir, tmp_path, monkeypatch, 
 
 
 def test_adapters_merge_only_into_their_own_base(tiny_run, tiny_model_dir, tmp_path):
-    from pixtral_lora.export import ExportError, export_hf, export_mistral
+    from pixtral_lora.export.mistral import ExportError, export_hf, export_mistral
     from pixtral_lora.model.tiny import TinySizes, build_tiny_model
 
     narrower = build_tiny_model(tmp_path / "narrow", TinySizes(text_hidden_size=32, text_head_dim=8))

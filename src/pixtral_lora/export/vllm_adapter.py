@@ -14,7 +14,13 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pixtral_lora.export import ExportError, LoraDeltas, current_hf_name, resolve_checkpoint, unpermute_rotary
+from pixtral_lora.export.mistral import (
+    ExportError,
+    LoraDeltas,
+    current_hf_name,
+    resolve_checkpoint,
+    unpermute_rotary,
+)
 from pixtral_lora.model.loading import VLLM_LORA_RANKS, read_adapter_config
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
 
