@@ -17,7 +17,7 @@ LAYERS = [
     ["run"],
     ["evaluation"],
     ["training", "inference", "export"],
-    ["cli", "cli_data"],
+    ["cli"],
 ]
 
 

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dequantize.set_defaults(func=_dequantize)
 
-    from pixtral_lora.cli_data import add_data_commands
+    from pixtral_lora.cli.data import add_data_commands
 
     add_data_commands(commands)
 
@@ -420,7 +420,3 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
