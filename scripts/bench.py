@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pixtral_lora.config import load_config  # noqa: E402
+from pixtral_lora.config.schema import load_config  # noqa: E402
 from pixtral_lora.data.loaders import to_conversations  # noqa: E402
 from pixtral_lora.data.splits import load_run_data  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402

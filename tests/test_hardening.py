@@ -379,7 +379,7 @@ def test_non_ascii_class_names_stay_apart_and_nonsense_is_a_hallucination():
 
 
 def test_colliding_class_names_are_a_one_line_error_before_any_model_loads(tmp_path, aid_dir, tiny_model_dir):
-    from pixtral_lora.config import ConfigError
+    from pixtral_lora.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"--set .*: data.class_names: .*differ only in case"):
         tiny_config(
@@ -575,7 +575,7 @@ def test_validate_flags_a_class_with_a_single_image(tmp_path):
 
 
 def test_a_bad_override_is_blamed_on_the_override(tmp_path):
-    from pixtral_lora.config import ConfigError, load_config
+    from pixtral_lora.config.schema import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"--set foo.bar=1: foo: unknown key 'foo'"):
         load_config(ROOT / "configs" / "tiny.yaml", ["foo.bar=1"])

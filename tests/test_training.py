@@ -11,7 +11,7 @@ import torch
 from conftest import set_args, tiny_config
 from safetensors.torch import load_file
 
-from pixtral_lora.config import ConfigError
+from pixtral_lora.config.schema import ConfigError
 from pixtral_lora.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pydantic import Field
 
-    from pixtral_lora.config import (
+    from pixtral_lora.config.schema import (
         BatchSize,
         Count,
         ImageEdge,

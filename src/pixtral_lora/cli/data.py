@@ -37,7 +37,7 @@ def _data_validate(args) -> int:
         {},
     )
     if args.config:  # the data settings training will use
-        from pixtral_lora.config import load_config
+        from pixtral_lora.config.schema import load_config
 
         data = load_config(args.config).data
         class_names = class_names or data.class_names
@@ -71,7 +71,7 @@ def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roo
 
 
 def _data_preview(args) -> int:
-    from pixtral_lora.config import load_config
+    from pixtral_lora.config.schema import load_config
     from pixtral_lora.model.loading import load_processor
     from pixtral_lora.model.preview import sample_view
     from pixtral_lora.model.render import Renderer
@@ -157,7 +157,7 @@ _ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise
 
 def add_data_commands(commands) -> None:
     """The `data` command and its subcommands, on the top-level parser's subparsers."""
-    from pixtral_lora.config import Count, ImageEdge, NonNegativeCount, Pixels, cli_number
+    from pixtral_lora.config.schema import Count, ImageEdge, NonNegativeCount, Pixels, cli_number
 
     data = commands.add_parser("data", help="generate, validate, preview and export datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

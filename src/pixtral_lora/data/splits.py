@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixtral_lora.config import Config
+from pixtral_lora.config.schema import Config
 from pixtral_lora.data.loaders import (
     Splits,
     check_data_path,

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixtral_lora.config import Config, load_config
+from pixtral_lora.config.schema import Config, load_config
 from pixtral_lora.errors import RunDirError
 
 

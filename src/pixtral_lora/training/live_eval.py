@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pixtral_lora.config import Config
+from pixtral_lora.config.schema import Config
 from pixtral_lora.evaluation.evaluate import predict_for_run, summarise
 from pixtral_lora.model.render import Renderer
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.config import Config, best_metric, dump_config, with_absolute_paths
+from pixtral_lora.config.schema import Config, best_metric, dump_config, with_absolute_paths
 from pixtral_lora.data.loaders import as_conversations
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
