@@ -14,7 +14,7 @@ LAYERS = [
     ["families"],
     ["outputs", "task"],
     ["config", "data", "model"],
-    ["run"],
+    ["classify", "run"],
     ["evaluation"],
     ["training", "inference", "export"],
     ["cli"],

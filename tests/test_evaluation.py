@@ -120,7 +120,7 @@ def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_
     """What the vLLM backend sends, encoded by mistral_common (as vLLM does), is our prompt, token for token."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    from pixtral_lora.evaluation.vllm import openai_messages
+    from pixtral_lora.evaluation.vllm_backend import openai_messages
 
     renderer = Renderer(processor, 64)
     rows = to_conversations(
@@ -135,7 +135,7 @@ def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
-    from pixtral_lora.evaluation.vllm import vllm_generate
+    from pixtral_lora.evaluation.vllm_backend import vllm_generate
 
     try:
         import vllm  # noqa: F401

@@ -30,7 +30,7 @@ def _tiny_model(args) -> int:
 
 def _eval(args) -> int:
     from pixtral_lora.evaluation.evaluate import evaluate_run
-    from pixtral_lora.evaluation.vllm import evaluate_run_vllm
+    from pixtral_lora.evaluation.vllm_backend import evaluate_run_vllm
 
     if args.backend == "vllm":
         if not args.merged and not (args.vllm_lora and args.vllm_base):

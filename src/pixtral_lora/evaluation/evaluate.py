@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pixtral_lora.classify.score import score_batch
 from pixtral_lora.evaluation.calibration import abstain, abstention_threshold, run_temperature
 from pixtral_lora.evaluation.metrics import classification_report, expected_calibration_error, outcome
 from pixtral_lora.evaluation.reports import write_report
-from pixtral_lora.evaluation.scoring import score_batch
 from pixtral_lora.model.render import Renderer, pad_batch, prompt_messages
 from pixtral_lora.run.reader import Run, load_eval_model  # noqa: F401  (load_eval_model: part of this module's API)
 from pixtral_lora.task.answers import AnswerParser
