@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import SYNTH_CLASSES
 
+from pixtral_lora.classify import score as scoring
 from pixtral_lora.classify.score import score_batch, score_positions
 from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder, to_conversations
-from pixtral_lora.evaluation import scoring
 from pixtral_lora.evaluation.evaluate import _batch_inputs, answer_token_ids, load_eval_model
 from pixtral_lora.model.render import Renderer, prompt_messages
 from pixtral_lora.task.prompt import PromptConfig
