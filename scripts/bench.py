@@ -24,16 +24,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from pixtral_lora.classify import predict_rows  # noqa: E402
 from pixtral_lora.classify.score import score_positions  # noqa: E402
 from pixtral_lora.config.schema import load_config  # noqa: E402
 from pixtral_lora.data.loaders import to_conversations  # noqa: E402
 from pixtral_lora.data.splits import load_run_data  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
-from pixtral_lora.evaluation.evaluate import answer_token_ids, load_eval_model, predict_rows  # noqa: E402
 from pixtral_lora.model.loading import best_device, load_processor  # noqa: E402
 from pixtral_lora.model.render import Renderer, render_dataset  # noqa: E402
 from pixtral_lora.model.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402
+from pixtral_lora.run.reader import load_eval_model  # noqa: E402
+from pixtral_lora.task.answers import answer_token_ids  # noqa: E402
 from pixtral_lora.training.recipe import train  # noqa: E402
 
 

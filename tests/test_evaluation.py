@@ -3,11 +3,13 @@ import json
 
 import pytest
 
+from pixtral_lora.classify import predict_rows
 from pixtral_lora.cli import main
 from pixtral_lora.data.loaders import load_aid_folder, to_conversations
 from pixtral_lora.errors import UserError
-from pixtral_lora.evaluation.evaluate import AnswerTrie, answer_token_ids, load_eval_model, predict_rows
 from pixtral_lora.model.render import Renderer
+from pixtral_lora.run.reader import load_eval_model
+from pixtral_lora.task.answers import AnswerTrie, answer_token_ids
 from pixtral_lora.task.prompt import PromptConfig
 
 CLASSES = ["Beach", "Desert", "Forest", "Port"]

@@ -525,12 +525,12 @@ def test_adapters_merge_only_into_their_own_base(tiny_run, tiny_model_dir, tmp_p
 
 
 def test_eval_and_predict_on_an_unfinished_run_say_so_before_loading(tiny_run, tmp_path, capsys, monkeypatch):
-    import pixtral_lora.evaluation.evaluate as evaluation
+    import pixtral_lora.run.reader as reader
 
     unfinished = shutil.copytree(
         tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("adapter", "eval*")
     )
-    monkeypatch.setattr(evaluation, "load_eval_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(reader, "load_eval_model", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["eval", str(unfinished)]) == 2
     assert "training has not finished" in capsys.readouterr().err
     assert main(["predict", str(tmp_path), "--run", str(unfinished)]) == 2

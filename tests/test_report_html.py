@@ -10,7 +10,8 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from pixtral_lora.evaluation.evaluate import Prediction, summarise
+from pixtral_lora.classify.prediction import Prediction
+from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.evaluation.report_html import render_html
 
 HOSTILE = "<script>alert(1)</script>"

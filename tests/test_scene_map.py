@@ -84,11 +84,11 @@ def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
 
 
 def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_path, monkeypatch):
-    import pixtral_lora.evaluation.evaluate as evaluation
+    import pixtral_lora.classify as classify
     from pixtral_lora.inference.scene_map import map_scene
 
     scene, _ = mosaic
-    real, calls = evaluation.predict_rows, []
+    real, calls = classify.predict_rows, []
 
     def dies_on_the_third_batch(*args, **kwargs):
         calls.append(len(args[2]))
@@ -96,24 +96,24 @@ def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_pa
             raise KeyboardInterrupt  # what a kill looks like from here: the journal keeps two batches
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "predict_rows", dies_on_the_third_batch)
+    monkeypatch.setattr(classify, "predict_rows", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
     assert not (tmp_path / "m.geojson").exists() and (tmp_path / ".m.geojson.journal.jsonl").exists()
     calls.clear()
-    monkeypatch.setattr(evaluation, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(classify, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
     assert sum(calls) == 20 - 8 and summary["classified"] == 20  # only the 12 tiles not yet done
     assert not (tmp_path / ".m.geojson.journal.jsonl").exists()
 
 
 def test_a_map_killed_while_writing_its_journal_loses_only_that_tile(tiny_run, mosaic, tmp_path, monkeypatch):
-    import pixtral_lora.evaluation.evaluate as evaluation
+    import pixtral_lora.classify as classify
     from pixtral_lora.inference.scene_map import map_scene
 
     scene, _ = mosaic
     journal = tmp_path / ".m.geojson.journal.jsonl"
-    real, calls = evaluation.predict_rows, []
+    real, calls = classify.predict_rows, []
 
     def dies_on_batch(n):
         def predict(*args, **kwargs):
@@ -124,15 +124,15 @@ def test_a_map_killed_while_writing_its_journal_loses_only_that_tile(tiny_run, m
 
         return predict
 
-    monkeypatch.setattr(evaluation, "predict_rows", dies_on_batch(3))
+    monkeypatch.setattr(classify, "predict_rows", dies_on_batch(3))
     with pytest.raises(KeyboardInterrupt):
         map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
     journal.write_bytes(journal.read_bytes()[:-10])  # a kill in the middle of the last record: 7 tiles kept
     calls.clear()
-    monkeypatch.setattr(evaluation, "predict_rows", dies_on_batch(2))
+    monkeypatch.setattr(classify, "predict_rows", dies_on_batch(2))
     with pytest.raises(KeyboardInterrupt):  # the torn tile and 3 more, then killed again
         map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
     calls.clear()
-    monkeypatch.setattr(evaluation, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(classify, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
     assert sum(calls) == 20 - 7 - 4 and summary["classified"] == 20

@@ -5,10 +5,12 @@ import torch
 from conftest import SYNTH_CLASSES
 
 from pixtral_lora.classify import score as scoring
+from pixtral_lora.classify.generate import batch_inputs
 from pixtral_lora.classify.score import score_batch, score_positions
 from pixtral_lora.data.loaders import AID_CLASS_NAMES, load_aid_folder, to_conversations
-from pixtral_lora.evaluation.evaluate import _batch_inputs, answer_token_ids, load_eval_model
 from pixtral_lora.model.render import Renderer, prompt_messages
+from pixtral_lora.run.reader import load_eval_model
+from pixtral_lora.task.answers import answer_token_ids
 from pixtral_lora.task.prompt import PromptConfig
 
 
@@ -35,7 +37,7 @@ def test_batched_scores_equal_full_forward_scores(tiny_model_dir, processor, aid
     images = [renderer.load_images(row["images"]) for row in rows]
     images[1] = [images[1][0].resize((48, 32))]  # another size: another prompt length, so left padding
     candidates = answer_token_ids(renderer.tokenizer, PromptConfig(), class_names)
-    batched = score_batch(model, _batch_inputs(model, renderer, rows, images), candidates)
+    batched = score_batch(model, batch_inputs(model, renderer, rows, images), candidates)
     for row, row_images, scores in zip(rows, images, batched, strict=True):
         reference = _full_forward_scores(model, renderer, row, row_images, candidates)
         assert scores.keys() == reference.keys()
@@ -68,7 +70,7 @@ def test_score_positions_counts_what_score_batch_projects(tiny_model_dir, proces
 
     monkeypatch.setattr(type(model), "forward", counting_forward)
     monkeypatch.setattr(scoring, "_head_log_probs", counting_head)
-    score_batch(model, _batch_inputs(model, renderer, rows, images), candidates)
+    score_batch(model, batch_inputs(model, renderer, rows, images), candidates)
     counted = score_positions(candidates)
     assert kept[0] == counted["shared_prefix"] + 1
     assert head_rows == [len(rows) * counted["packed"]]

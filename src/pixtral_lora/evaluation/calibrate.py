@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pixtral_lora.classify import predict_for_run
 from pixtral_lora.errors import RunDirError
 from pixtral_lora.evaluation.calibration import calibration_path, class_measures, fit_temperature, softmax
-from pixtral_lora.evaluation.evaluate import predict_for_run
 from pixtral_lora.outputs import write_json
 from pixtral_lora.run.reader import Run
 

@@ -19,7 +19,8 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-OUTCOMES = ("correct", "wrong", "hallucinated", "unparseable", "unreadable", "abstained")
+from pixtral_lora.classify.prediction import OUTCOMES, Prediction, outcome
+
 HALLUCINATED_COLUMN = "(hallucinated)"
 UNPARSEABLE_COLUMN = "(unparseable)"
 UNREADABLE_COLUMN = "(unreadable)"
@@ -30,19 +31,6 @@ _INVALID_COLUMNS = {
     "unreadable": UNREADABLE_COLUMN,
     "abstained": ABSTAINED_COLUMN,
 }
-
-
-def outcome(
-    gold: str, label: str | None, raw_label: str | None, unreadable: bool = False, abstained: bool = False
-) -> str:
-    """The one outcome of a prediction (see module docstring)."""
-    if unreadable:
-        return "unreadable"
-    if abstained:
-        return "abstained"
-    if label is not None:
-        return "correct" if label == gold else "wrong"
-    return "hallucinated" if raw_label is not None else "unparseable"
 
 
 @dataclass
@@ -226,3 +214,47 @@ def plot_confusion(report: ClassificationReport, class_names: list[str], path: P
     with atomic_file(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=110)
     plt.close(figure)
+
+
+def summarise(predictions: list[Prediction], class_names: list[str], temperature: float | None = None):
+    """The classification report of a model's predictions; in score mode also how far its confidences
+    can be trusted, raw and (with a calibration's `temperature`) calibrated."""
+    report = classification_report(
+        [p.gold for p in predictions],
+        [p.label for p in predictions],
+        [p.raw_label for p in predictions],
+        class_names,
+        [p.error is not None for p in predictions],
+        [p.abstained for p in predictions],
+    )
+    scored = [p for p in predictions if p.error is None]
+    if scored and all(p.confidence is not None for p in scored):
+        confidences = [p.confidence for p in scored]
+        report.mean_confidence = float(sum(confidences) / len(confidences))
+        report.calibration_ece = expected_calibration_error(confidences, [p.label == p.gold for p in scored])
+    if (
+        scored
+        and all(p.confidence is not None for p in scored)
+        and any(p.class_scores is None for p in scored)
+    ):
+        from pixtral_lora.evaluation.calibration import confidence_measures
+
+        correct = [p.label == p.gold for p in scored]  # generate/constrained: the answer's probability
+        report.confidence = {
+            "temperature": None,
+            "raw": confidence_measures([p.confidence for p in scored], correct),
+            "calibrated": None,
+            "of": "answer probability",
+        }
+    elif scored and all(p.class_scores is not None and p.gold in class_names for p in scored):
+        from pixtral_lora.evaluation.calibration import class_measures
+
+        scores = np.array([p.class_scores for p in scored])
+        gold = np.array([class_names.index(p.gold) for p in scored])
+        report.confidence = {
+            "of": "softmax over the classes",
+            "temperature": temperature,
+            "raw": class_measures(scores, gold),
+            "calibrated": class_measures(scores, gold, temperature) if temperature else None,
+        }
+    return report

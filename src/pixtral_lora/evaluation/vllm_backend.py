@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pixtral_lora.classify import parsed_predictions
 from pixtral_lora.errors import UserError
-from pixtral_lora.evaluation.evaluate import parsed_predictions, run_facts, summarise
+from pixtral_lora.evaluation.evaluate import run_facts
+from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.model.render import Renderer, prompt_messages
 from pixtral_lora.run.reader import Run

@@ -268,7 +268,7 @@ def predict_archive(
     merges. Process 0 holds a lock on FILE: a second command on it fails at once. See the module
     docstring.
     """
-    from pixtral_lora.evaluation.evaluate import RunClassifier
+    from pixtral_lora.inference.classifier import RunClassifier
 
     out = Path(out)
     if out.suffix not in SUFFIXES:

@@ -173,7 +173,7 @@ def map_scene(
     """
     import rasterio
 
-    from pixtral_lora.evaluation.evaluate import RunClassifier
+    from pixtral_lora.inference.classifier import RunClassifier
 
     out, scene, run_dir = Path(out), Path(scene), Path(run_dir)
     if out.suffix not in (".geojson", ".json", ".gpkg"):

@@ -15,6 +15,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from pixtral_lora.task.prompt import PromptConfig
+
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 
@@ -120,3 +122,33 @@ class AnswerParser:
             return ParsedAnswer(label=raw if raw in self.class_names else None, raw_label=raw)
         key = canonical_key(raw)
         return ParsedAnswer(label=self._by_key.get(key) if key else None, raw_label=raw)
+
+
+class AnswerTrie:
+    """Prefix tree over the token ids of every valid answer (answer text + </s>)."""
+
+    def __init__(self, sequences: dict[str, list[int]]):
+        self.sequences = sequences
+        self.root: dict = {}
+        for label, ids in sequences.items():
+            node = self.root
+            for token in ids:
+                node = node.setdefault(token, {})
+            node[None] = label  # leaf marker
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        """Tokens that may follow `generated`; empty when it is a complete answer or left the tree."""
+        node = self.root
+        for token in generated:
+            if token not in node:
+                return []
+            node = node[token]
+        return [token for token in node if token is not None]
+
+
+def answer_token_ids(tokenizer, prompt: PromptConfig, class_names: list[str]) -> dict[str, list[int]]:
+    """Token ids each class's answer is trained as (answer text then </s>), as the renderer produces them."""
+    return {
+        name: tokenizer(prompt.answer(name), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for name in class_names
+    }

@@ -1,6 +1,6 @@
 """Accuracy while training: the validation split classified at every `training.eval_steps`.
 
-The predictions come from `evaluation.evaluate.predict_for_run`, the code `pixtral-lora eval` runs, in one mode
+The predictions come from `classify.predict_for_run`, the code `pixtral-lora eval` runs, in one mode
 (`training.eval_classification.mode`). Under data parallel each process classifies a shard and the
 predictions are gathered once, so every process computes the same metrics (and so takes the same
 best-checkpoint and early-stopping decisions).
@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
+from pixtral_lora.classify import predict_for_run
 from pixtral_lora.config.schema import Config
-from pixtral_lora.evaluation.evaluate import predict_for_run, summarise
+from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.model.render import Renderer
 
 logger = logging.getLogger(__name__)
