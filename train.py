@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pixtral_lora.config.schema import load_config
+from pixtral_lora.config.yaml_loading import load_config
 from pixtral_lora.errors import user_errors
 from pixtral_lora.training.recipe import train
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pixtral_lora.classify import predict_rows  # noqa: E402
 from pixtral_lora.classify.score import score_positions  # noqa: E402
-from pixtral_lora.config.schema import load_config  # noqa: E402
+from pixtral_lora.config.yaml_loading import load_config  # noqa: E402
 from pixtral_lora.data.loaders import to_conversations  # noqa: E402
 from pixtral_lora.data.splits import load_run_data  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402

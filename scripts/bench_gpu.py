@@ -61,7 +61,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(ROOT / "src"))
 
-from pixtral_lora.config.schema import load_config  # noqa: E402
+from pixtral_lora.config.yaml_loading import load_config  # noqa: E402
 from pixtral_lora.data.loaders import AID_CLASS_NAMES  # noqa: E402
 from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
 from pixtral_lora.families import by_shape, shape_names  # noqa: E402

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from peak_rss import measure  # noqa: E402
 
-from pixtral_lora.config.schema import load_config  # noqa: E402
+from pixtral_lora.config.yaml_loading import load_config  # noqa: E402
 from pixtral_lora.data.synth import generate_aid_like  # noqa: E402
 from pixtral_lora.model.tiny import build_tiny_model  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402

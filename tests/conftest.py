@@ -68,7 +68,7 @@ def tiny_config(model_dir, data_dir, output_dir, *overrides):
     """configs/tiny.yaml pointed at test fixtures, with extra `section.key=value` overrides."""
     from pathlib import Path
 
-    from pixtral_lora.config.schema import load_config
+    from pixtral_lora.config.yaml_loading import load_config
 
     root = Path(__file__).resolve().parents[1]
     return load_config(

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pixtral_lora.config.schema import ConfigError, load_config
+from pixtral_lora.config.schema import ConfigError
+from pixtral_lora.config.yaml_loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

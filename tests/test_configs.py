@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pixtral_lora.config.schema import load_config
+from pixtral_lora.config.yaml_loading import load_config
 from pixtral_lora.data.loaders import AID_CLASS_NAMES
 from pixtral_lora.model.render import Renderer
 

@@ -575,7 +575,8 @@ def test_validate_flags_a_class_with_a_single_image(tmp_path):
 
 
 def test_a_bad_override_is_blamed_on_the_override(tmp_path):
-    from pixtral_lora.config.schema import ConfigError, load_config
+    from pixtral_lora.config.schema import ConfigError
+    from pixtral_lora.config.yaml_loading import load_config
 
     with pytest.raises(ConfigError, match=r"--set foo.bar=1: foo: unknown key 'foo'"):
         load_config(ROOT / "configs" / "tiny.yaml", ["foo.bar=1"])

@@ -208,7 +208,7 @@ def test_preview_save_image_never_replaces_a_picture_it_did_not_write(tmp_path, 
 def test_a_run_recorded_before_a_config_field_existed_is_still_the_same_run(tiny_run, tmp_path):
     """Runs record their config as text; a field added since (here lora.train_patch_merger, at its
     default) must not make an unchanged run 'another config', while a real difference still does."""
-    from pixtral_lora.config.schema import load_config
+    from pixtral_lora.config.yaml_loading import load_config
     from pixtral_lora.errors import RunDirError
     from pixtral_lora.run.writer import recorded_split
 

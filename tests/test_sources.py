@@ -171,7 +171,7 @@ BENCHMARKS = {
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_layouts_load_with_readable_labels_and_back(name, tmp_path, processor):
-    from pixtral_lora.config.schema import load_config
+    from pixtral_lora.config.yaml_loading import load_config
     from pixtral_lora.data.splits import load_run_data
     from pixtral_lora.model.render import Renderer
 
@@ -285,7 +285,7 @@ def test_rendering_an_hf_source_again_is_read_from_the_datasets_cache(
 def test_a_test_path_that_is_an_hf_dataset_with_splits_is_all_test_data(aid_dir, tmp_path):
     from datasets import DatasetDict
 
-    from pixtral_lora.config.schema import load_config
+    from pixtral_lora.config.yaml_loading import load_config
     from pixtral_lora.data.splits import load_run_data
 
     train_part, test_part = _hub_splits(aid_dir)

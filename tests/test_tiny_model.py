@@ -119,7 +119,7 @@ def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from pixtral_lora.config.schema import load_config
+    from pixtral_lora.config.yaml_loading import load_config
     from pixtral_lora.data.loaders import load_aid_folder, to_conversations
     from pixtral_lora.families import family_from_config
     from pixtral_lora.families.mistral3 import ministral3_8b_config

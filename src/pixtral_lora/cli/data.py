@@ -37,7 +37,7 @@ def _data_validate(args) -> int:
         {},
     )
     if args.config:  # the data settings training will use
-        from pixtral_lora.config.schema import load_config
+        from pixtral_lora.config.yaml_loading import load_config
 
         data = load_config(args.config).data
         class_names = class_names or data.class_names
@@ -71,7 +71,7 @@ def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roo
 
 
 def _data_preview(args) -> int:
-    from pixtral_lora.config.schema import load_config
+    from pixtral_lora.config.yaml_loading import load_config
     from pixtral_lora.model.loading import load_processor
     from pixtral_lora.model.preview import sample_view
     from pixtral_lora.model.render import Renderer

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixtral_lora.config.schema import Config, load_config
+from pixtral_lora.config.schema import Config
+from pixtral_lora.config.yaml_loading import load_config
 from pixtral_lora.errors import RunDirError
 
 

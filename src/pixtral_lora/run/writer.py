@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.config.schema import Config, dump_config, load_config
+from pixtral_lora.config.schema import Config
+from pixtral_lora.config.yaml_loading import dump_config, load_config
 from pixtral_lora.data.loaders import check_data_path
 from pixtral_lora.errors import RunDirError, UserError
 from pixtral_lora.families import config_json, family_from_config

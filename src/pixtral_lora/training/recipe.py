@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pixtral_lora.config.schema import Config, best_metric, dump_config, with_absolute_paths
+from pixtral_lora.config.schema import Config, with_absolute_paths
+from pixtral_lora.config.yaml_loading import dump_config
 from pixtral_lora.data.loaders import as_conversations
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
@@ -47,6 +48,15 @@ VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 # ---------------------------------------------------------------------------------------------------
 # Model
+
+
+def best_metric(config: Config) -> str | None:
+    """The metric that picks the best checkpoint (None without evaluation during training)."""
+    if not config.training.eval_steps:
+        return None
+    if config.training.metric_for_best_model:
+        return config.training.metric_for_best_model
+    return "eval_accuracy" if config.training.eval_classification.enabled else "eval_loss"
 
 
 def lora_target_regex(config: Config, family: Family) -> str:
