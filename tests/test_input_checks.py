@@ -29,8 +29,6 @@ def _train(tmp_path: Path, model: Path, data: Path, *sets: str, config: Path | N
         ("lora.target_modules=[]", "lora.target_modules"),
         ("training.per_device_train_batch_size=100000", "less than or equal to 1024"),
         ("eval.batch_size=0", "greater than or equal to 1"),
-        ("training.report_to=[nosuch]", "unknown reporter 'nosuch'"),
-        ("training.report_to=[wandb]", "'wandb' is not installed here"),
     ],
 )
 def test_impossible_config_values_are_one_line_and_leave_no_run_directory(
@@ -39,6 +37,23 @@ def test_impossible_config_values_are_one_line_and_leave_no_run_directory(
     result = _train(tmp_path, tiny_model_dir, aid_dir, override)
     assert one_line_error(result) == "error: invalid configuration:"  # then one line per problem
     assert says in result.stderr and f"--set {override}" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("training.report_to=[nosuch]", "unknown reporter 'nosuch'"),
+        ("training.report_to=[wandb]", "'wandb' is not installed here"),
+        ("model.attn_implementation=flash_attention_2", "flash_attention_2"),
+    ],
+)
+def test_settings_this_machine_cannot_train_are_one_line_and_leave_no_run_directory(
+    override, says, tmp_path, tiny_model_dir, aid_dir
+):
+    result = _train(tmp_path, tiny_model_dir, aid_dir, override)
+    assert one_line_error(result) == "error: this machine cannot train this config:"  # then the problems
+    assert says in result.stderr
     assert not (tmp_path / "run").exists()
 
 

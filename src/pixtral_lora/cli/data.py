@@ -72,6 +72,7 @@ def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roo
 
 def _data_preview(args) -> int:
     from pixtral_lora.config.yaml_loading import load_config
+    from pixtral_lora.data.raster import band_options
     from pixtral_lora.model.loading import load_processor
     from pixtral_lora.model.preview import sample_view
     from pixtral_lora.model.render import Renderer
@@ -92,7 +93,7 @@ def _data_preview(args) -> int:
         config = load_config(args.config)
         prompt, longest_edge = config.prompt, config.data.image_longest_edge
         allowed += config.data.allow_paths_outside
-        bands = config.data.band_options()
+        bands = band_options(config.data)
     dataset = _conversations(args.path, _class_names_arg(args.classes), prompt, allowed)
     if not 0 <= args.index < len(dataset):
         print(

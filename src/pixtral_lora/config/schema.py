@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from pixtral_lora.errors import UserError
-from pixtral_lora.model.loading import PIXTRAL_12B
+from pixtral_lora.families.pixtral import PIXTRAL_12B
 from pixtral_lora.task.answers import class_name_problem
 from pixtral_lora.task.prompt import PromptConfig
 
@@ -74,20 +74,6 @@ class ModelSection(_Section):
     # (pip install flash-attn; CUDA only).
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
-    @field_validator("attn_implementation")
-    @classmethod
-    def _attention_available(cls, value: str) -> str:
-        if value == "flash_attention_2":
-            import importlib.util
-
-            import torch
-
-            if importlib.util.find_spec("flash_attn") is None:
-                raise ValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn)")
-            if not torch.cuda.is_available():
-                raise ValueError("flash_attention_2 runs on CUDA GPUs only; use sdpa here")
-        return value
-
 
 class DataSection(_Section):
     # An AID-style folder (<root>/<ClassName>/*.jpg), a Mistral fine-tuning .jsonl or a .csv.
@@ -139,25 +125,7 @@ class DataSection(_Section):
         low, high = self.stretch_percentiles
         if not 0 <= low < high <= 100:
             raise ValueError("data.stretch_percentiles must be [low, high] with 0 <= low < high <= 100")
-        if self.bands is not None or self.stretch != "percentile":
-            import importlib.util
-
-            if importlib.util.find_spec("rasterio") is None:
-                raise ValueError(
-                    "data.bands/data.stretch read rasters with rasterio: pip install -e '.[geo]'"
-                )
         return self
-
-    def band_options(self):
-        """The `raster.BandOptions` images are read with (None: the defaults)."""
-        from pixtral_lora.data.raster import BandOptions
-
-        stretch = self.stretch if self.stretch == "percentile" else tuple(tuple(r) for r in self.stretch)
-        return BandOptions(
-            bands=tuple(self.bands) if self.bands else None,
-            stretch=stretch,
-            percentiles=tuple(self.stretch_percentiles),
-        )
 
 
 class LoraSection(_Section):
@@ -217,43 +185,6 @@ class TrainingSection(_Section):
     def _steps(cls, value: int) -> int:
         if value == 0:
             raise ValueError("max_steps 0 would still train a step: give -1 (epochs decide) or a count >= 1")
-        return value
-
-    @field_validator("report_to")
-    @classmethod
-    def _reporters_known_and_installed(cls, value):
-        if isinstance(value, str):
-            return value
-        from transformers.integrations.integration_utils import (
-            INTEGRATION_TO_CALLBACK,
-            get_available_reporting_integrations,
-        )
-
-        unknown = [name for name in value if name not in INTEGRATION_TO_CALLBACK]
-        if unknown:
-            raise ValueError(
-                f"unknown reporter {unknown[0]!r}; known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} "
-                "(or 'auto' / 'none')"
-            )
-        missing = [name for name in value if name not in get_available_reporting_integrations()]
-        if missing:
-            raise ValueError(
-                f"{missing[0]!r} is not installed here (pip install {missing[0]}), or use 'none'"
-            )
-        return value
-
-    @field_validator("use_liger_kernel")
-    @classmethod
-    def _liger_available(cls, value: bool) -> bool:
-        if value:
-            import importlib.util
-
-            import torch
-
-            if importlib.util.find_spec("liger_kernel") is None:
-                raise ValueError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
-            if not torch.cuda.is_available():
-                raise ValueError("Liger's kernels are Triton GPU kernels: CUDA only; set it false here")
         return value
 
 

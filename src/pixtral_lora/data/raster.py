@@ -33,6 +33,16 @@ class BandOptions:
     percentiles: tuple[float, float] = (2.0, 98.0)
 
 
+def band_options(data) -> BandOptions:
+    """The `BandOptions` a config's `data` section (`config.schema.DataSection`) reads images with."""
+    stretch = data.stretch if data.stretch == "percentile" else tuple(tuple(r) for r in data.stretch)
+    return BandOptions(
+        bands=tuple(data.bands) if data.bands else None,
+        stretch=stretch,
+        percentiles=tuple(data.stretch_percentiles),
+    )
+
+
 def _rasterio():
     try:
         import rasterio

@@ -2,6 +2,9 @@
 
 from pixtral_lora.families.family import Family
 
+# The default checkpoint: Pixtral-12B in transformers' layout (the Llava conversion of Mistral's release).
+PIXTRAL_12B = "mistral-community/pixtral-12b"
+
 
 def pixtral_12b_config() -> dict:
     """`config.json` of `mistral-community/pixtral-12b` (the fields that define the architecture)."""

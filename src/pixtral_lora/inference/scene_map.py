@@ -33,7 +33,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pixtral_lora.data.raster import read_rgb
+from pixtral_lora.data.raster import band_options, read_rgb
 from pixtral_lora.errors import DataError
 from pixtral_lora.outputs import (
     PNG_SOFTWARE,
@@ -184,7 +184,7 @@ def map_scene(
     classify = RunClassifier(run_dir, model_path, resize_to, abstain_below, target_accuracy)
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
-    bands = classify.config.data.band_options()
+    bands = band_options(classify.config.data)
     try:
         dataset = rasterio.open(scene)
     except rasterio.errors.RasterioIOError as err:

@@ -19,7 +19,6 @@ from pixtral_lora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-PIXTRAL_12B = "mistral-community/pixtral-12b"
 TEKKEN_FILE = "tekken_240911.json"  # Pixtral-12B's tokenizer, shipped inside mistral_common
 
 # Pixtral-12B's token ids for the image markers; every Mistral vision checkpoint shares them.
@@ -224,6 +223,21 @@ def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -
 def best_device() -> str:
     """'cuda' when a GPU is visible, else 'cpu'."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def usable_attention(requested: str) -> str:
+    """`requested`, or sdpa where flash attention cannot run on this machine (said in the log).
+
+    Training refuses such a config in its preflight; every other command opens the run anyway: the
+    kernel changes speed and memory, not what the weights compute.
+    """
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            logger.warning("flash_attention_2 cannot run here (needs flash-attn and CUDA): using sdpa")
+            return "sdpa"
+    return requested
 
 
 def load_model(

@@ -16,16 +16,27 @@ from pathlib import Path
 
 from pixtral_lora.config.schema import Config
 from pixtral_lora.config.yaml_loading import load_config
+from pixtral_lora.data.raster import band_options
 from pixtral_lora.errors import RunDirError
 
 
 def load_eval_model(
-    base: str, adapter: str | Path | None = None, quantization: str | None = None, dtype: str = "auto"
+    base: str,
+    adapter: str | Path | None = None,
+    quantization: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
 ):
-    """The base model, with a LoRA adapter applied when given; in eval mode."""
-    from pixtral_lora.model.loading import load_model
+    """The base model, with a LoRA adapter applied when given; in eval mode. Flash attention falls
+    back to sdpa where it cannot run (`model.loading.usable_attention`)."""
+    from pixtral_lora.model.loading import load_model, usable_attention
 
-    model = load_model(base, quantization=quantization, dtype=dtype)
+    model = load_model(
+        base,
+        quantization=quantization,
+        dtype=dtype,
+        attn_implementation=usable_attention(attn_implementation),
+    )
     if adapter is not None:
         from peft import PeftModel
 
@@ -136,14 +147,17 @@ class Run:
         return Renderer(
             load_processor(source),
             resize_to or self.config.data.image_longest_edge,
-            bands=self.config.data.band_options(),
+            bands=band_options(self.config.data),
         )
 
     def model(self, which: str, merged: str | Path | None = None):
         """ "base", or the fine-tuned model: the run's adapter on the base, or a merged checkpoint."""
         model = self.config.model
+        attention = model.attn_implementation
         if which == "base":
-            return load_eval_model(model.name_or_path, None, model.quantization, model.dtype)
+            return load_eval_model(model.name_or_path, None, model.quantization, model.dtype, attention)
         if merged is not None:
-            return load_eval_model(str(merged), None, None, model.dtype)
-        return load_eval_model(model.name_or_path, self.adapter_dir, model.quantization, model.dtype)
+            return load_eval_model(str(merged), None, None, model.dtype, attention)
+        return load_eval_model(
+            model.name_or_path, self.adapter_dir, model.quantization, model.dtype, attention
+        )

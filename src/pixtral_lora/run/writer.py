@@ -20,11 +20,9 @@ import torch
 
 from pixtral_lora.config.schema import Config
 from pixtral_lora.config.yaml_loading import dump_config, load_config
-from pixtral_lora.data.loaders import check_data_path
 from pixtral_lora.errors import RunDirError, UserError
-from pixtral_lora.families import config_json, family_from_config
-from pixtral_lora.model.loading import check_model_source, check_quantization, checkpoint_fingerprint
-from pixtral_lora.outputs import atomic_file, check_writable, run_lock
+from pixtral_lora.model.loading import checkpoint_fingerprint
+from pixtral_lora.outputs import atomic_file, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -172,29 +170,6 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
 def is_main_process() -> bool:
     """Rank 0 of a launch (torchrun/accelerate set RANK), or a plain single process."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def preflight(config: Config, resume: str = "auto") -> None:
-    """Every check that needs no data loading, before anything is created: one-line errors."""
-    check_model_source(config.model.name_or_path, "model.name_or_path")
-    saved, source = config_json(config.model.name_or_path)
-    family = family_from_config(saved, source)  # an unsupported architecture: one line, now
-    check_quantization(config.model.name_or_path, config.model.quantization, saved)  # FP8 + 4-bit: one line
-    if config.lora.train_patch_merger and not family.merger_lora_modules:
-        raise RunDirError(
-            f"lora.train_patch_merger: {family.models} has no patch merger (Mistral3 models do)"
-        )
-    if config.data.image_longest_edge and config.data.image_longest_edge > family.max_image_size:
-        raise RunDirError(
-            f"data.image_longest_edge is {config.data.image_longest_edge} but {family.models} take at most "
-            f"{family.max_image_size} px"
-        )
-    check_data_path(config.data.path, "data.path")
-    if config.data.test_path:
-        check_data_path(config.data.test_path, "data.test_path")
-    check_writable(config.training.output_dir, "training.output_dir")
-    if resume not in ("auto", "never") and not Path(resume).exists():
-        raise RunDirError(f"--resume {resume}: no such checkpoint")
 
 
 @contextlib.contextmanager

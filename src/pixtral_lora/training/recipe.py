@@ -24,6 +24,7 @@ import torch
 from pixtral_lora.config.schema import Config, with_absolute_paths
 from pixtral_lora.config.yaml_loading import dump_config
 from pixtral_lora.data.loaders import as_conversations
+from pixtral_lora.data.raster import band_options
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
 from pixtral_lora.families import Family, family_of
@@ -35,11 +36,11 @@ from pixtral_lora.run.writer import (
     drop_metrics_after,
     environment,
     is_main_process,
-    preflight,
     recorded_split,
     resume_checkpoint,
     run_directory,
 )
+from pixtral_lora.training.preflight import preflight
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _train_in(
     run_data = load_run_data(config, recorded)
     processor = load_processor(config.model.name_or_path)
     renderer = Renderer(
-        processor, config.data.image_longest_edge, config.data.max_length, bands=config.data.band_options()
+        processor, config.data.image_longest_edge, config.data.max_length, bands=band_options(config.data)
     )
     reports = {"train": RenderReport(), "validation": RenderReport()}
     train_set = render_dataset(
