@@ -63,11 +63,32 @@ def _data_validate(args) -> int:
     return 1 if errors else 0
 
 
-def _conversations(path: str, class_names: list[str] | None, prompt, allowed_roots: list[str] | None = None):
-    from pixtral_lora.data.loaders import as_conversations, load_any
+def _conversations(path: str, data, prompt):
+    """Every sample of the source at `path` as a conversation, read with the `data` settings
+    (`config.schema.DataSection`) exactly as training reads it."""
+    from pixtral_lora.data.loaders import as_conversations
+    from pixtral_lora.data.sources import load_source
 
-    dataset, names = load_any(path, class_names, allowed_roots)
-    return as_conversations(dataset, prompt, names or [])
+    source = load_source(path, data, "data")
+    return as_conversations(source.all_rows(), prompt, source.class_names or [])
+
+
+def _data_section(path: str, config: str | None, classes: str | None, allowed: list[str]):
+    """The `data` settings a data command reads `path` with: the config's (`--config`), else the
+    defaults, with `--classes` and `--allow-path` on top."""
+    from pixtral_lora.config.schema import DataSection
+
+    data = DataSection(path=str(path)) if config is None else _load_config(config).data
+    update = {"allow_paths_outside": [*data.allow_paths_outside, *allowed]}
+    if classes:
+        update["class_names"] = _class_names_arg(classes)
+    return data.model_copy(update=update)
+
+
+def _load_config(path: str):
+    from pixtral_lora.config.yaml_loading import load_config
+
+    return load_config(path)
 
 
 def _data_preview(args) -> int:
@@ -83,18 +104,13 @@ def _data_preview(args) -> int:
         from pixtral_lora.outputs import check_replaceable_file, is_our_png
 
         check_replaceable_file(args.save_image, is_our_png)
-    prompt, longest_edge, allowed, bands = (
-        PromptConfig(),
-        args.image_longest_edge,
-        list(args.allow_path),
-        None,
-    )
+    prompt, longest_edge, bands = PromptConfig(), args.image_longest_edge, None
     if args.config:
         config = load_config(args.config)
         prompt, longest_edge = config.prompt, config.data.image_longest_edge
-        allowed += config.data.allow_paths_outside
         bands = band_options(config.data)
-    dataset = _conversations(args.path, _class_names_arg(args.classes), prompt, allowed)
+    data = _data_section(args.path, args.config, args.classes, list(args.allow_path))
+    dataset = _conversations(args.path, data, prompt)
     if not 0 <= args.index < len(dataset):
         print(
             f"--index {args.index} is out of range: {args.path} has {len(dataset)} samples", file=sys.stderr
@@ -129,7 +145,8 @@ def _data_export(args) -> int:
     from pixtral_lora.data.loaders import export_mistral_jsonl
     from pixtral_lora.task.prompt import PromptConfig
 
-    dataset = _conversations(args.path, _class_names_arg(args.classes), PromptConfig(), args.allow_path)
+    data = _data_section(args.path, None, args.classes, list(args.allow_path))
+    dataset = _conversations(args.path, data, PromptConfig())
     count = export_mistral_jsonl(dataset, args.out, args.image_longest_edge, overwrite=args.overwrite)
     print(f"{count} samples written to {args.out}")
     return 0

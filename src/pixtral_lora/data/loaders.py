@@ -523,24 +523,3 @@ def relabel(dataset: Dataset, style: str, overrides: dict[str, str]) -> tuple[Da
     features = dataset.features.copy()
     features["label"] = ClassLabel(names=labels)
     return dataset.cast(features), dict(zip(labels, names, strict=True))
-
-
-def load_any(
-    path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
-) -> tuple[Dataset, list[str] | None]:
-    """Load a folder, .jsonl or .csv; returns the dataset and the class names when the source defines them."""
-    from pixtral_lora.data.hf import is_hf_source, load_hf_splits
-
-    path = check_data_path(path, "data")
-    if is_hf_source(path):
-        from datasets import concatenate_datasets
-
-        splits, names = load_hf_splits(str(path), class_names=class_names)
-        return concatenate_datasets(list(splits.values())), names
-    path = Path(path)
-    if path.is_dir():
-        dataset = load_aid_folder(path, allowed_roots=allowed_roots)
-        return dataset, class_names_of(dataset)
-    if path.suffix == ".jsonl":
-        return load_mistral_jsonl(path, class_names, allowed_roots), class_names
-    return load_csv(path, class_names, allowed_roots), class_names

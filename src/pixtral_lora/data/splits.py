@@ -10,14 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixtral_lora.config.schema import Config
-from pixtral_lora.data.loaders import (
-    Splits,
-    check_data_path,
-    class_names_of,
-    load_any,
-    relabel,
-    split_dataset,
-)
+from pixtral_lora.data.loaders import Splits, class_names_of, split_dataset
+from pixtral_lora.data.sources import Source, load_source
 from pixtral_lora.errors import DataError, RunDirError
 
 
@@ -37,63 +31,34 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
     from the answers and must all be in that list). A dataset with its own train and test splits keeps
     them (`data.use_dataset_splits`); validation is carved from train.
     """
-    from datasets import concatenate_datasets
-
-    from pixtral_lora.data.hf import is_hf_source, load_hf_splits
-
     data = config.data
 
-    def load(path: str, field_name: str):
-        """(one dataset or None, its own splits or None, class names)."""
-        if is_hf_source(check_data_path(path, field_name)):
-            source_splits, names = load_hf_splits(
-                path,
-                data.image_column,
-                data.label_column,
-                data.class_names,
-                data.hub_config,
-                data.hub_revision,
-            )
-            if data.use_dataset_splits and {"train", "test"} <= set(source_splits):
-                return None, source_splits, names
-            return concatenate_datasets(list(source_splits.values())), None, names
-        if Path(path).is_dir():
-            dataset, names = load_any(path, allowed_roots=data.allow_paths_outside)
-            return dataset, None, names
-        if not data.class_names:
+    def load(path: str, field_name: str, keep_splits: bool = True) -> Source:
+        if not data.class_names and Path(path).suffix in (".jsonl", ".csv"):
             raise DataError(f"{path}: JSONL/CSV data need data.class_names (the class set of the answers)")
-        dataset, _ = load_any(path, data.class_names, data.allow_paths_outside)
-        unknown = sorted(set(dataset["label"]) - set(data.class_names))
-        if unknown:
-            raise DataError(
-                f"{path}: answers with labels outside data.class_names: {unknown[:5]} (see `pixtral-lora data validate`)"
-            )
-        return dataset, None, list(data.class_names)
+        source = load_source(path, data, field_name, keep_splits)
+        if source.dataset is not None and "image" not in source.dataset.column_names:  # JSONL/CSV
+            unknown = sorted(set(source.dataset["label"]) - set(source.class_names))
+            if unknown:
+                raise DataError(
+                    f"{path}: answers with labels outside data.class_names: {unknown[:5]} (see `pixtral-lora data validate`)"
+                )
+        return source
 
-    label_sources: dict[str, str] = {}
-
-    def relabelled(dataset):
-        if "image" not in dataset.column_names:  # JSONL/CSV: labels are the answers' own
-            return dataset
-        dataset, sources = relabel(dataset, data.label_style, data.class_labels)
-        label_sources.update(sources)
-        return dataset
-
-    dataset, source_splits, class_names = load(data.path, "data.path")
-    if source_splits is not None:
-        dataset = relabelled(source_splits["train"])
-        test = relabelled(source_splits["test"])
+    source = load(data.path, "data.path")
+    label_sources = dict(source.label_sources)
+    class_names = source.class_names
+    if source.splits is not None:
+        dataset, test = source.splits["train"], source.splits["test"]
         test_classes = class_names_of(test)
     elif data.test_path:
-        dataset = relabelled(dataset)
-        test, test_splits, _ = load(data.test_path, "data.test_path")
-        if test is None:  # an HF dataset with its own splits: all of it is test data here
-            test = concatenate_datasets(list(test_splits.values()))
-        test = relabelled(test)
+        dataset = source.dataset
+        test_source = load(data.test_path, "data.test_path", keep_splits=False)
+        label_sources.update(test_source.label_sources)
+        test = test_source.dataset
         test_classes = class_names_of(test) if "image" in test.column_names else class_names
     else:
-        dataset = relabelled(dataset)
-        test = None
+        dataset, test = source.dataset, None
     if "image" in dataset.column_names:
         class_names = class_names_of(dataset)
     if test is not None:

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import json
 import logging
@@ -30,14 +29,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pixtral_lora.data.images import ImageError, read_image_bytes
-from pixtral_lora.data.loaders import IMAGE_SUFFIXES
+from pixtral_lora.data.images import ImageError
+from pixtral_lora.data.sources import Item, list_images
 from pixtral_lora.errors import DataError
 from pixtral_lora.outputs import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
 
@@ -47,61 +44,6 @@ SUFFIXES = (".jsonl", ".csv", ".parquet")
 COLUMNS = [
     "path", "label", "confidence", "calibrated", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model"
 ]  # fmt: skip
-
-
-@dataclass
-class Item:
-    """One input: its key (a path, or SPLIT/ROW of a dataset) and how to get its bytes."""
-
-    key: str
-    read: Callable[[], bytes]
-
-
-def _file_item(path: Path) -> Item:
-    return Item(str(path), lambda: read_image_bytes(path))
-
-
-def collect_inputs(source: str, as_dataset: bool = False) -> list[Item]:
-    """The inputs of SOURCE in a fixed order (see the module docstring)."""
-    from pixtral_lora.data.hf import HUB_PREFIX, load_hf_images
-
-    path = Path(source)
-    is_dataset = as_dataset or source.startswith(HUB_PREFIX) or path.suffix == ".parquet"
-    if path.is_dir() and not is_dataset:
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [_file_item(p) for p in found]
-    if path.suffix in (".txt", ".csv") and path.is_file():
-        with open(path, encoding="utf-8", newline="") as handle:
-            if path.suffix == ".txt":
-                names = [line.strip() for line in handle if line.strip()]
-            else:
-                reader = csv.DictReader(handle)
-                column = next((c for c in ("path", "image_path") if c in (reader.fieldnames or [])), None)
-                if column is None:
-                    raise DataError(f"{path}:1: a list of images needs a 'path' (or 'image_path') column")
-                names = [row[column] for row in reader if row[column]]
-        return [_file_item(p if p.is_absolute() else path.parent / p) for p in map(Path, names)]
-    if is_dataset:
-        splits = load_hf_images(source)
-        items = []
-        for split_name, split in splits.items():
-            for row in range(len(split)):
-
-                def read(split=split, row=row) -> bytes:
-                    from pixtral_lora.data.loaders import image_source
-
-                    return read_image_bytes(image_source(split[row]["image"]))
-
-                items.append(Item(f"{split_name}/{row}", read))
-        return items
-    if any(ch in source for ch in "*?["):
-        found = sorted(
-            p for p in map(Path, glob.glob(source, recursive=True)) if p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        return [_file_item(p) for p in found]
-    if path.is_file():
-        return [_file_item(path)]
-    raise DataError(f"{source}: no such file, folder, glob or dataset")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,7 +223,7 @@ def predict_archive(
 
         if not dist.is_initialized():  # a gloo group only for the final barrier (any device)
             dist.init_process_group("gloo")
-    items = collect_inputs(source, as_dataset)
+    items = list_images(source, as_dataset)
     if not items:
         raise DataError(f"{source}: no images found")
     model = classify.identity()
