@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pixtral_lora.classify import predict_rows  # noqa: E402
+from pixtral_lora.classify import ClassifyOptions, predict_rows  # noqa: E402
 from pixtral_lora.classify.score import score_positions  # noqa: E402
 from pixtral_lora.config.yaml_loading import load_config  # noqa: E402
 from pixtral_lora.data.loaders import to_conversations  # noqa: E402
@@ -125,9 +125,7 @@ def scoring_vs_generate(model, renderer, rows, config) -> dict:
                 prompt_rows,
                 classes,
                 config.prompt,
-                mode,
-                batch_size=config.eval.batch_size,
-                max_new_tokens=config.eval.max_new_tokens,
+                ClassifyOptions(mode, config.eval.batch_size, config.eval.max_new_tokens),
             )
             figures[mode] = speed
         # the count that bounds the ratio on a model whose LM head dominates (the tiny one)
@@ -240,9 +238,7 @@ def main() -> int:
                 rows,
                 run_data.class_names,
                 config.prompt,
-                mode,
-                batch_size=config.eval.batch_size,
-                max_new_tokens=config.eval.max_new_tokens,
+                ClassifyOptions(mode, config.eval.batch_size, config.eval.max_new_tokens),
             )
             evaluation[mode] = {
                 "images": len(rows),

@@ -305,9 +305,11 @@ def stage_speed_options(tmp: Path, args, device: str, baseline_step_s: float | N
 
 
 def stage_evaluation(run_dir: Path) -> dict:
-    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
 
-    out = evaluate_run(run_dir, modes=["generate", "constrained", "score"], models=("finetuned",))
+    out = evaluate_run(
+        run_dir, EvalOptions(modes=["generate", "constrained", "score"], models=("finetuned",))
+    )
     report = json.loads((out / "report.json").read_text())["results"]["finetuned"]
     return {mode: {"images": r["n"], "images_per_s": r["images_per_second"]} for mode, r in report.items()}
 

@@ -78,7 +78,8 @@ def eval_answers(run_dir: Path, models: str) -> dict[str, dict[str, dict]]:
 
 
 def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> dict[str, dict]:
-    """image id -> `pixtral-lora eval --backend vllm`'s fine-tuned prediction, run in vLLM's environment."""
+    """image id -> `pixtral-lora eval --backend vllm`'s fine-tuned prediction (its predictions.jsonl
+    row), run in vLLM's environment."""
     out = run_dir / "eval-vllm-backend"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     command = [
@@ -97,7 +98,39 @@ def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> di
     if result.returncode:
         raise SystemExit(f"failed: {shlex.join(command)}\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    return {row["id"]: row["raw_answer"] for row in rows if row["model"] == "finetuned"}
+    return {row["id"]: row for row in rows if row["model"] == "finetuned"}
+
+
+def answers_of(predictions: dict[str, dict]) -> dict[str, str]:
+    return {image: row["raw_answer"] for image, row in predictions.items()}
+
+
+def check_unreadable_counted(run_dir: Path, vllm_python: str, export: Path, expected: dict) -> list[str]:
+    """`eval --backend vllm` with one test image made unreadable (restored after): that image is
+    counted `unreadable` in its predictions and report, and every other answer equals eval's."""
+    from pixtral_lora.run.reader import Run
+
+    rows, _ = Run.open(run_dir).test_rows()
+    broken_id, broken = rows[0]["id"], Path(rows[0]["images"][0]["path"])
+    original = broken.read_bytes()
+    broken.write_bytes(b"not an image: the transformers path counts it as unreadable")
+    try:
+        served = vllm_eval_answers(vllm_python, run_dir, "--merged", str(export))
+    finally:
+        broken.write_bytes(original)
+    report = json.loads((run_dir / "eval-vllm-backend" / "report.json").read_text(encoding="utf-8"))
+    counted = report["results"]["finetuned"]["generate"]["counts"]["unreadable"]
+    unreadable = sorted(i for i, row in served.items() if row["outcome"] == "unreadable")
+    problems = (
+        []
+        if unreadable == [broken_id] and counted == 1
+        else [
+            f"eval --backend vllm: unreadable {unreadable} (report counts {counted}), expected [{broken_id!r}]"
+        ]
+    )
+    print(f"  eval --backend vllm: an unreadable image is counted: {not problems}", flush=True)
+    rest = {i: e for i, e in expected.items() if i != broken_id}
+    return problems + compare("eval --backend vllm, merged float32", answers_of(served), rest)
 
 
 def requests_of(run_dir: Path) -> list[tuple[str, list[dict]]]:
@@ -361,10 +394,12 @@ def main() -> int:
                 if dtype == "float32" and worst > FLOAT32_LOGPROB_GAP:
                     problems.append(f"merged float32: answer log-probability {worst:.2g} from eval's")
         # pixtral-lora eval --backend vllm, in vLLM's environment: a merged export, and base + LoRA
-        served = vllm_eval_answers(args.vllm_python, text_run, "--merged", str(exports / "text-float32"))
-        problems += compare("eval --backend vllm, merged float32", served, expected["text"]["finetuned"])
-        served = vllm_eval_answers(args.vllm_python, vision_run, "--vllm-base", str(exports / "base"),
-                                   "--vllm-lora", str(exports / "lora-vision"))  # fmt: skip
+        # (one test image unreadable: counted, as the transformers path counts it)
+        problems += check_unreadable_counted(
+            text_run, args.vllm_python, exports / "text-float32", expected["text"]["finetuned"]
+        )
+        served = answers_of(vllm_eval_answers(args.vllm_python, vision_run, "--vllm-base", str(exports / "base"),
+                                              "--vllm-lora", str(exports / "lora-vision")))  # fmt: skip
         problems += compare(
             "eval --backend vllm, base + LoRA (vision tower)", served, expected["vision"]["finetuned"]
         )

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pixtral_lora.classify import predict_rows
+from pixtral_lora.classify import ClassifyOptions, predict_rows
 from pixtral_lora.cli import main
 from pixtral_lora.data.loaders import load_aid_folder, to_conversations
 from pixtral_lora.errors import UserError
@@ -24,15 +24,25 @@ def test_constrained_mode_never_leaves_the_class_set_even_untrained(tiny_model_d
     )
     renderer = Renderer(processor, 64)
     free, _ = predict_rows(
-        model, renderer, rows, CLASSES, PromptConfig(), "generate", batch_size=7, max_new_tokens=12
+        model,
+        renderer,
+        rows,
+        CLASSES,
+        PromptConfig(),
+        ClassifyOptions("generate", batch_size=7, max_new_tokens=12),
     )
     assert all(p.label is None for p in free)  # the random model babbles
     constrained, _ = predict_rows(
-        model, renderer, rows, CLASSES, PromptConfig(), "constrained", batch_size=7, max_new_tokens=24
+        model,
+        renderer,
+        rows,
+        CLASSES,
+        PromptConfig(),
+        ClassifyOptions("constrained", batch_size=7, max_new_tokens=24),
     )
     valid = {PromptConfig().answer(c) for c in CLASSES}
     assert all(p.raw_answer in valid and p.label in CLASSES for p in constrained)
-    scored, _ = predict_rows(model, renderer, rows, CLASSES, PromptConfig(), "score")
+    scored, _ = predict_rows(model, renderer, rows, CLASSES, PromptConfig(), ClassifyOptions("score"))
     assert all(p.label in CLASSES and 0.25 <= p.confidence <= 1.0 for p in scored)
 
 
@@ -113,9 +123,9 @@ def test_predict_command_on_a_folder(tiny_run, learn_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["bogus"])
-def test_unknown_mode_is_an_error(mode, tiny_model_dir, processor):
+def test_unknown_mode_is_an_error(mode):
     with pytest.raises(ValueError, match="mode must be one of"):
-        predict_rows(None, Renderer(processor), [], CLASSES, PromptConfig(), mode)
+        ClassifyOptions(mode)
 
 
 def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_tokenizer):
@@ -129,7 +139,7 @@ def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_
         load_aid_folder(aid_dir).select([0, 17]), PromptConfig(user_text="Which scene?"), CLASSES
     )
     for row in rows:
-        request = ChatCompletionRequest.from_openai(openai_messages(row, renderer))
+        request = ChatCompletionRequest.from_openai(openai_messages(row, renderer.load_images(row["images"])))
         theirs = mistral_tokenizer.encode_chat_completion(request).tokens
         messages = json.loads(row["messages"])[:-1]
         ours, _ = renderer.prompt_ids(messages, renderer.load_images(row["images"]))
@@ -137,7 +147,7 @@ def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
-    from pixtral_lora.evaluation.vllm_backend import vllm_generate
+    from pixtral_lora.evaluation.vllm_backend import VllmEngine
 
     try:
         import vllm  # noqa: F401
@@ -146,4 +156,36 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
     except ImportError:
         pass
     with pytest.raises(UserError, match="needs vllm"):
-        vllm_generate(tmp_path, [{"images": []}], None, 8)
+        VllmEngine(tmp_path, max_images=1)
+
+
+def test_another_engine_gets_only_readable_rows_and_an_unreadable_image_is_counted(
+    processor, aid_dir, tmp_path
+):
+    """The loop both backends run: the engine (vLLM in `eval --backend vllm`) never sees a row whose
+    image cannot be decoded; that row's outcome is `unreadable`, the others are answered."""
+    from pixtral_lora.classify.generate import AnswerEngine
+
+    class Echo(AnswerEngine):
+        seen: list[str] = []
+
+        def answers(self, renderer, rows, images, max_new_tokens):
+            assert all(loaded and loaded[0].size[0] <= 64 for loaded in images)  # resized as in training
+            self.seen += [row["id"] for row in rows]
+            return ["Forest"] * len(rows), [None] * len(rows)
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    rows = list(
+        to_conversations(load_aid_folder(aid_dir).select([0, 1]), PromptConfig(), CLASSES, with_answer=False)
+    )
+    rows.insert(1, {**rows[0], "id": "broken", "images": [{"path": str(broken), "bytes": None}]})
+    engine = Echo()
+    predictions, _ = predict_rows(
+        engine, Renderer(processor, 64), rows, CLASSES, PromptConfig(), ClassifyOptions()
+    )
+    assert predictions[1].outcome == "unreadable" and predictions[1].id == "broken"
+    assert engine.seen == [rows[0]["id"], rows[2]["id"]]
+    assert [p.label for p in predictions] == ["Forest", None, "Forest"]
+    with pytest.raises(ValueError, match="generate mode only"):
+        predict_rows(engine, Renderer(processor, 64), rows, CLASSES, PromptConfig(), ClassifyOptions("score"))

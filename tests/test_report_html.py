@@ -71,10 +71,11 @@ def test_untrusted_class_names_and_answers_are_escaped():
 
 
 def test_eval_writes_a_report_html_whose_numbers_equal_report_json(tiny_run, tmp_path):
-    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
 
     out = evaluate_run(
-        tiny_run, modes=["generate", "score"], limit=12, out_dir=tmp_path / "eval", gallery_limit=5
+        tiny_run,
+        EvalOptions(modes=["generate", "score"], limit=12, out_dir=tmp_path / "eval", gallery_limit=5),
     )
     report = json.loads((out / "report.json").read_text())
     text = (out / "report.html").read_text()
@@ -104,9 +105,11 @@ def test_report_html_renders_in_a_headless_browser(tiny_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no headless browser installed (make browser installs Debian's chromium)")
-    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
 
-    out = evaluate_run(tiny_run, modes=["score"], models=("finetuned",), limit=8, out_dir=tmp_path / "eval")
+    out = evaluate_run(
+        tiny_run, EvalOptions(modes=["score"], models=("finetuned",), limit=8, out_dir=tmp_path / "eval")
+    )
     shot = tmp_path / "shot.png"
     subprocess.run(
         [
@@ -132,7 +135,7 @@ def test_compare_two_runs_with_a_mcnemar_test(tiny_run, tiny_model_dir, learn_da
     from scipy.stats import binom
 
     from pixtral_lora.cli import main
-    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
     from pixtral_lora.training.recipe import train
 
     barely = train(
@@ -147,7 +150,7 @@ def test_compare_two_runs_with_a_mcnemar_test(tiny_run, tiny_model_dir, learn_da
         )
     )
     for run in (tiny_run, barely):
-        evaluate_run(run, modes=["score"], models=("finetuned",), out_dir=run / "eval-compare")
+        evaluate_run(run, EvalOptions(modes=["score"], models=("finetuned",), out_dir=run / "eval-compare"))
     out = tmp_path / "compare.html"
     args = ["compare", str(tiny_run), str(barely), "--eval", "eval-compare", "--out", str(out)]
     assert main(args) == 0

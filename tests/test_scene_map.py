@@ -22,11 +22,11 @@ def test_map_finds_the_true_classes_with_exact_polygons_in_the_scenes_crs(tiny_r
     from rasterio.windows import Window
     from rasterio.windows import bounds as window_bounds
 
-    from pixtral_lora.inference.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import MapOptions, map_scene
 
     scene, layout = mosaic
     out = tmp_path / "map.geojson"
-    summary = map_scene(scene, tiny_run, out, tile=64)
+    summary = map_scene(scene, tiny_run, out, MapOptions(tile=64))
     collection = json.loads(out.read_text())
     assert collection["crs"]["properties"]["name"] == "EPSG:32633"
     features = collection["features"]
@@ -51,15 +51,17 @@ def test_map_finds_the_true_classes_with_exact_polygons_in_the_scenes_crs(tiny_r
 
 
 def test_map_in_wgs84_and_as_a_geopackage(tiny_run, mosaic, tmp_path):
-    from pixtral_lora.inference.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import MapOptions, map_scene
 
     scene, _ = mosaic
-    map_scene(scene, tiny_run, tmp_path / "wgs84.geojson", tile=64, to_wgs84=True)
+    map_scene(scene, tiny_run, tmp_path / "wgs84.geojson", MapOptions(tile=64, to_wgs84=True))
     collection = json.loads((tmp_path / "wgs84.geojson").read_text())
     for x, y in collection["features"][0]["geometry"]["coordinates"][0]:
         assert 14 < x < 16 and 45 < y < 46  # UTM 33N, 500 km east, 5,000 km north: near 15 E, 45.1 N
     pyogrio = pytest.importorskip("pyogrio", reason="GeoPackage output needs pyogrio")
-    summary = map_scene(scene, tiny_run, tmp_path / "map.gpkg", tile_m=640.0)  # 10 m pixels: 64 px
+    summary = map_scene(
+        scene, tiny_run, tmp_path / "map.gpkg", MapOptions(tile_m=640.0)
+    )  # 10 m pixels: 64 px
     assert summary["tile_pixels"] == 64
     frame = pyogrio.raw.read(tmp_path / "map.gpkg")
     assert len(frame[2]) == 20 and "32633" in frame[0]["crs"]
@@ -77,15 +79,17 @@ def test_map_resumes_skips_empty_tiles_and_refuses_a_scene_smaller_than_a_tile(
     array[:, :48, :48] = 200  # one tile with content, three empty (0 = no data here)
     write_geotiff(tmp_path / "s.tif", array)
     out = tmp_path / "m.geojson"
-    summary = scene_map.map_scene(tmp_path / "s.tif", tiny_run, out, tile=48)
+    summary = scene_map.map_scene(tmp_path / "s.tif", tiny_run, out, scene_map.MapOptions(tile=48))
     assert summary["classified"] == 1 and summary["empty"] == 3 and summary["tile_pixels"] == 48
     with pytest.raises(DataError, match="smaller than one 128-pixel tile"):
-        scene_map.map_scene(tmp_path / "s.tif", tiny_run, tmp_path / "x.geojson", tile=128)
+        scene_map.map_scene(
+            tmp_path / "s.tif", tiny_run, tmp_path / "x.geojson", scene_map.MapOptions(tile=128)
+        )
 
 
 def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_path, monkeypatch):
     import pixtral_lora.classify as classify
-    from pixtral_lora.inference.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import MapOptions, map_scene
 
     scene, _ = mosaic
     real, calls = classify.predict_rows, []
@@ -98,18 +102,18 @@ def test_a_map_killed_half_way_resumes_from_its_journal(tiny_run, mosaic, tmp_pa
 
     monkeypatch.setattr(classify, "predict_rows", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+        map_scene(scene, tiny_run, tmp_path / "m.geojson", MapOptions(tile=64, batch_size=4))
     assert not (tmp_path / "m.geojson").exists() and (tmp_path / ".m.geojson.journal.jsonl").exists()
     calls.clear()
     monkeypatch.setattr(classify, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", MapOptions(tile=64, batch_size=4))
     assert sum(calls) == 20 - 8 and summary["classified"] == 20  # only the 12 tiles not yet done
     assert not (tmp_path / ".m.geojson.journal.jsonl").exists()
 
 
 def test_a_map_killed_while_writing_its_journal_loses_only_that_tile(tiny_run, mosaic, tmp_path, monkeypatch):
     import pixtral_lora.classify as classify
-    from pixtral_lora.inference.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import MapOptions, map_scene
 
     scene, _ = mosaic
     journal = tmp_path / ".m.geojson.journal.jsonl"
@@ -126,13 +130,13 @@ def test_a_map_killed_while_writing_its_journal_loses_only_that_tile(tiny_run, m
 
     monkeypatch.setattr(classify, "predict_rows", dies_on_batch(3))
     with pytest.raises(KeyboardInterrupt):
-        map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+        map_scene(scene, tiny_run, tmp_path / "m.geojson", MapOptions(tile=64, batch_size=4))
     journal.write_bytes(journal.read_bytes()[:-10])  # a kill in the middle of the last record: 7 tiles kept
     calls.clear()
     monkeypatch.setattr(classify, "predict_rows", dies_on_batch(2))
     with pytest.raises(KeyboardInterrupt):  # the torn tile and 3 more, then killed again
-        map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+        map_scene(scene, tiny_run, tmp_path / "m.geojson", MapOptions(tile=64, batch_size=4))
     calls.clear()
     monkeypatch.setattr(classify, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", tile=64, batch_size=4)
+    summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", MapOptions(tile=64, batch_size=4))
     assert sum(calls) == 20 - 7 - 4 and summary["classified"] == 20

@@ -72,9 +72,9 @@ def test_validation_accuracy_is_logged_at_eval_steps_and_picks_the_best_checkpoi
 
 
 def test_tiny_model_learns_the_scenes_from_chance_to_above_90_percent(tiny_run):
-    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
 
-    out = evaluate_run(tiny_run, modes=["generate"])
+    out = evaluate_run(tiny_run, EvalOptions(modes=["generate"]))
     report = json.loads((out / "report.json").read_text())["results"]
     base, tuned = report["base"]["generate"], report["finetuned"]["generate"]
     assert tuned["n"] == base["n"] == 40
@@ -285,7 +285,7 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
 
 def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):
     from pixtral_lora.data.loaders import export_mistral_jsonl, load_aid_folder, to_conversations
-    from pixtral_lora.evaluation.evaluate import evaluate_run
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
     from pixtral_lora.task.prompt import PromptConfig
     from pixtral_lora.training.recipe import train
 
@@ -306,7 +306,7 @@ def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_pa
     run = train(config)
     split = json.loads((run / "split.json").read_text())
     assert len(split["ids"]["test"]) == 10 and all(i.startswith("train.jsonl:") for i in split["ids"]["test"])
-    out = evaluate_run(run, modes=["constrained"], limit=4)
+    out = evaluate_run(run, EvalOptions(modes=["constrained"], limit=4))
     report = json.loads((out / "report.json").read_text())["results"]["finetuned"]["constrained"]
     assert report["n"] == 4 and report["counts"]["hallucinated"] == 0
 

@@ -14,12 +14,13 @@ Three modes:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 from tqdm import tqdm
 
-from pixtral_lora.classify.generate import batch_inputs, generate_answers
+from pixtral_lora.classify.generate import AnswerEngine, batch_inputs, generate_answers
 from pixtral_lora.classify.prediction import Prediction
 from pixtral_lora.classify.score import score_batch
 from pixtral_lora.model.render import Renderer
@@ -27,6 +28,35 @@ from pixtral_lora.task.answers import AnswerParser, AnswerTrie, answer_token_ids
 from pixtral_lora.task.prompt import PromptConfig
 
 MODES = ("generate", "constrained", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyOptions:
+    """How rows become predictions, built once by the command that classifies (`for_run` reads a run
+    config's eval section); adding an option touches this class and the command that sets it."""
+
+    mode: str = "generate"
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    strict: bool = False
+    temperature: float | None = None  # score mode's calibration: softmax(scores / T)
+    desc: str = ""  # the progress bar's label
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @classmethod
+    def for_run(cls, config, mode: str, **changes) -> ClassifyOptions:
+        """The run config's eval settings (batch size, answer length, strictness) for `mode`, with
+        `changes` (a None leaves the config's value)."""
+        options = cls(
+            mode=mode,
+            batch_size=config.eval.batch_size,
+            max_new_tokens=config.eval.max_new_tokens,
+            strict=config.eval.strict,
+        )
+        return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})
 
 
 def parsed_predictions(
@@ -50,32 +80,29 @@ def predict_rows(
     rows,
     class_names: list[str],
     prompt: PromptConfig,
-    mode: str,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    strict: bool = False,
-    desc: str = "",
+    options: ClassifyOptions = ClassifyOptions(),
     unreadable: dict[str, str] | None = None,
-    temperature: float | None = None,
 ) -> tuple[list[Prediction], float]:
     """Predictions for every row (none dropped) and the throughput in images/s.
 
     A row whose image cannot be decoded (or is listed in `unreadable`, id -> reason) gets the outcome
     `unreadable`; the others in its batch go on. Score mode's probabilities are softmax(scores / T)
-    with a calibration's `temperature` (marked `calibrated`), else the raw softmax.
+    with a calibration's `temperature` (marked `calibrated`), else the raw softmax. `model` is a
+    transformers model, or an `AnswerEngine` (vLLM) that answers in generate mode.
     """
     from pixtral_lora.data.images import ImageError
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    parser = AnswerParser(class_names, strict=strict)
+    mode, batch_size, temperature = options.mode, options.batch_size, options.temperature
+    if isinstance(model, AnswerEngine) and mode != "generate":
+        raise ValueError(f"{type(model).__name__} answers in generate mode only, not {mode}")
+    parser = AnswerParser(class_names, strict=options.strict)
     candidates = answer_token_ids(renderer.tokenizer, prompt, class_names)
     trie = AnswerTrie(candidates) if mode == "constrained" else None
     rows = list(rows)
     predictions: list[Prediction] = []
     start = time.perf_counter()
     unreadable = unreadable or {}
-    for begin in tqdm(range(0, len(rows), batch_size), desc=desc or mode, unit="batch"):
+    for begin in tqdm(range(0, len(rows), batch_size), desc=options.desc or mode, unit="batch"):
         chunk = rows[begin : begin + batch_size]
         slots: list[Prediction | None] = [None] * len(chunk)
         ready, loaded = [], []
@@ -112,7 +139,7 @@ def predict_rows(
                 )
         elif ready:
             answers, probabilities = generate_answers(
-                model, renderer, ready_rows, max_new_tokens, trie, loaded
+                model, renderer, ready_rows, options.max_new_tokens, trie, loaded
             )
             parsed = parsed_predictions(ready_rows, answers, parser, probabilities)
             for index, prediction in zip(ready, parsed, strict=True):
@@ -122,33 +149,3 @@ def predict_rows(
     if len(predictions) != len(rows):
         raise AssertionError(f"{len(rows) - len(predictions)} test items lost")
     return predictions, len(rows) / elapsed if elapsed > 0 else float("inf")
-
-
-def predict_for_run(
-    model,
-    renderer: Renderer,
-    rows,
-    class_names,
-    config,
-    mode,
-    strict=None,
-    desc="",
-    unreadable=None,
-    batch_size: int | None = None,
-    temperature: float | None = None,
-):
-    """`predict_rows` with the run config's eval settings (batch size, answer length, strictness)."""
-    return predict_rows(
-        model,
-        renderer,
-        rows,
-        class_names,
-        config.prompt,
-        mode,
-        batch_size=batch_size or config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
-        strict=config.eval.strict if strict is None else strict,
-        desc=desc,
-        unreadable=unreadable,
-        temperature=temperature,
-    )

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from pixtral_lora.model.render import Renderer, pad_batch, prompt_messages
 from pixtral_lora.task.answers import AnswerTrie
+
+
+class AnswerEngine(abc.ABC):
+    """Another engine (vLLM) answering the classify loop's batches in generate mode: it gets the
+    rows whose images the loop could read, and those images, already resized as in training."""
+
+    @abc.abstractmethod
+    def answers(
+        self, renderer: Renderer, rows: list[dict], images: list[list], max_new_tokens: int
+    ) -> tuple[list[str], list[float | None]]:
+        """Greedy answers of the rows, and each answer's probability where the engine gives it."""
 
 
 def _device_of(model) -> torch.device:
@@ -42,6 +55,10 @@ def generate_answers(
     """Greedy answers for one batch of conversation rows (prompts left-padded), and each answer's
     probability: the product of its tokens' probabilities up to and including </s> (under the
     answer trie's constraint in constrained mode). Not calibrated: no temperature is fit for it."""
+    if isinstance(model, AnswerEngine):
+        if loaded_images is None:
+            loaded_images = [renderer.load_images(row["images"]) for row in rows]
+        return model.answers(renderer, rows, loaded_images, max_new_tokens)
     inputs = batch_inputs(model, renderer, rows, loaded_images)
     width = inputs["input_ids"].shape[1]
     eos = renderer.tokenizer.eos_token_id

@@ -29,8 +29,7 @@ def _tiny_model(args) -> int:
 
 
 def _eval(args) -> int:
-    from pixtral_lora.evaluation.evaluate import evaluate_run
-    from pixtral_lora.evaluation.vllm_backend import evaluate_run_vllm
+    from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
 
     if args.backend == "vllm":
         if not args.merged and not (args.vllm_lora and args.vllm_base):
@@ -42,15 +41,16 @@ def _eval(args) -> int:
             return 2
         finetuned = args.merged or (args.vllm_base, args.vllm_lora)
         models = {"finetuned": finetuned, **({"base": args.vllm_base} if args.vllm_base else {})}
+        from pixtral_lora.evaluation.vllm_backend import evaluate_run_vllm
+
         out = evaluate_run_vllm(
             args.run_dir, models, limit=args.limit, out_dir=args.out, overwrite=args.overwrite
         )
         print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
         return 0
     models = tuple(args.models.split(","))
-    out = evaluate_run(
-        args.run_dir,
-        modes=args.modes.split(",") if args.modes else None,
+    options = EvalOptions(
+        modes=tuple(args.modes.split(",")) if args.modes else None,
         models=models,
         limit=args.limit,
         out_dir=args.out,
@@ -61,6 +61,7 @@ def _eval(args) -> int:
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
     )
+    out = evaluate_run(args.run_dir, options)
     print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     print(f"report, predictions and confusion matrices in {out}; open {out / 'report.html'} in a browser")
     return 0
@@ -83,7 +84,7 @@ def _calibrate(args) -> int:
 def _predict(args) -> int:
     import tempfile
 
-    from pixtral_lora.inference.predict import launch_processes, predict_archive
+    from pixtral_lora.inference.predict import PredictOptions, launch_processes, predict_archive
 
     if not _score_mode_for_target(args):
         return 2
@@ -100,10 +101,7 @@ def _predict(args) -> int:
         return launch_processes(argv, args.num_processes)
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or str(Path(scratch) / "predictions.jsonl")
-        summary = predict_archive(
-            args.images,
-            args.run,
-            out,
+        options = PredictOptions(
             model_path=args.model,
             mode=args.mode,
             batch_size=args.batch_size,
@@ -112,6 +110,7 @@ def _predict(args) -> int:
             abstain_below=args.abstain_below,
             target_accuracy=args.target_accuracy,
         )
+        summary = predict_archive(args.images, args.run, out, options)
         if not summary:  # a non-zero rank of a multi-process launch: rank 0 reports
             return 0
         if not args.out:
@@ -144,14 +143,11 @@ def _score_mode_for_target(args) -> bool:
 
 
 def _map(args) -> int:
-    from pixtral_lora.inference.scene_map import map_scene
+    from pixtral_lora.inference.scene_map import MapOptions, map_scene
 
     if not _score_mode_for_target(args):
         return 2
-    summary = map_scene(
-        args.scene,
-        args.run,
-        args.out,
+    options = MapOptions(
         tile=args.tile,
         stride=args.stride,
         tile_m=args.tile_m,
@@ -167,6 +163,7 @@ def _map(args) -> int:
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
     )
+    summary = map_scene(args.scene, args.run, args.out, options)
     print(
         f"{summary['classified']} tiles of {summary['tile_pixels']} px classified ({summary['empty']} empty or "
         f"mostly masked skipped), CRS {summary['crs']}: "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pixtral_lora.classify import predict_for_run
+from pixtral_lora.classify import ClassifyOptions, predict_rows
 from pixtral_lora.errors import RunDirError
 from pixtral_lora.evaluation.calibration import calibration_path, class_measures, fit_temperature, softmax
 from pixtral_lora.outputs import write_json
@@ -34,10 +34,10 @@ def calibrate_run(run_dir: str | Path, limit: int | None = None, model=None, ren
     if model is None:
         model, renderer = run.model("finetuned"), run.renderer()
     model.eval()
-    predictions, _ = predict_for_run(
-        model, renderer, rows, run.class_names, run.config, "score",
-        desc="calibrating (score, validation)", unreadable=unreadable,
-    )  # fmt: skip
+    options = ClassifyOptions.for_run(run.config, "score", desc="calibrating (score, validation)")
+    predictions, _ = predict_rows(
+        model, renderer, rows, run.class_names, run.config.prompt, options, unreadable
+    )
     scored = [p for p in predictions if p.class_scores is not None]
     scores = np.array([p.class_scores for p in scored])
     gold = np.array([run.class_names.index(p.gold) for p in scored])

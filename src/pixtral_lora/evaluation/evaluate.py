@@ -14,6 +14,7 @@ Three modes (`classify`), each reported separately:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,19 +29,23 @@ from pixtral_lora.run.reader import Run
 logger = logging.getLogger(__name__)
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    modes: list[str] | None = None,
-    models: tuple[str, ...] = ("base", "finetuned"),
-    limit: int | None = None,
-    out_dir: str | Path | None = None,
-    strict: bool | None = None,
-    merged: str | Path | None = None,
-    overwrite: bool = False,
-    gallery_limit: int = 200,
-    abstain_below: float | None = None,
-    target_accuracy: float | None = None,
-) -> Path:
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What `evaluate_run` evaluates and where it writes, built once by `pixtral-lora eval`."""
+
+    modes: tuple[str, ...] | None = None  # None: the run config's eval.modes
+    models: tuple[str, ...] = ("base", "finetuned")
+    limit: int | None = None
+    out_dir: str | Path | None = None  # None: eval.output_dir, else RUN/eval
+    strict: bool | None = None  # None: the run config's eval.strict
+    merged: str | Path | None = None  # an HF checkpoint to evaluate as the fine-tuned model
+    overwrite: bool = False
+    gallery_limit: int = 200
+    abstain_below: float | None = None
+    target_accuracy: float | None = None
+
+
+def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> Path:
     """Evaluate a run's held-out split with the base and the fine-tuned model; returns the report dir.
 
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
@@ -48,16 +53,17 @@ def evaluate_run(
     """
     from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable, check_writable
 
+    models, merged, target_accuracy = options.models, options.merged, options.target_accuracy
     needs_adapter = "finetuned" in models and merged is None
     run = Run.open(run_dir, needs_adapter=needs_adapter, needs_base="base" in models or needs_adapter)
     run_dir, config, class_names = run.run_dir, run.config, run.class_names
-    out = Path(out_dir or config.eval.output_dir or run_dir / "eval")
-    check_replaceable(out, EVAL_REPORT_FILES, overwrite)
+    out = Path(options.out_dir or config.eval.output_dir or run_dir / "eval")
+    check_replaceable(out, EVAL_REPORT_FILES, options.overwrite)
     check_writable(out.parent, "--out")
-    threshold, abstention = abstention_threshold(run, abstain_below, target_accuracy)
+    threshold, abstention = abstention_threshold(run, options.abstain_below, target_accuracy)
     if abstention:
         logger.info("%s", abstention)
-    rows, unreadable = run.test_rows(limit)
+    rows, unreadable = run.test_rows(options.limit)
     renderer = run.renderer()
     results: dict = {}
     predictions: dict = {}
@@ -68,18 +74,16 @@ def evaluate_run(
         if model_name == "finetuned" and merged is None:  # a calibration belongs to the run's adapter
             temperature, note = run_temperature(run)
             logger.info("%s", note)
-        for mode in modes or config.eval.modes:
-            preds, speed = classify.predict_for_run(
-                model,
-                renderer,
-                rows,
-                class_names,
+        for mode in options.modes or config.eval.modes:
+            classify_options = classify.ClassifyOptions.for_run(
                 config,
                 mode,
-                strict=strict,
+                strict=options.strict,
                 desc=f"{model_name}/{mode}",
-                unreadable=unreadable,
                 temperature=temperature if mode == "score" else None,
+            )
+            preds, speed = classify.predict_rows(
+                model, renderer, rows, class_names, config.prompt, classify_options, unreadable
             )
             report = summarise(
                 # a threshold chosen for a target accuracy is one of score mode's calibrated confidences
@@ -99,11 +103,13 @@ def evaluate_run(
                 report.n,
             )
         del model
-    thumbnails = _thumbnails(rows, predictions, renderer, gallery_limit)
+    thumbnails = _thumbnails(rows, predictions, renderer, options.gallery_limit)
     facts = run_facts(run_dir, config, merged)
     if abstention:
         facts["abstention"] = abstention
-    write_report(out, results, class_names, predictions, overwrite, thumbnails, facts, gallery_limit)
+    write_report(
+        out, results, class_names, predictions, options.overwrite, thumbnails, facts, options.gallery_limit
+    )
     return out
 
 

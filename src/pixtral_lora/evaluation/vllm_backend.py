@@ -6,29 +6,29 @@ prompts, parser and reports as the transformers path.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from pixtral_lora.classify import parsed_predictions
+from pixtral_lora.classify import ClassifyOptions, predict_rows
+from pixtral_lora.classify.generate import AnswerEngine
 from pixtral_lora.errors import UserError
 from pixtral_lora.evaluation.evaluate import run_facts
 from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.model.render import Renderer, prompt_messages
 from pixtral_lora.run.reader import Run
-from pixtral_lora.task.answers import AnswerParser
 
 
-def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
+def openai_messages(row: dict, images: list) -> list[dict]:
     """A conversation row as OpenAI chat messages, what vLLM's chat API takes.
 
-    Images are resized exactly as in training and inlined as lossless PNG data URIs, so vLLM (which
-    encodes with mistral_common under `--tokenizer-mode mistral`) sees the prompt the model was
-    trained on; `tests/test_evaluation.py` checks the token ids against our renderer's.
+    `images` are the row's images resized exactly as in training (`Renderer.load_images`), inlined
+    as lossless PNG data URIs, so vLLM (which encodes with mistral_common under
+    `--tokenizer-mode mistral`) sees the prompt the model was trained on; `tests/test_evaluation.py`
+    checks the token ids against our renderer's.
     """
     from pixtral_lora.data.images import encode_data_uri
 
-    images = iter(renderer.load_images(row["images"]))
+    images = iter(images)
     out = []
     for message in prompt_messages(row):
         content = [
@@ -43,50 +43,56 @@ def openai_messages(row: dict, renderer: Renderer) -> list[dict]:
     return out
 
 
-def vllm_generate(
-    model_dir: str | Path,
-    rows: list[dict],
-    renderer: Renderer,
-    max_new_tokens: int,
-    dtype: str = "auto",
-    lora_dir: str | Path | None = None,
-) -> list[str]:
-    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's output),
-    with `lora_dir` (an --adapter-only export) applied as LoRA when given, all of it (projector and
-    vision tower included)."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as err:
-        raise UserError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
-    lora: dict = {}
-    request = None
-    if lora_dir is not None:
-        import json
+class VllmEngine(AnswerEngine):
+    """Greedy answers from vLLM serving a Mistral-format checkpoint (e.g. convert_to_mistral.py's
+    output), with `lora_dir` (an --adapter-only export) applied as LoRA when given, all of it
+    (projector and vision tower included). The classify loop hands it the rows it could read."""
 
-        from vllm.lora.request import LoRARequest
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_images: int,
+        dtype: str = "auto",
+        lora_dir: str | Path | None = None,
+    ):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as err:
+            raise UserError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
+        lora: dict = {}
+        self._request = None
+        if lora_dir is not None:
+            import json
 
-        from pixtral_lora.model.loading import VLLM_LORA_RANKS
+            from vllm.lora.request import LoRARequest
 
-        rank = json.loads((Path(lora_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
-        lora = {
-            "enable_lora": True,
-            "enable_tower_connector_lora": True,  # else the projector's and vision tower's LoRA is dropped
-            "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank),
-        }
-        request = LoRARequest("adapter", 1, str(Path(lora_dir).resolve()))
-    llm = LLM(
-        model=str(model_dir),
-        tokenizer_mode="mistral",
-        config_format="mistral",
-        load_format="mistral",
-        dtype=dtype,  # the run's: vLLM on a CPU would otherwise run a float32 model in bfloat16
-        limit_mm_per_prompt={"image": max(len(row["images"]) for row in rows)},
-        **lora,
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    messages = [openai_messages(row, renderer) for row in rows]
-    outputs = llm.chat(messages, params, use_tqdm=True, lora_request=request)
-    return [output.outputs[0].text for output in outputs]
+            from pixtral_lora.model.loading import VLLM_LORA_RANKS
+
+            rank = json.loads((Path(lora_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+            lora = {
+                "enable_lora": True,
+                "enable_tower_connector_lora": True,  # else the projector's and tower's LoRA is dropped
+                "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank),
+            }
+            self._request = LoRARequest("adapter", 1, str(Path(lora_dir).resolve()))
+        self._llm = LLM(
+            model=str(model_dir),
+            tokenizer_mode="mistral",
+            config_format="mistral",
+            load_format="mistral",
+            dtype=dtype,  # the run's: vLLM on a CPU would otherwise run a float32 model in bfloat16
+            limit_mm_per_prompt={"image": max(max_images, 1)},
+            **lora,
+        )
+        self._sampling = SamplingParams
+
+    def answers(
+        self, renderer: Renderer, rows: list[dict], images: list[list], max_new_tokens: int
+    ) -> tuple[list[str], list[float | None]]:
+        params = self._sampling(temperature=0.0, max_tokens=max_new_tokens)
+        messages = [openai_messages(row, loaded) for row, loaded in zip(rows, images, strict=True)]
+        outputs = self._llm.chat(messages, params, use_tqdm=False, lora_request=self._request)
+        return [output.outputs[0].text for output in outputs], [None] * len(outputs)
 
 
 def evaluate_run_vllm(
@@ -97,25 +103,24 @@ def evaluate_run_vllm(
     overwrite: bool = False,
 ) -> Path:
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format
-    dir, or (base dir, --adapter-only LoRA dir) to evaluate the adapter as vLLM serves it."""
+    dir, or (base dir, --adapter-only LoRA dir) to evaluate the adapter as vLLM serves it. The rows go
+    through the classify loop the transformers path runs, so an unreadable image is counted, not fatal."""
     from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable
 
     run = Run.open(run_dir, needs_adapter=False, needs_base=False)
     run_dir, config, class_names = run.run_dir, run.config, run.class_names
     out = Path(out_dir or run_dir / "eval-vllm")
     check_replaceable(out, EVAL_REPORT_FILES, overwrite)
-    rows, _ = run.test_rows(limit)
+    rows, unreadable = run.test_rows(limit)
     renderer = run.renderer()
-    parser = AnswerParser(class_names, strict=config.eval.strict)
     results, predictions = {}, {}
     for name, model_dir in models.items():
-        start = time.perf_counter()
         base, lora_dir = model_dir if isinstance(model_dir, tuple) else (model_dir, None)
-        answers = vllm_generate(
-            base, rows, renderer, config.eval.max_new_tokens, config.model.dtype, lora_dir
-        )
-        speed = len(rows) / (time.perf_counter() - start)
-        preds = parsed_predictions(rows, answers, parser)
+        engine = VllmEngine(base, max(len(row["images"]) for row in rows), config.model.dtype, lora_dir)
+        # one batch: vLLM schedules its own
+        options = ClassifyOptions.for_run(config, "generate", batch_size=max(len(rows), 1), desc=name)
+        preds, speed = predict_rows(engine, renderer, rows, class_names, config.prompt, options, unreadable)
+        del engine
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
         predictions[(name, "generate")] = preds
     write_report(out, results, class_names, predictions, overwrite, facts=run_facts(run_dir, config))

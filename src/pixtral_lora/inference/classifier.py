@@ -54,14 +54,13 @@ class RunClassifier:
         if self._model is None:
             self._model = self.run.model("finetuned", self._model_path)
             self._renderer = self.run.renderer(self._resize_to)
-        predictions, _ = classify.predict_for_run(
-            self._model,
-            self._renderer,
-            rows,
-            self.class_names,
+        options = classify.ClassifyOptions.for_run(
             self.config,
             mode,
             batch_size=batch_size,
             temperature=self.temperature if mode == "score" else None,
+        )
+        predictions, _ = classify.predict_rows(
+            self._model, self._renderer, rows, self.class_names, self.config.prompt, options
         )
         return abstain(predictions, self.abstain_below)

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -191,18 +192,22 @@ def _rows_of(predictions, hashes: dict[str, str | None], mode: str, model: str) 
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """How `predict_archive` classifies, built once by `pixtral-lora predict`."""
+
+    model_path: str | None = None  # a merged checkpoint instead of the run's adapter
+    mode: str = "score"
+    batch_size: int | None = None  # None: the run config's eval.batch_size
+    overwrite: bool = False
+    as_dataset: bool = False  # SOURCE is an HF dataset (a saved one, or a Hub id)
+    abstain_below: float | None = None
+    target_accuracy: float | None = None
+
+
 @locks_its_output
 def predict_archive(
-    source: str,
-    run_dir: str | Path,
-    out: str | Path,
-    model_path: str | None = None,
-    mode: str = "score",
-    batch_size: int | None = None,
-    overwrite: bool = False,
-    as_dataset: bool = False,
-    abstain_below: float | None = None,
-    target_accuracy: float | None = None,
+    source: str, run_dir: str | Path, out: str | Path, options: PredictOptions = PredictOptions()
 ) -> dict:
     """Classify every input of SOURCE with a run's model into FILE; returns the summary.
 
@@ -212,18 +217,21 @@ def predict_archive(
     """
     from pixtral_lora.inference.classifier import RunClassifier
 
+    mode, batch_size, overwrite = options.mode, options.batch_size, options.overwrite
     out = Path(out)
     if out.suffix not in SUFFIXES:
         raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
     check_replaceable_file(out, is_predictions_file, overwrite)
-    classify = RunClassifier(run_dir, model_path, None, abstain_below, target_accuracy)
+    classify = RunClassifier(
+        run_dir, options.model_path, None, options.abstain_below, options.target_accuracy
+    )
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():  # a gloo group only for the final barrier (any device)
             dist.init_process_group("gloo")
-    items = list_images(source, as_dataset)
+    items = list_images(source, options.as_dataset)
     if not items:
         raise DataError(f"{source}: no images found")
     model = classify.identity()

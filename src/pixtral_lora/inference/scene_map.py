@@ -24,6 +24,7 @@ the run's class list), tiles under `--min-confidence` hatched, and a legend of t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -146,25 +147,29 @@ def _tile_pixels(dataset, scene: Path, tile: int, tile_m: float | None) -> int:
     return pixels
 
 
+@dataclasses.dataclass(frozen=True)
+class MapOptions:
+    """How `map_scene` tiles and classifies a scene, built once by `pixtral-lora map`."""
+
+    tile: int = 600  # pixels (AID's 600x600)
+    stride: int | None = None  # None: the tile, no overlap
+    tile_m: float | None = None  # the tile in metres, instead of pixels
+    resize_to: int | None = None
+    mode: str = "score"
+    min_confidence: float = 0.5
+    to_wgs84: bool = False
+    model_path: str | None = None  # a merged checkpoint instead of the run's adapter
+    edges: str = "pad"
+    batch_size: int | None = None
+    overwrite: bool = False
+    min_valid: float = MIN_VALID_SHARE
+    abstain_below: float | None = None
+    target_accuracy: float | None = None
+
+
 @locks_its_output
 def map_scene(
-    scene: str | Path,
-    run_dir: str | Path,
-    out: str | Path,
-    tile: int = 600,
-    stride: int | None = None,
-    tile_m: float | None = None,
-    resize_to: int | None = None,
-    mode: str = "score",
-    min_confidence: float = 0.5,
-    to_wgs84: bool = False,
-    model_path: str | None = None,
-    edges: str = "pad",
-    batch_size: int | None = None,
-    overwrite: bool = False,
-    min_valid: float = MIN_VALID_SHARE,
-    abstain_below: float | None = None,
-    target_accuracy: float | None = None,
+    scene: str | Path, run_dir: str | Path, out: str | Path, options: MapOptions = MapOptions()
 ) -> dict:
     """Classify the tiles of a georeferenced scene; write the map (GeoJSON/GPKG) and its PNG.
 
@@ -175,13 +180,29 @@ def map_scene(
 
     from pixtral_lora.inference.classifier import RunClassifier
 
+    tile, stride, tile_m, resize_to, mode = (
+        options.tile,
+        options.stride,
+        options.tile_m,
+        options.resize_to,
+        options.mode,
+    )
+    min_confidence, to_wgs84, edges, overwrite = (
+        options.min_confidence,
+        options.to_wgs84,
+        options.edges,
+        options.overwrite,
+    )
+    batch_size, min_valid = options.batch_size, options.min_valid
     out, scene, run_dir = Path(out), Path(scene), Path(run_dir)
     if out.suffix not in (".geojson", ".json", ".gpkg"):
         raise DataError(f"--out {out}: use a .geojson or .gpkg file name")
     png = out.with_suffix(".png")
     check_replaceable_file(out, _is_mappable, overwrite)
     check_replaceable_file(png, is_our_png, overwrite)
-    classify = RunClassifier(run_dir, model_path, resize_to, abstain_below, target_accuracy)
+    classify = RunClassifier(
+        run_dir, options.model_path, resize_to, options.abstain_below, options.target_accuracy
+    )
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
     bands = band_options(classify.config.data)

@@ -1,6 +1,6 @@
 """Accuracy while training: the validation split classified at every `training.eval_steps`.
 
-The predictions come from `classify.predict_for_run`, the code `pixtral-lora eval` runs, in one mode
+The predictions come from `classify.predict_rows`, the code `pixtral-lora eval` runs, in one mode
 (`training.eval_classification.mode`). Under data parallel each process classifies a shard and the
 predictions are gathered once, so every process computes the same metrics (and so takes the same
 best-checkpoint and early-stopping decisions).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pixtral_lora.classify import predict_for_run
+from pixtral_lora.classify import ClassifyOptions, predict_rows
 from pixtral_lora.config.schema import Config
 from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.model.render import Renderer
@@ -52,15 +52,14 @@ class ValidationClassifier:
         start = time.perf_counter()
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         model.eval()
-        predictions, _ = predict_for_run(
-            model,
-            self.renderer,
-            self.rows[rank::world],
-            self.class_names,
+        options = ClassifyOptions.for_run(
             self.config,
             self.settings.mode,
             batch_size=self.config.training.per_device_eval_batch_size,
             desc=f"classifying validation ({self.settings.mode})",
+        )
+        predictions, _ = predict_rows(
+            model, self.renderer, self.rows[rank::world], self.class_names, self.config.prompt, options
         )
         if world > 1:
             predictions = gather_object(predictions)
