@@ -1,8 +1,12 @@
-"""Shared fixtures: the tiny Pixtral and generated AID-style data, built once per test session."""
+"""Shared fixtures: the tiny Pixtral, generated AID-style data and a trained tiny run, built once per
+test session, also under pytest-xdist: the first worker to ask builds each under a file lock in the
+session's shared temporary folder, the others wait and reuse it. They are read by many tests: a test
+that changes one works on a copy."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -12,11 +16,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SYNTH_CLASSES = ["Beach", "Desert", "Forest", "Port"]
 
 
+def shared(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """`build(folder)` once per test session into FOLDER (shared by the xdist workers of this session
+    only: their base folders sit side by side in the session's), complete before anyone reads it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        done = folder.parent / f"{name}.complete"
+        if not done.exists():
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, worker_id):
     from pixtral_lora.model.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-pixtral")
+    return shared(tmp_path_factory, worker_id, "tiny-pixtral", build_tiny_model)
 
 
 @pytest.fixture(scope="session")
@@ -46,21 +68,27 @@ def mistral_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def aid_dir(tmp_path_factory):
+def aid_dir(tmp_path_factory, worker_id):
     from pixtral_lora.data.synth import generate_aid_like
 
-    return generate_aid_like(
-        tmp_path_factory.mktemp("data") / "aid", classes=SYNTH_CLASSES, per_class=10, size=64
+    return shared(
+        tmp_path_factory,
+        worker_id,
+        "aid",
+        lambda out: generate_aid_like(out, classes=SYNTH_CLASSES, per_class=10, size=64),
     )
 
 
 @pytest.fixture(scope="session")
-def learn_data_dir(tmp_path_factory):
+def learn_data_dir(tmp_path_factory, worker_id):
     """Enough synthetic scenes for the tiny model to learn 4 classes in a CPU minute."""
     from pixtral_lora.data.synth import generate_aid_like
 
-    return generate_aid_like(
-        tmp_path_factory.mktemp("data") / "aid-learn", classes=SYNTH_CLASSES, per_class=40, size=64
+    return shared(
+        tmp_path_factory,
+        worker_id,
+        "aid-learn",
+        lambda out: generate_aid_like(out, classes=SYNTH_CLASSES, per_class=40, size=64),
     )
 
 
@@ -84,14 +112,20 @@ def tiny_config(model_dir, data_dir, output_dir, *overrides):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_model_dir, learn_data_dir, tmp_path_factory):
-    """One full training run of configs/tiny.yaml (the learning test and the evaluation tests share it)."""
+def tiny_run(tiny_model_dir, learn_data_dir, tmp_path_factory, worker_id):
+    """One full training run of configs/tiny.yaml (the learning test and the evaluation tests share it;
+    they add reports in folders of their own names, and copy it to change it)."""
     from pixtral_lora.training.recipe import train
 
-    return train(tiny_config(tiny_model_dir, learn_data_dir, tmp_path_factory.mktemp("runs") / "tiny"))
+    return shared(
+        tmp_path_factory,
+        worker_id,
+        "run-tiny",
+        lambda out: train(tiny_config(tiny_model_dir, learn_data_dir, out)),
+    )
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
