@@ -5,7 +5,7 @@
     python train.py configs/tiny.yaml                                  # tiny model, CPU minutes
 
 A rerun with the same config resumes from the last checkpoint in `training.output_dir`.
-The recipe itself lives in src/pixtral_lora/training.py.
+The recipe itself lives in src/pixtral_lora/training/recipe.py.
 """
 
 import argparse
