@@ -8,7 +8,7 @@ earlier tokens only, and restart at the same position, so no prompt cache is cop
 language-model head runs over the packed positions in chunks, keeping only each position's
 log-normaliser and its target logit, never a (positions x 131k) tensor.
 
-The result equals scoring each candidate with its own full forward pass (`tests/test_scoring.py`).
+The result equals scoring each candidate with its own full forward pass (`tests/classify/test_scoring.py`).
 """
 
 from __future__ import annotations

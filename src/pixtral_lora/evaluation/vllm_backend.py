@@ -23,7 +23,7 @@ def openai_messages(row: dict, images: list) -> list[dict]:
 
     `images` are the row's images resized exactly as in training (`Renderer.load_images`), inlined
     as lossless PNG data URIs, so vLLM (which encodes with mistral_common under
-    `--tokenizer-mode mistral`) sees the prompt the model was trained on; `tests/test_evaluation.py`
+    `--tokenizer-mode mistral`) sees the prompt the model was trained on; `tests/classify/test_evaluation.py`
     checks the token ids against our renderer's.
     """
     from pixtral_lora.data.images import encode_data_uri

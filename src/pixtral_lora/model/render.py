@@ -2,7 +2,7 @@
 
 The prompt (system, user text, image tokens, `[IMG_BREAK]`, `[IMG_END]`, `[/INST]`) never carries
 loss; the assistant answer and its `</s>` do. The template is mistral_common's (see
-`modeling.chat_template`), and `tests/test_parity.py` checks the prompt ids token for token against
+`modeling.chat_template`), and `tests/model/test_parity.py` checks the prompt ids token for token against
 `mistral_common`'s `encode_chat_completion`.
 """
 

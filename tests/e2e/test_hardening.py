@@ -21,7 +21,7 @@ from pixtral_lora.cli import main
 from pixtral_lora.errors import DataError
 from pixtral_lora.outputs import OutputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _png(path: Path, color=(10, 120, 30), size=32) -> Path:

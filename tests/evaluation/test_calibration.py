@@ -19,7 +19,7 @@ from pixtral_lora.evaluation.calibration import (
     softmax,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_temperature_scaling_recovers_a_known_temperature():

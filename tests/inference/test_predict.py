@@ -13,7 +13,7 @@ from conftest import SYNTH_CLASSES
 
 from pixtral_lora.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--tiny", "--steps", "2", "--warmup", "1", "--eval-images", "8"]
 
 

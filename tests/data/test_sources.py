@@ -11,7 +11,7 @@ from PIL import Image
 
 from pixtral_lora.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _hub_like_dataset(aid_dir):

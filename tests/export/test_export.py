@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pixtral_lora.export.mistral import ExportError, LoraDeltas, export_mistral, native_name, unpermute_rotary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- Native -> HF, as transformers' convert_pixtral_weights_to_hf does it (key table + rotary permutation).

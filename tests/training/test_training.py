@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pixtral_lora.config.schema import ConfigError
 from pixtral_lora.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train_cli(*args, env=None):

@@ -13,7 +13,7 @@ import pytest
 from conftest import SYNTH_CLASSES, one_line_error, run_command, set_args
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import SYNTH_CLASSES, one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TILE = 64
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import SYNTH_CLASSES, one_line_error, run_cli, set_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

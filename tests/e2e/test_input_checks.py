@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SYNTH_CLASSES, one_line_error, run_command, set_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(tmp_path: Path, model: Path, data: Path, *sets: str, config: Path | None = None):

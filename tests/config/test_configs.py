@@ -8,7 +8,7 @@ from pixtral_lora.config.yaml_loading import load_config
 from pixtral_lora.data.loaders import AID_CLASS_NAMES
 from pixtral_lora.model.render import Renderer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_configs_validate():

@@ -5,7 +5,7 @@ import pytest
 from pixtral_lora.config.schema import ConfigError
 from pixtral_lora.config.yaml_loading import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 # a run
