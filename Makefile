@@ -11,7 +11,7 @@ ARTIFACTS ?= artifacts
 TINY_MODEL = $(ARTIFACTS)/tiny-pixtral
 TINY_DATA  = $(ARTIFACTS)/aid-synthetic
 
-.PHONY: install test lint demo train eval convert bench browser serve-check clean
+.PHONY: install test test-fast lint demo train eval convert bench browser serve-check clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 # Two workers (pytest-xdist), one test file each at a time: 11 minutes instead of 16 on 2 cores.
 test: install
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
+
+# The unit tier (everything not marked slow: no training, no end-to-end command), for the loop you
+# work in; `make test` (what CI runs) is the whole suite.
+test-fast: install
+	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests scripts train.py

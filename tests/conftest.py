@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SYNTH_CLASSES = ["Beach", "Desert", "Forest", "Port"]
+# The slow tier: every end-to-end command test (tests/e2e/) and every test that needs a trained run.
+# `make test-fast` leaves them out; `make test` runs everything.
+SLOW_FIXTURES = {"tiny_run", "tiny_mistral3_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "e2e" in item.path.parts or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def shared(tmp_path_factory, worker_id: str, name: str, build) -> Path:

@@ -77,6 +77,7 @@ def test_validate_reads_a_cached_hub_dataset_offline(hub_home):
     assert "hf://owner/scenes: 0 error(s)" in result.stdout
 
 
+@pytest.mark.slow  # trains a model
 def test_train_py_trains_on_a_cached_hub_dataset_offline(hub_home, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = _run(
@@ -142,6 +143,7 @@ def test_validate_checks_string_labels_against_classes(hub_home):
     assert "[train:3] [label]: label: 'Moon' is not one of the 2 classes" in result.stdout
 
 
+@pytest.mark.slow  # trains a model
 def test_training_on_unlabelled_rows_is_one_line_naming_the_row(hub_home, tiny_model_dir, tmp_path):
     result = _run(
         [

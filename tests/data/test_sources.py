@@ -50,6 +50,7 @@ def _train(tiny_model_dir, data_path, out, *extra):
     )
 
 
+@pytest.mark.slow  # trains a model
 def test_trains_from_a_parquet_dataset_in_the_hubs_layout_using_its_splits(tiny_model_dir, aid_dir, tmp_path):
     train_part, test_part = _hub_splits(aid_dir)
     (tmp_path / "hub" / "data").mkdir(parents=True)
@@ -66,6 +67,7 @@ def test_trains_from_a_parquet_dataset_in_the_hubs_layout_using_its_splits(tiny_
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # trains a model
 def test_trains_from_a_save_to_disk_folder_and_an_imagefolder(tiny_model_dir, aid_dir, tmp_path):
     from datasets import DatasetDict
 
@@ -225,6 +227,7 @@ def test_band_selection_and_percentile_stretch_are_exact(tmp_path):
         load_image(tmp_path / "tile.tif", bands=BandOptions(bands=(5, 3, 2)))
 
 
+@pytest.mark.slow  # trains a model
 def test_trains_from_a_13_band_geotiff_folder_and_preview_shows_the_same_pixels(
     tiny_model_dir, aid_dir, tmp_path
 ):

@@ -159,6 +159,7 @@ def test_sigterm_to_a_multi_process_predict_stops_every_worker(tiny_run, aid_dir
     assert len(_rows(out)) == 160
 
 
+@pytest.mark.slow  # trains a model
 def test_a_run_trained_with_relative_paths_works_from_another_directory(tiny_model_dir, aid_dir, tmp_path):
     work = tmp_path / "project"
     (work / "artifacts").mkdir(parents=True)

@@ -112,6 +112,7 @@ def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones(tiny_
     assert "Mistral3ForConditionalGeneration" in line and "LlavaForConditionalGeneration" in line
 
 
+@pytest.mark.slow  # trains a model
 def test_a_ministral3_language_model_is_the_same_family_and_trains_with_lora(tmp_path, aid_dir):
     """Ministral 3's config (a `ministral3` language model: YaRN rope, llama-4 attention scaling) shrunk:
     the Mistral3 family, LoRA on the same modules, a finite loss through the same renderer."""
@@ -168,6 +169,7 @@ def test_patch_merger_lora_on_pixtral_is_one_line(tiny_model_dir, aid_dir, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # two commands as subprocesses
 def test_an_image_edge_past_the_models_largest_is_one_line(tiny_model_dir, aid_dir, tmp_path):
     """Pixtral-12B takes at most 1024 px (Mistral3 1540): train.py refuses more before anything is
     created, and every other command through the renderer (here `data preview`)."""

@@ -129,6 +129,7 @@ def test_bad_config_and_bad_data_fail_before_the_model_loads(tiny_model_dir, tmp
     )
 
 
+@pytest.mark.slow  # trains a model
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_qlora_4bit_path_trains_on_cpu(tiny_model_dir, aid_dir, tmp_path, dtype):
     from pixtral_lora.training.recipe import train
@@ -185,6 +186,7 @@ def test_qlora_keeps_the_frozen_weights_in_their_loaded_dtype(tiny_model_dir, ai
     assert weight_bytes(peft_prepared) - weight_bytes(ours) == sum(p.numel() * 2 for p in unquantized(ours))
 
 
+@pytest.mark.slow  # trains a model
 def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, aid_dir, tmp_path):
     common = [
         "training.max_steps=8",
@@ -245,6 +247,7 @@ def test_rerun_with_a_different_config_is_refused(tiny_run, tiny_model_dir, lear
         train(tiny_config(tiny_model_dir, learn_data_dir, tiny_run, "training.learning_rate=0.5"))
 
 
+@pytest.mark.slow  # trains a model
 def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [
@@ -283,6 +286,7 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
     assert 0 <= evals[0]["eval_hallucination_rate"] <= 1
 
 
+@pytest.mark.slow  # trains a model
 def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):
     from pixtral_lora.data.loaders import export_mistral_jsonl, load_aid_folder, to_conversations
     from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
@@ -332,6 +336,7 @@ def test_lora_targets_follow_the_config(tiny_model_dir, tmp_path):
     assert len(everything) == 2 * 7 + 2 * 7 + 2
 
 
+@pytest.mark.slow  # trains a model
 def test_early_stopping_ends_a_run_that_stops_improving(tiny_model_dir, aid_dir, tmp_path):
     from pixtral_lora.training.recipe import train
 
