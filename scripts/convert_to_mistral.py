@@ -24,7 +24,8 @@ import sys
 
 from pixtral_lora.config.schema import PositiveFloat, cli_number
 from pixtral_lora.errors import user_errors
-from pixtral_lora.export.mistral import export_hf, export_mistral
+from pixtral_lora.export.hf import export_hf
+from pixtral_lora.export.mistral import export_mistral
 from pixtral_lora.export.vllm_adapter import export_adapter_only
 
 

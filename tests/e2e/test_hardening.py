@@ -508,7 +508,9 @@ def test_data_export_on_a_full_disk_is_one_line(aid_dir, tmp_path, monkeypatch, 
 
 
 def test_adapters_merge_only_into_their_own_base(tiny_run, tiny_model_dir, tmp_path):
-    from pixtral_lora.export.mistral import ExportError, export_hf, export_mistral
+    from pixtral_lora.export.checkpoint import ExportError
+    from pixtral_lora.export.hf import export_hf
+    from pixtral_lora.export.mistral import export_mistral
     from pixtral_lora.model.tiny import TinySizes, build_tiny_model
 
     narrower = build_tiny_model(tmp_path / "narrow", TinySizes(text_hidden_size=32, text_head_dim=8))

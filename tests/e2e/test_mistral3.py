@@ -90,7 +90,7 @@ def test_export_equals_peft_merge_rounded_once(exported, tiny_mistral3_dir, tiny
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from pixtral_lora.export.mistral import _rotary_heads, current_hf_name, native_name, unpermute_rotary
+    from pixtral_lora.export.names import current_hf_name, native_name, rotary_heads, unpermute_rotary
     from pixtral_lora.families import by_name
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_mistral3_dir), dtype=torch.float32)
@@ -100,7 +100,7 @@ def test_export_equals_peft_merge_rounded_once(exported, tiny_mistral3_dir, tiny
     expected = {}
     for key, value in merged.state_dict().items():
         name = native_name(key, by_name("mistral3"))
-        heads = _rotary_heads(name, config)
+        heads = rotary_heads(name, config)
         expected[name] = unpermute_rotary(value, heads) if heads else value
     assert ours.keys() == expected.keys()
     worst = max((ours[k] - expected[k]).abs().max().item() for k in ours)
@@ -214,7 +214,7 @@ def _fp8_copy(model_dir, out, block=32):
 def test_fp8_checkpoints_load_dequantized_and_dequantize_writes_a_bf16_copy(
     tiny_mistral3_dir, aid_dir, tmp_path
 ):
-    from pixtral_lora.export.mistral import current_hf_name
+    from pixtral_lora.export.names import current_hf_name
     from pixtral_lora.model.loading import load_model
 
     fp8 = tmp_path / "fp8"

@@ -14,7 +14,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pixtral_lora.export.mistral import ExportError, LoraDeltas, export_mistral, native_name, unpermute_rotary
+from pixtral_lora.export.checkpoint import ExportError
+from pixtral_lora.export.lora import LoraDeltas
+from pixtral_lora.export.mistral import export_mistral
+from pixtral_lora.export.names import native_name, unpermute_rotary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +100,7 @@ def _merged_hf_state(model_dir, adapter):
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     # the checkpoint layout transformers writes (legacy names), which its conversion script produces
-    from pixtral_lora.export.mistral import current_hf_name
+    from pixtral_lora.export.names import current_hf_name
 
     state = model.state_dict()
     legacy = {}
@@ -259,7 +262,7 @@ def test_both_hf_key_layouts_are_accepted(tiny_model_dir, tmp_path, exported, ti
     current = tmp_path / "current-layout"
     shutil.copytree(tiny_model_dir, current)
     state = load_file(current / "model.safetensors")
-    from pixtral_lora.export.mistral import current_hf_name
+    from pixtral_lora.export.names import current_hf_name
 
     renamed = {current_hf_name(k): v for k, v in state.items()}
     assert any(k.startswith("model.language_model.") for k in renamed)

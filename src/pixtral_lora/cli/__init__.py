@@ -13,7 +13,7 @@ logger = logging.getLogger("pixtral_lora")
 
 
 def _dequantize(args) -> int:
-    from pixtral_lora.export.mistral import export_hf
+    from pixtral_lora.export.hf import export_hf
 
     out = export_hf(args.model, args.out, None, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{args.dtype} copy of {args.model} written to {out}")

@@ -14,13 +14,9 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pixtral_lora.export.mistral import (
-    ExportError,
-    LoraDeltas,
-    current_hf_name,
-    resolve_checkpoint,
-    unpermute_rotary,
-)
+from pixtral_lora.export.checkpoint import ExportError, resolve_checkpoint
+from pixtral_lora.export.lora import LoraDeltas
+from pixtral_lora.export.names import current_hf_name, unpermute_rotary
 from pixtral_lora.model.loading import VLLM_LORA_RANKS, read_adapter_config
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
 
