@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from pixtral_lora.errors import RunDirError, UserError
+from pixtral_lora.run.layout import CALIBRATION_FILE
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 COVERAGES = (0.8, 0.9, 0.95)
 

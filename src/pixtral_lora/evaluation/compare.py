@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from pixtral_lora.run.layout import CONFIG_FILE
 from pixtral_lora.run.writer import RunDirError
 
 
@@ -32,7 +33,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def _load_run(run_dir: Path, eval_name: str, model: str) -> dict:
     report_path = run_dir / eval_name / "report.json"
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise RunDirError(f"{run_dir}: no config.yaml; not a run directory")
     if not report_path.is_file():
         raise RunDirError(f"{run_dir}: no {eval_name}/report.json; run `pixtral-lora eval {run_dir}` first")
@@ -55,7 +56,7 @@ def _load_run(run_dir: Path, eval_name: str, model: str) -> dict:
     best = summary.get("best_checkpoint")
     return {
         "name": str(run_dir),
-        "config": _flatten(yaml.safe_load((run_dir / "config.yaml").read_text())),
+        "config": _flatten(yaml.safe_load((run_dir / CONFIG_FILE).read_text())),
         "results": report["results"][model],
         "outcomes": outcomes,
         "best_step": int(best.rsplit("-", 1)[1]) if best else summary.get("global_step"),

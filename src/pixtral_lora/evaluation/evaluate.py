@@ -24,6 +24,7 @@ from pixtral_lora.evaluation.calibration import abstain, abstention_threshold, r
 from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.model.render import Renderer
+from pixtral_lora.run.layout import ADAPTER_DIR, CONFIG_FILE, ENVIRONMENT_FILE, SPLIT_FILE
 from pixtral_lora.run.reader import Run
 
 logger = logging.getLogger(__name__)
@@ -136,14 +137,14 @@ def run_facts(run_dir: Path, config, merged: str | Path | None = None) -> dict:
     import datetime
     import hashlib
 
-    split = json.loads((run_dir / "split.json").read_text())
-    environment = run_dir / "environment.json"
+    split = json.loads((run_dir / SPLIT_FILE).read_text())
+    environment = run_dir / ENVIRONMENT_FILE
     versions = json.loads(environment.read_text()).get("versions", {}) if environment.is_file() else {}
-    config_text = (run_dir / "config.yaml").read_bytes()
+    config_text = (run_dir / CONFIG_FILE).read_bytes()
     return {
         "run": str(run_dir),
         "base model": config.model.name_or_path,
-        "fine-tuned model": str(merged) if merged else str(run_dir / "adapter"),
+        "fine-tuned model": str(merged) if merged else str(run_dir / ADAPTER_DIR),
         "data": config.data.path,
         "split sizes": ", ".join(f"{name} {len(ids)}" for name, ids in split["ids"].items()),
         "classes": len(split["class_names"]),

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from pixtral_lora.export.checkpoint import ExportError, weight_files
 from pixtral_lora.export.names import current_hf_name
 from pixtral_lora.model.loading import ModelSourceError, checkpoint_fingerprint, read_adapter_config
+from pixtral_lora.run.layout import BASE_MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
             )
     config = read_adapter_config(adapter)
     recorded = {}
-    if (adapter / "base_model.json").is_file():
+    if (adapter / BASE_MODEL_FILE).is_file():
         try:
-            recorded = json.loads((adapter / "base_model.json").read_text(encoding="utf-8"))
+            recorded = json.loads((adapter / BASE_MODEL_FILE).read_text(encoding="utf-8"))
         except ValueError as err:
             raise ExportError(f"{adapter / 'base_model.json'}: not valid JSON ({err})") from None
     trained_on = recorded.get("name_or_path") or config.get("base_model_name_or_path")

@@ -19,6 +19,7 @@ from pixtral_lora.export.lora import LoraDeltas
 from pixtral_lora.export.names import current_hf_name, unpermute_rotary
 from pixtral_lora.model.loading import VLLM_LORA_RANKS, read_adapter_config
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
+from pixtral_lora.run.layout import BASE_MODEL_FILE
 
 # What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
 # as LoRA: PEFT keys in transformers' current layout, mapped by its `hf_to_vllm_mapper`
@@ -42,7 +43,7 @@ def _vision_heads(adapter: Path, model: str | None) -> int:
     """The vision tower's attention heads, from the base's config.json (`model`, else the base the
     adapter recorded)."""
     if model is None:
-        recorded = adapter / "base_model.json"
+        recorded = adapter / BASE_MODEL_FILE
         model = (
             json.loads(recorded.read_text(encoding="utf-8"))["name_or_path"] if recorded.is_file() else None
         )

@@ -18,6 +18,7 @@ from pixtral_lora.config.schema import Config
 from pixtral_lora.config.yaml_loading import load_config
 from pixtral_lora.data.raster import band_options
 from pixtral_lora.errors import RunDirError
+from pixtral_lora.run.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, SPLIT_FILE
 
 
 def load_eval_model(
@@ -72,11 +73,11 @@ class Run:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise RunDirError(f"{run_dir}: no such run directory")
-        for name in ("config.yaml", "split.json"):
+        for name in (CONFIG_FILE, SPLIT_FILE):
             if not (run_dir / name).is_file():
                 raise RunDirError(f"{run_dir}: no {name}; is this a run directory written by train.py?")
-        if needs_adapter and not (run_dir / "adapter" / "adapter_config.json").is_file():
-            checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+        if needs_adapter and not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+            checkpoints = sorted((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"))
             progress = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
             raise RunDirError(
                 f"{run_dir}: no adapter/ yet: training has not finished{progress} (rerun train.py to resume, "
@@ -85,10 +86,10 @@ class Run:
         if needs_adapter:
             from pixtral_lora.model.loading import read_adapter_config
 
-            read_adapter_config(run_dir / "adapter")  # complete, and its config agrees with its tensors
-        config = load_config(run_dir / "config.yaml")
+            read_adapter_config(run_dir / ADAPTER_DIR)  # complete, and its config agrees with its tensors
+        config = load_config(run_dir / CONFIG_FILE)
         try:
-            split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+            split = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
             class_names = list(split["class_names"])
         except (ValueError, KeyError, TypeError) as err:
             raise RunDirError(f"{run_dir / 'split.json'}: not a split written by train.py ({err})") from None
@@ -98,7 +99,7 @@ class Run:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.run_dir / "adapter"
+        return self.run_dir / ADAPTER_DIR
 
     def adapter_sha256(self) -> str | None:
         """sha256 of the adapter's weights (what a calibration or a resumed output belongs to),

@@ -23,6 +23,7 @@ from pixtral_lora.config.yaml_loading import dump_config, load_config
 from pixtral_lora.errors import RunDirError, UserError
 from pixtral_lora.model.loading import checkpoint_fingerprint
 from pixtral_lora.outputs import atomic_file, run_lock
+from pixtral_lora.run.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, SPLIT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,13 @@ def recorded_split(config: Config, also_same: list[Config] = ()) -> dict | None:
     batch size): then the new config starts it afresh.
     """
     run_dir = Path(config.training.output_dir)
-    saved_config = run_dir / "config.yaml"
+    saved_config = run_dir / CONFIG_FILE
     if not saved_config.exists():
         return None
     saved = saved_config.read_text(encoding="utf-8")
     same = {dump_config(c) for c in (config, *also_same)}
     if saved not in same and _in_current_schema(saved_config) not in same:
-        trained = (run_dir / "adapter").exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
+        trained = (run_dir / ADAPTER_DIR).exists() or any((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"))
         if not trained:
             logger.warning(
                 "%s holds an earlier start with another config and no checkpoint: starting afresh", run_dir
@@ -93,7 +94,7 @@ def recorded_split(config: Config, also_same: list[Config] = ()) -> dict | None:
             f"{run_dir} holds a run with a different config ({saved_config}); "
             "choose another training.output_dir or delete that directory"
         )
-    split_file = run_dir / "split.json"
+    split_file = run_dir / SPLIT_FILE
     return json.loads(split_file.read_text()) if split_file.exists() else None
 
 
@@ -126,7 +127,7 @@ def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | No
     Newer incomplete ones (a kill while saving) are skipped with a warning, and deleted when
     `remove_incomplete` (the caller holds the run lock, so nothing else is writing them).
     """
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINTS_DIR
     if not checkpoints.is_dir():
         return None
     found = [p for p in checkpoints.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name)]
@@ -192,7 +193,7 @@ def run_directory(config: Config):
         with run_lock(run_dir):
             yield run_dir
     except BaseException:
-        if created and not (run_dir / "checkpoints").exists():
+        if created and not (run_dir / CHECKPOINTS_DIR).exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
         raise
 

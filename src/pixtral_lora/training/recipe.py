@@ -31,6 +31,15 @@ from pixtral_lora.families import Family, family_of
 from pixtral_lora.model.loading import best_device, load_model, load_processor
 from pixtral_lora.model.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, atomic_file, write_json
+from pixtral_lora.run.layout import (
+    ADAPTER_DIR,
+    BASE_MODEL_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    DATA_REPORT_FILE,
+    ENVIRONMENT_FILE,
+    SPLIT_FILE,
+)
 from pixtral_lora.run.writer import (
     base_identity,
     drop_metrics_after,
@@ -153,7 +162,7 @@ def sft_config(config: Config, run_dir: Path, device: str, has_validation: bool)
     optim = t.optim if t.optim != "auto" else ("paged_adamw_8bit" if on_cuda else "adamw_torch")
     evaluate = bool(t.eval_steps) and has_validation
     return SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -299,10 +308,10 @@ def _train_in(
             unreadable_test = recorded["unreadable"]["test"]
         else:
             unreadable_test = _unreadable(renderer, run_data.splits.test)
-        with atomic_file(run_dir / "config.yaml") as handle:
+        with atomic_file(run_dir / CONFIG_FILE) as handle:
             handle.write(dump_config(config))
         write_json(
-            run_dir / "split.json",
+            run_dir / SPLIT_FILE,
             {
                 "data_path": config.data.path,
                 "class_names": run_data.class_names,
@@ -317,9 +326,9 @@ def _train_in(
                 },
             },
         )
-        write_json(run_dir / "environment.json", environment(config, device))
+        write_json(run_dir / ENVIRONMENT_FILE, environment(config, device))
         write_json(
-            run_dir / "data_report.json",
+            run_dir / DATA_REPORT_FILE,
             {name: vars(r) for name, r in reports.items()} | {"test": {"unreadable": unreadable_test}},
         )
 
@@ -363,10 +372,10 @@ def _train_in(
 
     # -- Save --------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        with atomic_directory(run_dir / "adapter", owned=ADAPTER_FILES) as tmp:
+        with atomic_directory(run_dir / ADAPTER_DIR, owned=ADAPTER_FILES) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
-            write_json(tmp / "base_model.json", base_identity(config.model.name_or_path))
+            write_json(tmp / BASE_MODEL_FILE, base_identity(config.model.name_or_path))
         write_json(
             run_dir / "train_summary.json",
             {
