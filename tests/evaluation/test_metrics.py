@@ -69,7 +69,7 @@ def test_accuracy_interval_is_wilson():
 
 
 def test_expected_calibration_error_by_hand():
-    from pixtral_lora.evaluation.metrics import expected_calibration_error
+    from pixtral_lora.evaluation.calibration import expected_calibration_error
 
     # bin (0.5, 0.6]: confidences 0.55, 0.55, accuracy 1/2 -> |0.5 - 0.55| = 0.05, weight 2/4
     # bin (0.9, 1.0]: confidences 0.95, 1.0, accuracy 2/2 -> |1 - 0.975| = 0.025, weight 2/4

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 
 from pixtral_lora.errors import RunDirError, UserError
 from pixtral_lora.run.layout import CALIBRATION_FILE
@@ -32,19 +33,15 @@ COVERAGES = (0.8, 0.9, 0.95)
 
 
 def softmax(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of (n, classes) scores divided by `temperature`."""
-    scaled = np.asarray(scores, dtype=np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Row-wise softmax of (n, classes) scores divided by `temperature` (scipy's)."""
+    return scipy.special.softmax(np.asarray(scores, dtype=np.float64) / temperature, axis=1)
 
 
 def nll(scores: np.ndarray, gold: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the gold classes under softmax(scores / T)."""
-    scaled = np.asarray(scores, dtype=np.float64) / temperature
-    top = scaled.max(axis=1, keepdims=True)
-    log_norm = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))
-    return float(np.mean(log_norm - scaled[np.arange(len(gold)), gold]))
+    """Mean negative log-likelihood of the gold classes under softmax(scores / T) (scipy's log_softmax:
+    exact where the probability itself underflows)."""
+    log_probabilities = scipy.special.log_softmax(np.asarray(scores, dtype=np.float64) / temperature, axis=1)
+    return float(-np.mean(log_probabilities[np.arange(len(gold)), gold]))
 
 
 def fit_temperature(scores: np.ndarray, gold: np.ndarray) -> float:
@@ -59,13 +56,24 @@ def fit_temperature(scores: np.ndarray, gold: np.ndarray) -> float:
     return float(result.x)
 
 
-def _ece(confidence: np.ndarray, correct: np.ndarray, edges: np.ndarray) -> float:
+def expected_calibration_error(
+    confidences, correct, bins: int = 10, edges: np.ndarray | None = None
+) -> float:
+    """ECE: |accuracy - mean confidence| per confidence bin, weighted by the bin's share; `bins`
+    equal-width bins, or the given bin `edges` (calibration's adaptive, equal-mass bins). The one
+    ECE of the project: reports, live validation and calibration all use it."""
+    confidence = np.asarray(confidences, dtype=float)
+    hits = np.asarray(correct, dtype=float)
+    if confidence.size == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1) if edges is None else np.asarray(edges, dtype=float)
+    # bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 goes to the first bin
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, len(edges) - 2)
     total = 0.0
     for b in range(len(edges) - 1):
         members = index == b
         if members.any():
-            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+            total += members.mean() * abs(hits[members].mean() - confidence[members].mean())
     return float(total)
 
 
@@ -90,7 +98,7 @@ def confidence_measures(
     confidence: (n,) the confidence of each answer; correct: (n,) whether it was right. With
     `probabilities` (n, classes) and `gold` (n,) class indices (score mode), also NLL and Brier score.
     """
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import brier_score_loss, roc_auc_score
 
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
@@ -108,8 +116,8 @@ def confidence_measures(
         "n": n,
         "accuracy": float(correct.mean()),
         "mean_confidence": float(confidence.mean()),
-        "ece": _ece(confidence, correct, np.linspace(0.0, 1.0, bins + 1)),
-        "ece_adaptive": _ece(confidence, correct, np.unique(quantiles)),
+        "ece": expected_calibration_error(confidence, correct, bins),
+        "ece_adaptive": expected_calibration_error(confidence, correct, edges=np.unique(quantiles)),
         "nll": None,
         "brier": None,
         "auroc": float(roc_auc_score(correct, confidence)) if 0 < correct.sum() < n else None,
@@ -119,12 +127,12 @@ def confidence_measures(
     if probabilities is not None:
         probabilities = np.asarray(probabilities, dtype=np.float64)
         gold = np.asarray(gold)
-        one_hot = np.zeros_like(probabilities)
-        one_hot[np.arange(n), gold] = 1.0
         measures["nll"] = max(
             0.0, float(-np.mean(np.log(np.clip(probabilities[np.arange(n), gold], 1e-12, 1.0))))
         )
-        measures["brier"] = float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+        # the multiclass Brier score: the squared distance of each row to its one-hot gold, averaged
+        labels = np.arange(probabilities.shape[1])
+        measures["brier"] = float(brier_score_loss(gold, probabilities, labels=labels))
     return measures
 
 

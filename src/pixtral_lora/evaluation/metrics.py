@@ -20,6 +20,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pixtral_lora.classify.prediction import OUTCOMES, Prediction, outcome
+from pixtral_lora.evaluation.calibration import expected_calibration_error
 
 HALLUCINATED_COLUMN = "(hallucinated)"
 UNPARSEABLE_COLUMN = "(unparseable)"
@@ -144,23 +145,6 @@ def classification_report(
         confusion_columns=columns,
         coverage=answered / n if n else 1.0,
     )
-
-
-def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 10) -> float:
-    """ECE: |accuracy - mean confidence| per equal-width confidence bin, weighted by the bin's share."""
-    confidence = np.asarray(confidences, dtype=float)
-    hits = np.asarray(correct, dtype=float)
-    if confidence.size == 0:
-        return 0.0
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 goes to the first bin
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            total += members.mean() * abs(hits[members].mean() - confidence[members].mean())
-    return float(total)
 
 
 def write_confusion_csv(report: ClassificationReport, class_names: list[str], path: Path) -> None:
