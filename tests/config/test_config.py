@@ -140,3 +140,31 @@ def test_training_preflight_names_what_this_machine_lacks(monkeypatch):
     with pytest.raises(ConfigError, match="CUDA only"):
         check_machine(load_config(tiny, ["training.use_liger_kernel=true"]))
     check_machine(load_config(tiny, ["model.attn_implementation=eager"]))  # nothing asked: no error
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "training.weight_decay=.inf",
+        "training.num_train_epochs=.inf",
+        "training.max_grad_norm=.nan",
+        "data.stretch_percentiles=[2,.inf]",
+        "lora.dropout=.nan",
+    ],
+)
+def test_every_float_a_user_sets_is_finite(setting, tmp_path):
+    """A non-finite number fails validation, named, before anything is created: training on
+    weight_decay=inf used to save an all-NaN adapter with exit 0 (through `train.py`, as typed)."""
+    from conftest import one_line_error, run_command, set_args
+
+    field = setting.split("=")[0]
+    result = run_command(
+        ROOT / "train.py",
+        ROOT / "configs" / "tiny.yaml",
+        *set_args(setting, f"training.output_dir={tmp_path / 'run'}"),
+    )
+    assert result.returncode == 2 and "finite number" in result.stderr and field in result.stderr, (
+        result.stderr[-2000:]
+    )
+    assert one_line_error(result).startswith("error: invalid configuration")
+    assert not (tmp_path / "run").exists()
