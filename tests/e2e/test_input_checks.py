@@ -137,6 +137,43 @@ def test_eval_and_predict_refuse_a_tampered_adapter_before_loading(tiny_run, aid
         assert "r is 3" in line
 
 
+def test_a_non_finite_or_incomplete_adapter_is_refused_by_every_command_that_loads_it(
+    tiny_run, tiny_model_dir, aid_dir, tmp_path
+):
+    """A NaN in one LoRA tensor (a diverged run), or a lora_A without its lora_B: eval, predict, map,
+    calibrate, the native export and --adapter-only all refuse it in one line naming file and tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from pixtral_lora.data.synth import generate_scene_mosaic
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    poisoned = sorted(tensors)[0]
+    tensors[poisoned][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    scene = tmp_path / "scene.tif"
+    generate_scene_mosaic(scene, SYNTH_CLASSES, grid=(1, 1), tile=64, seed=1)
+    commands = [
+        ["-m", "pixtral_lora.cli", "eval", run, "--limit", "2", "--out", tmp_path / "eval"],
+        ["-m", "pixtral_lora.cli", "predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "p.jsonl"],
+        ["-m", "pixtral_lora.cli", "map", scene, "--run", run, "--out", tmp_path / "m.geojson", "--tile", "64"],
+        ["-m", "pixtral_lora.cli", "calibrate", run],
+        ["scripts/convert_to_mistral.py", "--model", tiny_model_dir, "--adapter", run / "adapter", "--out", tmp_path / "o"],
+        ["scripts/convert_to_mistral.py", "--model", tiny_model_dir, "--adapter", run / "adapter", "--adapter-only",
+         "--out", tmp_path / "lora"],
+    ]  # fmt: skip
+    for command in commands:
+        line = one_line_error(run_command(*command))
+        assert f"{poisoned} holds 1 non-finite values" in line, (command, line)
+    assert not any((tmp_path / name).exists() for name in ("eval", "p.jsonl", "m.geojson", "o", "lora"))
+    del tensors[poisoned]  # now an incomplete adapter: its partner is left without it
+    save_file(tensors, weights, metadata={"format": "pt"})
+    line = one_line_error(run_command(*commands[0]))
+    assert "an incomplete adapter" in line
+
+
 def test_max_shard_gb_must_be_positive(tiny_model_dir, tmp_path):
     result = run_command("scripts/convert_to_mistral.py", "--model", tiny_model_dir, "--out", tmp_path / "o",
                   "--max-shard-gb", "-1")  # fmt: skip

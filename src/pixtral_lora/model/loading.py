@@ -196,7 +196,31 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
                     shape[0] if key.endswith("lora_A.weight") else shape[1]
                 )
             )
+    for key in shapes:  # PEFT only warns about a missing half and runs on a partial adapter
+        for half, other in (("lora_A.", "lora_B."), ("lora_B.", "lora_A.")):
+            if half in key and key.replace(half, other) not in shapes:
+                raise ModelSourceError(
+                    f"{weights}: {key} has no {key.replace(half, other)}: an incomplete adapter"
+                )
+    _check_finite(weights)
     return config
+
+
+def _check_finite(weights: Path) -> None:
+    """Every tensor of an adapter is finite: NaN or inf weights (a diverged run) would be merged,
+    exported and served, and every answer would be the first class with NaN confidence."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelSourceError(
+                    f"{weights}: {key} holds {bad} non-finite values (NaN or inf): the run diverged or the "
+                    "file was damaged; retrain (a lower learning rate) or use an earlier checkpoint"
+                )
 
 
 def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -> str:
