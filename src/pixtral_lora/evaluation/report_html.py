@@ -5,14 +5,14 @@ confusion heatmaps whose off-diagonal cells link to their examples, an error gal
 hallucinated, unparseable and unreadable item up to a limit, grouped by gold -> predicted, each with
 the image as the model saw it), reliability diagrams in score mode, and the run's key facts.
 
-Class names and answers are untrusted text: everything that is not our own markup goes through
-`html.escape`.
+Rendered by one jinja2 template with autoescape on: class names, answers, ids and facts are
+untrusted text and reach the page only escaped (the template holds all the markup, Python only
+the numbers and strings).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 
 import numpy as np
@@ -34,15 +34,6 @@ margin:4px 0;background:#f7f7f7;font-size:11px}.noimg{width:168px;height:100px;b
 align-items:center;justify-content:center;color:#777}dl.facts{display:grid;grid-template-columns:max-content 1fr;
 gap:2px 14px}dl.facts dt{font-weight:600}
 """
-
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _name(value) -> str:
-    """A class name or image id: escaped, and isolated so right-to-left text keeps the line's order."""
-    return f"<bdi>{_e(value)}</bdi>"
 
 
 def _pct(x: float) -> str:
@@ -121,7 +112,7 @@ def _risk_coverage_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str
     return uri
 
 
-def _confidence_section(report, predictions, section: int) -> list[str]:
+def _confidence_section(report, predictions) -> dict:
     """Calibration: measures raw and calibrated, reliability diagrams side by side, the risk-coverage curve."""
     confidence = report.confidence
     temperature = confidence.get("temperature")
@@ -130,98 +121,87 @@ def _confidence_section(report, predictions, section: int) -> list[str]:
     rows = []
     for kind, _ in kinds:
         m = confidence[kind]
-        selective = " / ".join(_pct(m["selective_accuracy"][c]) for c in ("0.80", "0.90", "0.95"))
-        cells = [m["ece"], m["ece_adaptive"], m["nll"], m["brier"], m["auroc"], m["aurc"]]
         rows.append(
-            f"<tr><td class=l>{kind}{f' (T={temperature:.3f})' if kind == 'calibrated' else ''}</td>"
-            + "".join(f"<td>{'-' if v is None else f'{v:.3f}'}</td>" for v in cells)
-            + f"<td>{selective}</td></tr>"
+            {
+                "kind": kind + (f" (T={temperature:.3f})" if kind == "calibrated" else ""),
+                "cells": [
+                    "-" if v is None else f"{v:.3f}"
+                    for v in (m["ece"], m["ece_adaptive"], m["nll"], m["brier"], m["auroc"], m["aurc"])
+                ],
+                "selective": " / ".join(_pct(m["selective_accuracy"][c]) for c in ("0.80", "0.90", "0.95")),
+            }
         )
-    note = f"confidence: {_e(confidence['of'])}" + (
-        "" if confidence.get("calibrated") else " (uncalibrated: no calibration.json for this adapter)"
-    )
-    images = [
-        f"<img src='{_reliability_diagram(c, k, f'{kind}: reliability')}' alt='reliability diagram, {kind}'>"
+    plots = [
+        {"src": _reliability_diagram(c, k, f"{kind}: reliability"), "alt": f"reliability diagram, {kind}"}
         for kind, (c, k) in curves.items()
     ]
-    images.append(f"<img src='{_risk_coverage_plot(curves)}' alt='risk-coverage curve'>")
-    return [
-        f"<h3 id='c{section}'>Calibration</h3><p>{note}</p><table><tr><th class=l>confidence</th><th>expected calibration error</th>"
-        "<th>ECE (adaptive)</th><th>NLL</th><th>Brier</th><th>AUROC</th><th>AURC</th>"
-        "<th>selective accuracy 80/90/95%</th></tr>",
-        *rows,
-        "</table><div class=plots>" + "".join(images) + "</div>",
-    ]
+    plots.append({"src": _risk_coverage_plot(curves), "alt": "risk-coverage curve"})
+    return {
+        "of": confidence["of"],
+        "calibrated": bool(confidence.get("calibrated")),
+        "rows": rows,
+        "plots": plots,
+    }
 
 
 def _predicted_column(prediction) -> str:
     return prediction.label if prediction.label is not None else f"({prediction.outcome})"
 
 
-def _summary(results: dict) -> list[str]:
-    out = [
-        "<h2>Summary</h2><table><tr><th class=l>model</th><th class=l>mode</th><th>accuracy (95% CI)</th>"
-        "<th>macro-F1</th><th>hallucinated</th><th>unparseable</th><th>unreadable</th><th>correct</th>"
-        "<th>wrong</th><th>abstained (coverage)</th><th>n</th><th>images/s</th></tr>"
-    ]
+def _summary(results: dict) -> list[dict]:
+    rows = []
     for model, by_mode in results.items():
         for mode, result in by_mode.items():
             r = result["report"]
             low, high = r.accuracy_ci95
-            adds_up = sum(r.counts.values()) == r.n
-            out.append(
-                f"<tr><td class=l>{_e(model)}</td><td class=l>{_e(mode)}</td>"
-                f"<td>{_pct(r.accuracy)} ({_pct(low)}-{_pct(high)})</td><td>{r.macro_f1:.3f}</td>"
-                f"<td>{r.counts['hallucinated']}</td><td>{r.counts['unparseable']}</td>"
-                f"<td>{r.counts['unreadable']}</td><td>{r.counts['correct']}</td><td>{r.counts['wrong']}</td>"
-                f"<td>{r.counts.get('abstained', 0)} ({_pct(r.coverage)})</td>"
-                f"<td class={'ok' if adds_up else 'bad'}>{r.n}</td>"
-                f"<td>{result['images_per_second']:.2f}</td></tr>"
+            rows.append(
+                {
+                    "model": model,
+                    "mode": mode,
+                    "accuracy": f"{_pct(r.accuracy)} ({_pct(low)}-{_pct(high)})",
+                    "macro_f1": f"{r.macro_f1:.3f}",
+                    "counts": r.counts,
+                    "abstained": f"{r.counts.get('abstained', 0)} ({_pct(r.coverage)})",
+                    "n": r.n,
+                    "adds_up": sum(r.counts.values()) == r.n,
+                    "speed": f"{result['images_per_second']:.2f}",
+                }
             )
-    out.append(
-        "</table><p>Every image has exactly one outcome; the outcome columns add up to n. With abstention, "
-        "accuracy is over the answered images, whose share is the coverage.</p>"
-    )
-    return out
+    return rows
 
 
-def _per_class(report, class_names: list[str]) -> list[str]:
+def _per_class(report, class_names: list[str]) -> list[dict]:
     rows = sorted(class_names, key=lambda name: (report.per_class[name]["f1"], name))
-    out = [
-        "<table><tr><th class=l>class (worst first)</th><th>precision</th><th>recall</th><th>F1</th>"
-        "<th class=l></th><th>support</th></tr>"
+    return [
+        {
+            "name": name,
+            **{k: f"{report.per_class[name][k]:.3f}" for k in ("precision", "recall", "f1")},
+            "width": f"{report.per_class[name]['f1'] * 120:.0f}",
+            "support": report.per_class[name]["support"],
+        }
+        for name in rows
     ]
-    for name in rows:
-        c = report.per_class[name]
-        out.append(
-            f"<tr><td class=l>{_name(name)}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
-            f"<td>{c['f1']:.3f}</td><td class=l><span class=bar style='width:{c['f1'] * 120:.0f}px'></span>"
-            f"</td><td>{c['support']}</td></tr>"
-        )
-    out.append("</table>")
-    return out
 
 
-def _confusion(report, class_names: list[str], section: int, shown: set[tuple[str, str]]) -> list[str]:
+def _confusion(report, class_names: list[str], section: int, shown: set[tuple[str, str]]) -> dict:
     matrix = np.asarray(report.confusion, dtype=float)
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
-    out = ["<table class=cm><tr><th class=l>gold \\ predicted</th>"]
-    out += [f"<th class=rot>{_name(column)}</th>" for column in report.confusion_columns]
-    out.append("</tr>")
+    rows = []
     for i, gold in enumerate(class_names):
-        out.append(f"<tr><th class=l>{_name(gold)}</th>")
+        cells = []
         for j, column in enumerate(report.confusion_columns):
             count = int(matrix[i, j])
             shade = int(255 - 180 * share[i, j])
-            color = f"rgb({shade},{shade + (255 - shade) // 3},255)"
-            text = str(count) if count else ""
-            if count and i != j and (gold, column) in shown:
-                text = f"<a href='#g{section}-{i}-{j}'>{count}</a>"
-            out.append(f"<td style='background:{color}'>{text}</td>")
-        out.append("</tr>")
-    out.append("</table>")
-    return out
+            cells.append(
+                {
+                    "count": count,
+                    "color": f"rgb({shade},{shade + (255 - shade) // 3},255)",
+                    "link": f"g{section}-{i}-{j}" if count and i != j and (gold, column) in shown else None,
+                }
+            )
+        rows.append({"gold": gold, "cells": cells})
+    return {"columns": report.confusion_columns, "rows": rows}
 
 
 def gallery_items(predictions, mode: str, limit: int) -> list:
@@ -235,29 +215,99 @@ def gallery_items(predictions, mode: str, limit: int) -> list:
 
 def _gallery(
     predictions, class_names: list[str], section: int, thumbnails: dict[str, str], limit: int, mode: str
-) -> tuple[list[str], set[tuple[str, str]]]:
+) -> tuple[dict, set[tuple[str, str]]]:
     mistakes = gallery_items(predictions, mode, limit)
     groups: dict[tuple[str, str], list] = {}
     for p in mistakes:
         groups.setdefault((p.gold, _predicted_column(p)), []).append(p)
     columns = [*class_names, "(hallucinated)", "(unparseable)", "(unreadable)"]
-    total = sum(1 for p in predictions if p.outcome != "correct")
-    out = [f"<h3>Error gallery ({len(mistakes)} of {total} mistakes shown)</h3>"]
-    for (gold, predicted), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        i, j = class_names.index(gold), columns.index(predicted)
-        out.append(f"<h4 id='g{section}-{i}-{j}'>{_name(gold)} &rarr; {_name(predicted)} ({len(items)})</h4>")
-        out.append("<div class=gallery>")
-        for p in items:
-            image = thumbnails.get(p.id)
-            picture = f"<img src='{image}' alt='{_e(p.id)}'>" if image else "<div class=noimg>no image</div>"
-            confidence = "" if p.confidence is None else f"<br>confidence {p.confidence:.3f}"
-            detail = f"<pre>{_e(p.error)}</pre>" if p.error else f"<pre>{_e(p.raw_answer)}</pre>"
-            out.append(
-                f"<div class=card>{picture}<br><b>{_name(p.id)}</b><br>gold {_name(p.gold)}<br>"
-                f"predicted {_name(predicted)}{confidence}{detail}</div>"
-            )
-        out.append("</div>")
-    return out, set(groups)
+    gallery = {
+        "shown": len(mistakes),
+        "total": sum(1 for p in predictions if p.outcome != "correct"),
+        "groups": [
+            {
+                "anchor": f"g{section}-{class_names.index(gold)}-{columns.index(predicted)}",
+                "gold": gold,
+                "predicted": predicted,
+                "items": [
+                    {
+                        "id": p.id,
+                        "image": thumbnails.get(p.id),
+                        "confidence": None if p.confidence is None else f"{p.confidence:.3f}",
+                        "detail": p.error or p.raw_answer,
+                    }
+                    for p in items
+                ],
+            }
+            for (gold, predicted), items in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        ],
+    }
+    return gallery, set(groups)
+
+
+_TEMPLATE = """\
+{%- macro name(value) %}<bdi>{{ value }}</bdi>{% endmacro -%}
+<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Evaluation report</title>
+<style>{{ style }}</style></head><body><h1>Evaluation report</h1>
+{% if facts %}<h2>Run</h2><dl class=facts>
+{% for key, value in facts %}<dt>{{ key }}</dt><dd>{{ value }}</dd>
+{% endfor %}</dl>
+{% endif %}
+<h2>Summary</h2><table><tr><th class=l>model</th><th class=l>mode</th><th>accuracy (95% CI)</th>\
+<th>macro-F1</th><th>hallucinated</th><th>unparseable</th><th>unreadable</th><th>correct</th>\
+<th>wrong</th><th>abstained (coverage)</th><th>n</th><th>images/s</th></tr>
+{% for r in summary %}<tr><td class=l>{{ r.model }}</td><td class=l>{{ r.mode }}</td><td>{{ r.accuracy }}</td>\
+<td>{{ r.macro_f1 }}</td><td>{{ r.counts.hallucinated }}</td><td>{{ r.counts.unparseable }}</td>\
+<td>{{ r.counts.unreadable }}</td><td>{{ r.counts.correct }}</td><td>{{ r.counts.wrong }}</td>\
+<td>{{ r.abstained }}</td><td class={{ 'ok' if r.adds_up else 'bad' }}>{{ r.n }}</td><td>{{ r.speed }}</td></tr>
+{% endfor %}</table><p>Every image has exactly one outcome; the outcome columns add up to n. With abstention, \
+accuracy is over the answered images, whose share is the coverage.</p>
+{% for s in sections %}
+<h2 id="s{{ s.id }}">{{ s.model }}, {{ s.mode }}</h2>
+<h3>Confusion matrix (cells link to their examples)</h3>
+<table class=cm><tr><th class=l>gold \\ predicted</th>\
+{% for column in s.confusion.columns %}<th class=rot>{{ name(column) }}</th>{% endfor %}</tr>
+{% for row in s.confusion.rows %}<tr><th class=l>{{ name(row.gold) }}</th>\
+{% for cell in row.cells %}<td style="background:{{ cell.color }}">\
+{% if cell.link %}<a href="#{{ cell.link }}">{{ cell.count }}</a>{% elif cell.count %}{{ cell.count }}{% endif %}</td>\
+{% endfor %}</tr>
+{% endfor %}</table>
+<h3>Per class</h3>
+<table><tr><th class=l>class (worst first)</th><th>precision</th><th>recall</th><th>F1</th><th class=l></th><th>support</th></tr>
+{% for c in s.per_class %}<tr><td class=l>{{ name(c.name) }}</td><td>{{ c.precision }}</td><td>{{ c.recall }}</td>\
+<td>{{ c.f1 }}</td><td class=l><span class=bar style="width:{{ c.width }}px"></span></td><td>{{ c.support }}</td></tr>
+{% endfor %}</table>
+{% if s.calibration %}{% set cal = s.calibration %}
+<h3 id="c{{ s.id }}">Calibration</h3><p>confidence: {{ cal.of }}\
+{% if not cal.calibrated %} (uncalibrated: no calibration.json for this adapter){% endif %}</p>
+<table><tr><th class=l>confidence</th><th>expected calibration error</th><th>ECE (adaptive)</th><th>NLL</th>\
+<th>Brier</th><th>AUROC</th><th>AURC</th><th>selective accuracy 80/90/95%</th></tr>
+{% for row in cal.rows %}<tr><td class=l>{{ row.kind }}</td>{% for v in row.cells %}<td>{{ v }}</td>{% endfor %}\
+<td>{{ row.selective }}</td></tr>
+{% endfor %}</table><div class=plots>{% for plot in cal.plots %}<img src="{{ plot.src }}" alt="{{ plot.alt }}">{% endfor %}</div>
+{% endif %}
+<h3>Error gallery ({{ s.gallery.shown }} of {{ s.gallery.total }} mistakes shown)</h3>
+{% for group in s.gallery.groups %}<h4 id="{{ group.anchor }}">{{ name(group.gold) }} &rarr; {{ name(group.predicted) }} \
+({{ group['items'] | length }})</h4>
+<div class=gallery>
+{% for p in group['items'] %}<div class=card>\
+{% if p.image %}<img src="{{ p.image }}" alt="{{ p.id }}">{% else %}<div class=noimg>no image</div>{% endif %}\
+<br><b>{{ name(p.id) }}</b><br>gold {{ name(group.gold) }}<br>predicted {{ name(group.predicted) }}\
+{% if p.confidence is not none %}<br>confidence {{ p.confidence }}{% endif %}<pre>{{ p.detail }}</pre></div>
+{% endfor %}</div>
+{% endfor %}
+{% endfor %}
+</body></html>
+"""
+
+
+def _template():
+    import jinja2
+
+    environment = jinja2.Environment(
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True
+    )
+    return environment.from_string(_TEMPLATE)
 
 
 def render_html(
@@ -276,30 +326,28 @@ def render_html(
     model and mode.
     """
     thumbnails = thumbnails or {}
-    out = [
-        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Evaluation report</title>",
-        f"<style>{_STYLE}</style></head><body><h1>Evaluation report</h1>",
-    ]
-    if facts:
-        out.append("<h2>Run</h2><dl class=facts>")
-        out += [f"<dt>{_e(key)}</dt><dd>{_e(value)}</dd>" for key, value in facts.items()]
-        out.append("</dl>")
-    out += _summary(results)
-    section = 0
+    sections = []
     for model, by_mode in results.items():
         for mode, result in by_mode.items():
-            section += 1
             report = result["report"]
-            out.append(f"<h2 id='s{section}'>{_e(model)}, {_e(mode)}</h2>")
+            section = len(sections) + 1
             gallery, shown = _gallery(
                 predictions[(model, mode)], class_names, section, thumbnails, gallery_limit, mode
             )
-            out.append("<h3>Confusion matrix (cells link to their examples)</h3>")
-            out += _confusion(report, class_names, section, shown)
-            out.append("<h3>Per class</h3>")
-            out += _per_class(report, class_names)
-            if report.confidence and "ece" in report.confidence["raw"]:
-                out += _confidence_section(report, predictions[(model, mode)], section)
-            out += gallery
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+            calibrated = report.confidence and "ece" in report.confidence["raw"]
+            sections.append(
+                {
+                    "id": section,
+                    "model": model,
+                    "mode": mode,
+                    "confusion": _confusion(report, class_names, section, shown),
+                    "per_class": _per_class(report, class_names),
+                    "calibration": _confidence_section(report, predictions[(model, mode)])
+                    if calibrated
+                    else None,
+                    "gallery": gallery,
+                }
+            )
+    return _template().render(
+        style=_STYLE, facts=list((facts or {}).items()), summary=_summary(results), sections=sections
+    )
