@@ -176,3 +176,28 @@ def test_a_calibration_of_another_adapter_is_refused_for_a_target_and_reported_a
     generate = run_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "r.jsonl", "--mode",
                     "generate", "--target-accuracy", "0.9")  # fmt: skip
     assert "--mode score" in one_line_error(generate)
+
+
+def test_only_a_valid_answer_abstains_through_eval(tiny_run, tmp_path):
+    """`eval --abstain-below` on the base model (whose free answers name no class): a hallucinated or
+    unparseable answer stays what it is, so the hallucination count is the same with and without
+    abstention and the outcomes still add up to n (through the command a user types)."""
+    reports = {}
+    for name, extra in (("plain", []), ("abstaining", ["--abstain-below", "1.0"])):
+        out = tmp_path / name
+        result = run_cli("eval", tiny_run, "--models", "base,finetuned", "--modes", "generate", "--limit", "8",
+                         "--out", out, *extra)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads((out / "report.json").read_text())["results"]
+    for model in ("base", "finetuned"):
+        plain, abstaining = reports["plain"][model]["generate"], reports["abstaining"][model]["generate"]
+        for outcome in ("hallucinated", "unparseable", "unreadable"):
+            assert abstaining["counts"][outcome] == plain["counts"][outcome], (model, outcome)
+        assert sum(abstaining["counts"].values()) == abstaining["n"] == 8
+        valid = plain["counts"]["correct"] + plain["counts"]["wrong"]
+        assert abstaining["counts"]["abstained"] == valid  # every valid answer is under 1.0
+    assert (
+        reports["plain"]["base"]["generate"]["counts"]["correct"]
+        + reports["plain"]["base"]["generate"]["counts"]["wrong"]
+        < 8
+    )  # the base model's babble is in the test: some answers name no class

@@ -189,10 +189,15 @@ def check_calibration(run) -> float:
 
 
 def abstain(predictions: list, below: float | None) -> list:
-    """Mark every answer whose confidence is under `below` as abstained (None: none is)."""
+    """Mark every valid answer whose confidence is under `below` as abstained (None: none is).
+
+    Only an answer that names a class can abstain: a hallucinated or unparseable answer stays what it
+    is (abstaining would take it out of the hallucination count, the study's headline number)."""
     if below is not None:
         for p in predictions:
-            p.abstained = p.error is None and p.confidence is not None and p.confidence < below
+            p.abstained = (
+                p.error is None and p.label is not None and p.confidence is not None and p.confidence < below
+            )
     return predictions
 
 
