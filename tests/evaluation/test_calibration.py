@@ -201,3 +201,57 @@ def test_only_a_valid_answer_abstains_through_eval(tiny_run, tmp_path):
         + reports["plain"]["base"]["generate"]["counts"]["wrong"]
         < 8
     )  # the base model's babble is in the test: some answers name no class
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"temperature": -1.0}, "temperature: Input should be greater than or equal to 0.05"),
+        ({"temperature": 0}, "temperature: Input should be greater than or equal to 0.05"),
+        ({"temperature": float("nan")}, "temperature: Input should be a finite number"),
+        ({"temperature": 1e6}, "temperature: Input should be less than or equal to 20"),
+        (
+            {"validation": {"confidence": [0.5], "correct": [True, False]}},
+            "1 confidences but 2 correct flags",
+        ),
+        ({"validation": {"confidence": [0.5, 7], "correct": [True, False]}}, "validation.confidence.1"),
+    ],
+    ids=["negative", "zero", "nan", "out-of-bounds", "lengths", "confidence-above-1"],
+)
+def test_a_tampered_calibration_is_one_line_in_every_command_that_reads_it(
+    tiny_run, aid_dir, tmp_path, change, named
+):
+    """calibration.json is read back as strictly as a config: a T of 0, below 0, NaN or past the fit's
+    bounds, or a malformed validation block, is refused in one line naming the field (eval and predict,
+    as typed), instead of being used as it is."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
+    path = run / "calibration.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))  # bare NaN, as json writes it
+    for command in (
+        [
+            "eval",
+            run,
+            "--models",
+            "finetuned",
+            "--modes",
+            "score",
+            "--limit",
+            "2",
+            "--out",
+            tmp_path / "eval",
+        ],
+        [
+            "predict",
+            aid_dir / "Beach",
+            "--run",
+            run,
+            "--out",
+            tmp_path / "p.jsonl",
+            "--target-accuracy",
+            "0.9",
+        ],
+    ):
+        line = one_line_error(run_cli(*command))
+        assert "calibration.json" in line and named in line, (command, line)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "p.jsonl").exists()

@@ -161,17 +161,58 @@ def calibration_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CALIBRATION_FILE
 
 
+def read_calibration(path: Path) -> dict:
+    """A calibration.json validated as strictly as a config: T finite and inside the fit's bounds, the
+    adapter's sha256, and a validation block of equal-length confidences in [0, 1] and booleans. A file
+    edited by hand (T <= 0, NaN, a malformed block) is a one-line `RunDirError` naming the field."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+    class Validation(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        confidence: list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=False)]]
+        correct: list[bool]
+
+        @model_validator(mode="after")
+        def _same_length(self):
+            if len(self.confidence) != len(self.correct):
+                raise ValueError(f"{len(self.confidence)} confidences but {len(self.correct)} correct flags")
+            return self
+
+    class Calibration(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        temperature: Annotated[
+            float,
+            Field(ge=TEMPERATURE_BOUNDS[0], le=TEMPERATURE_BOUNDS[1], allow_inf_nan=False, strict=False),
+        ]
+        adapter_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+        validation: Validation | None = None
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Calibration.model_validate(raw).model_dump()
+    except (ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, ValidationError):
+            first = err.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "the file"
+            detail = f"{field}: {first['msg']} (got {first.get('input')!r:.60})"
+        else:
+            detail = f"not valid JSON ({err})"
+        raise RunDirError(
+            f"{path}: {detail}; not a calibration written by `pixtral-lora calibrate`: "
+            f"recalibrate with `pixtral-lora calibrate {path.parent}`"
+        ) from None
+
+
 def run_temperature(run) -> tuple[float | None, str]:
     """The temperature of a run's calibration.json when it belongs to the run's adapter, else None,
     and a line saying which (raw probabilities are then reported, marked `calibrated: false`)."""
     path = calibration_path(run.run_dir)
     if not path.is_file():
         return None, f"no {CALIBRATION_FILE}: raw probabilities (run `pixtral-lora calibrate {run.run_dir}`)"
-    try:
-        calibration = json.loads(path.read_text(encoding="utf-8"))
-        temperature, adapter = float(calibration["temperature"]), calibration["adapter_sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise RunDirError(f"{path}: not a calibration written by `pixtral-lora calibrate` ({err})") from None
+    calibration = read_calibration(path)
+    temperature, adapter = calibration["temperature"], calibration["adapter_sha256"]
     if adapter != run.adapter_sha256():
         return None, (
             f"{path} belongs to another adapter (trained further since?): raw probabilities; "
@@ -207,7 +248,12 @@ def abstention_threshold(run, below: float | None, target_accuracy: float | None
     if target_accuracy is None:
         return below, (f"abstaining below confidence {below}" if below is not None else "")
     check_calibration(run)  # a calibration of another adapter is refused, in one line
-    validation = json.loads(calibration_path(run.run_dir).read_text(encoding="utf-8"))["validation"]
+    validation = read_calibration(calibration_path(run.run_dir))["validation"]
+    if not validation or not validation["confidence"]:
+        raise RunDirError(
+            f"{calibration_path(run.run_dir)}: no validation confidences to choose a --target-accuracy "
+            f"threshold from; recalibrate with `pixtral-lora calibrate {run.run_dir}`"
+        )
     threshold = abstain_threshold(
         np.array(validation["confidence"]), np.array(validation["correct"]), target_accuracy
     )
