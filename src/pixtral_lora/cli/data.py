@@ -73,22 +73,16 @@ def _conversations(path: str, data, prompt):
     return as_conversations(source.all_rows(), prompt, source.class_names or [])
 
 
-def _data_section(path: str, config: str | None, classes: str | None, allowed: list[str]):
-    """The `data` settings a data command reads `path` with: the config's (`--config`), else the
-    defaults, with `--classes` and `--allow-path` on top."""
+def _data_section(path: str, data, classes: str | None, allowed: list[str]):
+    """The `data` settings a data command reads `path` with: `data` (a loaded `--config`'s section),
+    else the defaults, with `--classes` and `--allow-path` on top."""
     from pixtral_lora.config.schema import DataSection
 
-    data = DataSection(path=str(path)) if config is None else _load_config(config).data
+    data = DataSection(path=str(path)) if data is None else data
     update = {"allow_paths_outside": [*data.allow_paths_outside, *allowed]}
     if classes:
         update["class_names"] = _class_names_arg(classes)
     return data.model_copy(update=update)
-
-
-def _load_config(path: str):
-    from pixtral_lora.config.yaml_loading import load_config
-
-    return load_config(path)
 
 
 def _data_preview(args) -> int:
@@ -104,12 +98,12 @@ def _data_preview(args) -> int:
         from pixtral_lora.outputs import check_replaceable_file, is_our_png
 
         check_replaceable_file(args.save_image, is_our_png)
-    prompt, longest_edge, bands = PromptConfig(), args.image_longest_edge, None
+    prompt, longest_edge, bands, configured = PromptConfig(), args.image_longest_edge, None, None
     if args.config:
         config = load_config(args.config)
         prompt, longest_edge = config.prompt, config.data.image_longest_edge
-        bands = band_options(config.data)
-    data = _data_section(args.path, args.config, args.classes, list(args.allow_path))
+        bands, configured = band_options(config.data), config.data
+    data = _data_section(args.path, configured, args.classes, list(args.allow_path))
     dataset = _conversations(args.path, data, prompt)
     if not 0 <= args.index < len(dataset):
         print(
