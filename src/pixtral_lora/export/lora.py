@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 class LoraDeltas:
-    """The LoRA updates of a PEFT adapter, keyed by the current-layout HF weight name."""
+    """The LoRA updates of a PEFT adapter, keyed by the current-layout HF weight name, and its
+    checked adapter_config.json (`config`)."""
 
     def __init__(self, adapter_dir: str | Path):
         adapter_dir = Path(adapter_dir)
@@ -32,6 +33,7 @@ class LoraDeltas:
             config = read_adapter_config(adapter_dir)  # config and tensor shapes agree, files complete
         except ModelSourceError as err:
             raise ExportError(str(err)) from None
+        self.config = config
         if config.get("peft_type") != "LORA":
             raise ExportError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
         for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
@@ -68,8 +70,9 @@ def _base_shapes(checkpoint: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool = False) -> None:
-    """Refuse, in one line, an adapter that does not fit this base or was trained on another one.
+def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool = False) -> LoraDeltas:
+    """Refuse, in one line, an adapter that does not fit this base or was trained on another one;
+    returns its `LoraDeltas` (read once, for the merge that follows).
 
     Shapes: every LoRA pair must give a delta of its base weight's shape. Identity: the base named in
     adapter_config.json, and (when the run recorded one and the base is local) the fingerprint of the
@@ -87,7 +90,7 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
                 f"{adapter} does not fit {model}: {module} is {list(shapes[module])} in the base but "
                 f"{wanted} in the adapter (trained on a base of another shape?)"
             )
-    config = read_adapter_config(adapter)
+    config = deltas.config
     recorded = {}
     if (adapter / BASE_MODEL_FILE).is_file():
         try:
@@ -98,13 +101,13 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
     fingerprint = recorded.get("fingerprint")
     if fingerprint and Path(model).is_dir():
         if checkpoint_fingerprint(model) == fingerprint:
-            return
+            return deltas
         problem = f"its files differ from those of the base the adapter was trained on ({trained_on})"
     elif trained_on and str(trained_on) != str(model):
         problem = f"the adapter was trained on {trained_on}"
     else:
-        return
+        return deltas
     if force:
         logger.warning("merging into %s although %s (--force)", model, problem)
-        return
+        return deltas
     raise ExportError(f"{adapter} -> {model}: {problem}; pass --force to merge into this base anyway")

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pixtral_lora.export.checkpoint import ExportError, resolve_checkpoint, weight_files
-from pixtral_lora.export.lora import LoraDeltas, check_adapter
+from pixtral_lora.export.lora import check_adapter
 from pixtral_lora.export.names import native_name, rotary_heads, unpermute_rotary
 from pixtral_lora.export.params import params_json
 from pixtral_lora.export.safetensors_stream import write_safetensors_streaming
@@ -87,9 +87,7 @@ def export_mistral(
     except UnknownFamilyError as err:
         raise ExportError(str(err)) from None
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
-    if adapter:
-        check_adapter(checkpoint, model, adapter, force)
-    deltas = LoraDeltas(adapter) if adapter else None
+    deltas = check_adapter(checkpoint, model, adapter, force) if adapter else None
     tekken_source = Path(tekken) if tekken else checkpoint_tekken(checkpoint)
     if tekken_source is None:
         raise ExportError(

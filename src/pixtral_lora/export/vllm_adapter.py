@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from pixtral_lora.export.checkpoint import ExportError, resolve_checkpoint
 from pixtral_lora.export.lora import LoraDeltas
 from pixtral_lora.export.names import current_hf_name, unpermute_rotary
-from pixtral_lora.model.loading import VLLM_LORA_RANKS, read_adapter_config
+from pixtral_lora.model.loading import VLLM_LORA_RANKS
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
 from pixtral_lora.run.layout import BASE_MODEL_FILE
 
@@ -81,7 +81,7 @@ def export_adapter_only(
     lora_B rows in Mistral's interleaved rotary order (`model` or the recorded base gives the heads).
     """
     adapter = Path(adapter)
-    LoraDeltas(adapter)  # the adapter's own checks (LoRA, no DoRA/patterns, key shapes)
+    deltas = LoraDeltas(adapter)  # the adapter's own checks (LoRA, no DoRA/patterns, key shapes)
     tensors = {}
     vision_heads = None
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as handle:
@@ -100,7 +100,7 @@ def export_adapter_only(
                 vision_heads = vision_heads or _vision_heads(adapter, model)
                 tensor = unpermute_rotary(tensor, vision_heads)
             tensors[normalised] = tensor
-    config = read_adapter_config(adapter)
+    config = dict(deltas.config)
     config["target_modules"] = sorted({re.search(r"\.(\w+)\.lora_", k).group(1) for k in tensors})
     touches_tower = any(".multi_modal_projector." in k or ".vision_tower." in k for k in tensors)
     out = Path(out)

@@ -153,10 +153,12 @@ def check_model_source(name: str, field_name: str = "model") -> str:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """adapter_config.json of a LoRA adapter, checked against its tensors' shapes (headers only).
+    """adapter_config.json of a LoRA adapter, checked against its tensors: their shapes (from the
+    headers), every lora_A with its lora_B, and every value finite (the one read of the tensors).
 
-    A tampered rank, a truncated safetensors file or invalid JSON is a `ModelSourceError` naming the
-    file: PEFT would otherwise load the tensors under the wrong scale, or fail with a traceback.
+    A tampered rank, a truncated safetensors file, half a LoRA pair, a NaN or invalid JSON is a
+    `ModelSourceError` naming the file: PEFT would otherwise load the tensors under the wrong scale,
+    run on a partial adapter, or fail with a traceback.
     """
 
     from safetensors import safe_open
