@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import scipy.special
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from pixtral_lora.errors import RunDirError, UserError
 from pixtral_lora.run.layout import CALIBRATION_FILE
@@ -161,48 +163,43 @@ def calibration_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CALIBRATION_FILE
 
 
+class _Validation(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    confidence: list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=False)]]
+    correct: list[bool]
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.confidence) != len(self.correct):
+            raise ValueError(f"{len(self.confidence)} confidences but {len(self.correct)} correct flags")
+        return self
+
+
+class _CalibrationFile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    temperature: Annotated[
+        float, Field(ge=TEMPERATURE_BOUNDS[0], le=TEMPERATURE_BOUNDS[1], allow_inf_nan=False, strict=False)
+    ]
+    adapter_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    validation: _Validation | None = None
+
+
 def read_calibration(path: Path) -> dict:
     """A calibration.json validated as strictly as a config: T finite and inside the fit's bounds, the
     adapter's sha256, and a validation block of equal-length confidences in [0, 1] and booleans. A file
     edited by hand (T <= 0, NaN, a malformed block) is a one-line `RunDirError` naming the field."""
-    from typing import Annotated
-
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
-
-    class Validation(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-        confidence: list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=False)]]
-        correct: list[bool]
-
-        @model_validator(mode="after")
-        def _same_length(self):
-            if len(self.confidence) != len(self.correct):
-                raise ValueError(f"{len(self.confidence)} confidences but {len(self.correct)} correct flags")
-            return self
-
-    class Calibration(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        temperature: Annotated[
-            float,
-            Field(ge=TEMPERATURE_BOUNDS[0], le=TEMPERATURE_BOUNDS[1], allow_inf_nan=False, strict=False),
-        ]
-        adapter_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-        validation: Validation | None = None
-
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return Calibration.model_validate(raw).model_dump()
-    except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, ValidationError):
-            first = err.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "the file"
-            detail = f"{field}: {first['msg']} (got {first.get('input')!r:.60})"
-        else:
-            detail = f"not valid JSON ({err})"
-        raise RunDirError(
-            f"{path}: {detail}; not a calibration written by `pixtral-lora calibrate`: "
-            f"recalibrate with `pixtral-lora calibrate {path.parent}`"
-        ) from None
+        return _CalibrationFile.model_validate(json.loads(path.read_text(encoding="utf-8"))).model_dump()
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "the file"
+        detail = f"{field}: {first['msg']} (got {first.get('input')!r:.60})"
+    except ValueError as err:  # invalid JSON or UTF-8
+        detail = f"not valid JSON ({err})"
+    raise RunDirError(
+        f"{path}: {detail}; not a calibration written by `pixtral-lora calibrate`: "
+        f"recalibrate with `pixtral-lora calibrate {path.parent}`"
+    )
 
 
 def run_temperature(run) -> tuple[float | None, str]:
