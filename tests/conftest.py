@@ -76,29 +76,25 @@ def mistral_tokenizer():
     return MistralTokenizer.from_file(str(tekken_path()))
 
 
-@pytest.fixture(scope="session")
-def aid_dir(tmp_path_factory, worker_id):
+def _scenes(tmp_path_factory, worker_id: str, name: str, per_class: int) -> Path:
+    """A shared AID-style folder of the 4 synthetic classes, `per_class` 64-px scenes each."""
     from pixtral_lora.data.synth import generate_aid_like
 
-    return shared(
-        tmp_path_factory,
-        worker_id,
-        "aid",
-        lambda out: generate_aid_like(out, classes=SYNTH_CLASSES, per_class=10, size=64),
-    )
+    def build(out):
+        generate_aid_like(out, classes=SYNTH_CLASSES, per_class=per_class, size=64)
+
+    return shared(tmp_path_factory, worker_id, name, build)
+
+
+@pytest.fixture(scope="session")
+def aid_dir(tmp_path_factory, worker_id):
+    return _scenes(tmp_path_factory, worker_id, "aid", per_class=10)
 
 
 @pytest.fixture(scope="session")
 def learn_data_dir(tmp_path_factory, worker_id):
     """Enough synthetic scenes for the tiny model to learn 4 classes in a CPU minute."""
-    from pixtral_lora.data.synth import generate_aid_like
-
-    return shared(
-        tmp_path_factory,
-        worker_id,
-        "aid-learn",
-        lambda out: generate_aid_like(out, classes=SYNTH_CLASSES, per_class=40, size=64),
-    )
+    return _scenes(tmp_path_factory, worker_id, "aid-learn", per_class=40)
 
 
 def tiny_config(model_dir, data_dir, output_dir, *overrides):
