@@ -1,9 +1,12 @@
 """Crash-safe outputs: written under a temporary name, renamed when complete, never over foreign files.
 
 - `atomic_directory` / `atomic_file`: the output appears under its final name only once complete. An
-  existing output is replaced only when it is recognisably a previous output of the same kind (its
-  entries match the kind's file patterns); anything else is refused unless `overwrite=True`. A
-  temporary left by a killed writer (`.NAME.partial-PID-*`) is removed by the next writer to that path.
+  output directory carries a marker (`.pixtral-lora-output.json`) naming the kind of output and the
+  command that wrote it. An existing directory is replaced only when its marker names the same kind and
+  its entries match the kind's file patterns; anything else is refused unless `overwrite=True`.
+  A temporary left by a killed writer (`.NAME.partial-PID-*`) is removed by the next writer to that path.
+- `check_not_inputs`: no output may be one of its command's inputs, lie inside one or hold one, even
+  with `overwrite` (`dequantize X --out X`, an export into its own base's folder).
 - A full disk becomes an `OutputError` saying how much space was needed and where, not a traceback.
 - `drop_torn_tail`: a journal appended to after a kill goes on from its last complete line.
 - `run_lock`: an OS-level lock on a run directory, held for the life of the process that trains in it
@@ -17,6 +20,7 @@ import errno
 import fcntl
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import socket
@@ -27,6 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from pixtral_lora.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # Entries a previous output of each kind may hold; a directory holding anything else is not replaced.
 PROCESSOR_FILES = (
@@ -73,6 +79,10 @@ EVAL_REPORT_FILES = (
 )
 
 
+# The marker an output directory carries: {"kind": ..., "command": ..., "version": ...}.
+MARKER = ".pixtral-lora-output.json"
+
+
 class OutputError(UserError):
     """An output that cannot be written as asked (exists and is not ours, disk full, not writable)."""
 
@@ -95,12 +105,51 @@ def _foreign_entries(directory: Path, owned: Iterable[str]) -> list[str]:
     )
 
 
-def check_replaceable(final: str | Path, owned: Iterable[str] = (), overwrite: bool = False) -> None:
+def read_marker(directory: str | Path) -> dict | None:
+    """The marker of an output directory, or None when it has none (or an unreadable one)."""
+    try:
+        marker = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
+
+
+def check_not_inputs(final: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Raise `OutputError` if the output `final` is one of `inputs` (name -> path), lies inside one or
+    holds one. Inputs that are not local paths (hub ids) are skipped. Not waived by `--overwrite`."""
+    shown, final = final, Path(final).resolve()
+    for name, source in inputs.items():
+        if source is None or not Path(source).exists():
+            continue
+        given, source = source, Path(source).resolve()
+        if final == source:
+            problem = f"is the {name} itself"
+        elif final in source.parents:
+            problem = f"holds the {name} ({given})"
+        elif source in final.parents:
+            problem = f"lies inside the {name} ({given})"
+        else:
+            continue
+        raise OutputError(
+            f"--out {shown} {problem}: writing there would replace what this command reads; "
+            "choose another --out"
+        )
+
+
+def check_replaceable(
+    final: str | Path,
+    owned: Iterable[str] = (),
+    overwrite: bool = False,
+    kind: str | None = None,
+    inputs: dict[str, str | Path | None] | None = None,
+) -> None:
     """Raise `OutputError` unless `final` is absent, empty, or a previous output of this kind.
 
-    `owned` are the file-name patterns of this kind of output; with `overwrite` anything is replaced.
+    `owned` are the file-name patterns of this kind of output; `kind`, when given, must be the kind the
+    directory's marker names. With `overwrite` anything but one of `inputs` is replaced.
     """
     final = Path(final)
+    check_not_inputs(final, inputs or {})
     if not final.exists() and not final.is_symlink():
         return
     if overwrite:
@@ -109,7 +158,19 @@ def check_replaceable(final: str | Path, owned: Iterable[str] = (), overwrite: b
         raise OutputError(
             f"{final} exists and is not an output directory; choose another path or pass --overwrite"
         )
-    foreign = _foreign_entries(final, owned)
+    if kind is not None and any(final.iterdir()):
+        marker = read_marker(final)
+        if marker is None:
+            raise OutputError(
+                f"{final} exists and was not written by pixtral-lora (it has no {MARKER}); "
+                "choose another path or pass --overwrite"
+            )
+        if marker["kind"] != kind:
+            raise OutputError(
+                f"{final} was written by `{marker.get('command', '?')}` (kind: {marker['kind']}), not as "
+                f"this command's output (kind: {kind}); choose another path or pass --overwrite"
+            )
+    foreign = _foreign_entries(final, (*owned, MARKER))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(
@@ -189,6 +250,15 @@ def _disk_full(final: Path, written: int, needed: int | None) -> OutputError:
     )
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk, as an OSError says it or as safetensors' Rust writer does (a SafetensorError whose
+    text carries the OS error: `IoError(Os { code: 28, kind: StorageFull, ... })`)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return "StorageFull" in text or "code: 28," in text or "No space left on device" in text
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -212,10 +282,10 @@ def _removed_on_failure(tmp: Path, final: Path, needed_bytes: int | None) -> Ite
     """Remove the temporary file or directory `tmp` if the block fails; a full disk becomes one line."""
     try:
         yield
-    except OSError as err:
+    except Exception as err:
         written = _tree_size(tmp) if tmp.exists() else 0
         _remove(tmp)
-        if err.errno == errno.ENOSPC:
+        if is_disk_full(err):
             raise _disk_full(final, written, needed_bytes) from None
         raise
     except BaseException:
@@ -223,28 +293,47 @@ def _removed_on_failure(tmp: Path, final: Path, needed_bytes: int | None) -> Ite
         raise
 
 
+def _command_line() -> str:
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return " ".join([program, *sys.argv[1:]])[:300]
+
+
 @contextlib.contextmanager
 def atomic_directory(
-    final: str | Path, owned: Iterable[str] = (), overwrite: bool = False, needed_bytes: int | None = None
+    final: str | Path,
+    owned: Iterable[str] = (),
+    overwrite: bool = False,
+    needed_bytes: int | None = None,
+    kind: str | None = None,
+    inputs: dict[str, str | Path | None] | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `final` only if the block succeeds.
 
-    An existing `final` is replaced only if `check_replaceable(final, owned, overwrite)` allows it.
+    An existing `final` is replaced only if `check_replaceable(final, owned, overwrite, kind, inputs)`
+    allows it; with `kind` the finished directory carries the marker naming it and its command.
     """
     final = Path(final)
     check_writable(final.parent, "output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
-    check_replaceable(final, owned, overwrite)
+    check_replaceable(final, owned, overwrite, kind, inputs)
     _remove_stale_partials(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     with _removed_on_failure(tmp, final, needed_bytes):
         yield tmp
+        if kind is not None:
+            from pixtral_lora import __version__
+
+            (tmp / MARKER).write_text(
+                json.dumps({"kind": kind, "command": _command_line(), "version": __version__}, indent=2)
+                + "\n",
+                encoding="utf-8",
+            )
     # mkdtemp/mkstemp create owner-only entries; outputs are for servers and colleagues to read too.
     tmp.chmod(0o755)
     for path in tmp.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
     if final.exists() or final.is_symlink():
-        check_replaceable(final, owned, overwrite)  # again: it may have changed while we wrote
+        check_replaceable(final, owned, overwrite, kind)  # again: it may have changed while we wrote
         old = final.with_name(f".{final.name}.partial-{os.getpid()}-old")
         final.rename(old)
         tmp.rename(final)
@@ -377,8 +466,13 @@ def _flock(lock_path: Path, busy: str, choose: str, remove: bool = False) -> Ite
             f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
             + " ".join(sys.argv)[:300]
         )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode("utf-8"), 0)
+        except OSError as err:  # the holder's line is for people; the lock itself is the flock
+            if not is_disk_full(err):
+                raise
+            logger.warning("%s: disk full, the lock holds without its holder's line", lock_path)
         yield lock_path
     finally:
         if remove:  # while still holding it: nobody can have taken this file meanwhile

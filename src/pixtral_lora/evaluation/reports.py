@@ -8,6 +8,8 @@ from pathlib import Path
 from pixtral_lora.evaluation.metrics import plot_confusion, write_confusion_csv
 from pixtral_lora.outputs import EVAL_REPORT_FILES, atomic_directory, atomic_file, write_json
 
+EVAL_KIND = "eval report"
+
 
 def write_report(
     out: Path,
@@ -18,6 +20,7 @@ def write_report(
     thumbnails: dict[str, str] | None = None,
     facts: dict | None = None,
     gallery_limit: int = 200,
+    warnings: list[str] | None = None,
 ) -> None:
     """report.json, report.md, report.html, predictions.jsonl, confusion_<model>[_<mode>].csv/png.
 
@@ -27,17 +30,20 @@ def write_report(
     """
     from pixtral_lora.evaluation.report_html import render_html
 
-    with atomic_directory(out, EVAL_REPORT_FILES, overwrite) as out_dir:
-        _write_report_files(out_dir, results, class_names, predictions)
+    with atomic_directory(out, EVAL_REPORT_FILES, overwrite, kind=EVAL_KIND) as out_dir:
+        _write_report_files(out_dir, results, class_names, predictions, warnings or [])
         with atomic_file(out_dir / "report.html") as handle:
             handle.write(render_html(results, class_names, predictions, thumbnails, facts, gallery_limit))
 
 
-def _write_report_files(out_dir: Path, results: dict, class_names: list[str], predictions: dict) -> None:
+def _write_report_files(
+    out_dir: Path, results: dict, class_names: list[str], predictions: dict, warnings: list[str]
+) -> None:
     write_json(
         out_dir / "report.json",
         {
             "class_names": class_names,
+            "warnings": warnings,  # what --force let through (a run used although it changed)
             "results": {
                 k: {
                     m: r["report"].as_dict() | {"images_per_second": r["images_per_second"]}
@@ -58,12 +64,18 @@ def _write_report_files(out_dir: Path, results: dict, class_names: list[str], pr
             plot_confusion(result["report"], class_names, out_dir / f"{stem}.png", f"{model_name} ({mode})")
     unreadable = {p.id: p.error for preds in predictions.values() for p in preds if p.error is not None}
     with atomic_file(out_dir / "report.md") as handle:
-        handle.write(markdown_report(results, class_names, unreadable))
+        handle.write(markdown_report(results, class_names, unreadable, warnings))
 
 
-def markdown_report(results: dict, class_names: list[str], unreadable: dict[str, str] | None = None) -> str:
+def markdown_report(
+    results: dict,
+    class_names: list[str],
+    unreadable: dict[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> str:
     """The report as markdown: summary table, calibration, unreadable images, per-class tables."""
     lines = ["# Evaluation report", ""]
+    lines += [f"**Warning:** {warning}" for warning in warnings or []] + ([""] if warnings else [])
     any_result = next(iter(next(iter(results.values())).values()))["report"]
     lines.append(
         f"{any_result.n} test images, {len(class_names)} classes. Every image has exactly one outcome; "

@@ -10,6 +10,8 @@ from pixtral_lora.export.lora import check_adapter
 from pixtral_lora.model.loading import checkpoint_tekken
 from pixtral_lora.outputs import HF_CHECKPOINT_FILES, atomic_directory
 
+HF_KIND = "HF checkpoint"
+
 
 def export_hf(
     model: str,
@@ -24,7 +26,8 @@ def export_hf(
     from pixtral_lora.model.loading import load_model, load_processor
     from pixtral_lora.outputs import check_replaceable
 
-    check_replaceable(out, HF_CHECKPOINT_FILES, overwrite)
+    inputs = {"--model checkpoint": model, "--adapter": adapter}
+    check_replaceable(out, HF_CHECKPOINT_FILES, overwrite, HF_KIND, inputs)
     checkpoint = resolve_checkpoint(model)
     if adapter:
         check_adapter(checkpoint, model, adapter, force)
@@ -41,7 +44,7 @@ def export_hf(
         del base.config.quantization_config
         base.hf_quantizer = None
     tekken = checkpoint_tekken(checkpoint)
-    with atomic_directory(out, HF_CHECKPOINT_FILES, overwrite) as tmp:
+    with atomic_directory(out, HF_CHECKPOINT_FILES, overwrite, kind=HF_KIND, inputs=inputs) as tmp:
         base.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         if tekken is not None and checkpoint.joinpath("tekken.json").is_file():

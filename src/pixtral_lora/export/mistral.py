@@ -57,6 +57,9 @@ def _check_tokenizer(checkpoint: Path, tekken: Path) -> None:
         )
 
 
+MISTRAL_KIND = "Mistral-format export"
+
+
 def export_mistral(
     model: str,
     out: str | Path,
@@ -74,7 +77,8 @@ def export_mistral(
     """
     from pixtral_lora.outputs import check_replaceable
 
-    check_replaceable(out, MISTRAL_EXPORT_FILES, overwrite)
+    inputs = {"--model checkpoint": model, "--adapter": adapter, "--tekken": tekken}
+    check_replaceable(out, MISTRAL_EXPORT_FILES, overwrite, MISTRAL_KIND, inputs)
     checkpoint = resolve_checkpoint(model)
     config = json.loads((checkpoint / "config.json").read_text())
     if config.get("quantization_config"):
@@ -134,7 +138,7 @@ def export_mistral(
 
     total_bytes = sum(math.prod(entry[3]) * itemsize for entry in plan)
     with (
-        atomic_directory(out, MISTRAL_EXPORT_FILES, overwrite, needed_bytes=total_bytes) as tmp,
+        atomic_directory(out, MISTRAL_EXPORT_FILES, overwrite, total_bytes, MISTRAL_KIND, inputs) as tmp,
         tqdm(total=len(plan), desc="converting", unit="tensor") as progress,
     ):
         names = (

@@ -18,7 +18,7 @@ from pixtral_lora.export.checkpoint import ExportError, resolve_checkpoint
 from pixtral_lora.export.lora import LoraDeltas
 from pixtral_lora.export.names import current_hf_name, unpermute_rotary
 from pixtral_lora.model.loading import VLLM_LORA_RANKS
-from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, write_json
+from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, check_replaceable, write_json
 from pixtral_lora.run.layout import BASE_MODEL_FILE
 
 # What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
@@ -37,6 +37,7 @@ _VLLM_LORA_KEY = re.compile(
 )
 _VISION_ROTARY_B = re.compile(r".*\.vision_tower\..*\.attention\.[qk]_proj\.lora_B\.weight")
 SERVE_COMMAND_FILE = "vllm_serve.sh"
+ADAPTER_ONLY_KIND = "vLLM LoRA export"
 
 
 def _vision_heads(adapter: Path, model: str | None) -> int:
@@ -81,6 +82,8 @@ def export_adapter_only(
     lora_B rows in Mistral's interleaved rotary order (`model` or the recorded base gives the heads).
     """
     adapter = Path(adapter)
+    inputs = {"--adapter": adapter, "--model checkpoint": model}
+    check_replaceable(out, ADAPTER_FILES, overwrite, ADAPTER_ONLY_KIND, inputs)
     deltas = LoraDeltas(adapter)  # the adapter's own checks (LoRA, no DoRA/patterns, key shapes)
     tensors = {}
     vision_heads = None
@@ -104,7 +107,7 @@ def export_adapter_only(
     config["target_modules"] = sorted({re.search(r"\.(\w+)\.lora_", k).group(1) for k in tensors})
     touches_tower = any(".multi_modal_projector." in k or ".vision_tower." in k for k in tensors)
     out = Path(out)
-    with atomic_directory(out, ADAPTER_FILES, overwrite) as tmp:
+    with atomic_directory(out, ADAPTER_FILES, overwrite, kind=ADAPTER_ONLY_KIND, inputs=inputs) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", config)
         (tmp / SERVE_COMMAND_FILE).write_text(

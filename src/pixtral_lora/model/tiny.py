@@ -137,6 +137,7 @@ def build_tiny_model(
     seed: int = 0,
     family: Family | str = "pixtral",
     like: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random-initialised tiny model of `family` (config, safetensors, processor[, tekken.json]).
 
@@ -161,7 +162,7 @@ def build_tiny_model(
     config = model_config(family, sizes, real)
     model = AutoModelForImageTextToText.from_config(config)
     match_logit_range(model, real["text_config"]["hidden_size"])
-    with atomic_directory(out, HF_CHECKPOINT_FILES) as tmp:
+    with atomic_directory(out, HF_CHECKPOINT_FILES, overwrite, kind="tiny model") as tmp:
         tekken = write_tekken(tmp / "tekken.json", family, version) if version else None
         model.save_pretrained(tmp, safe_serialization=True)
         build_processor(family, tekken).save_pretrained(tmp)
