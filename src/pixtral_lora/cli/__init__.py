@@ -23,7 +23,9 @@ def _dequantize(args) -> int:
 def _tiny_model(args) -> int:
     from pixtral_lora.model.tiny import build_tiny_model
 
-    out = build_tiny_model(args.out, seed=args.seed, family=args.family, like=args.like)
+    out = build_tiny_model(
+        args.out, seed=args.seed, family=args.family, like=args.like, overwrite=args.overwrite
+    )
     print(f"tiny {args.family} model written to {out}")
     return 0
 
@@ -44,7 +46,12 @@ def _eval(args) -> int:
         from pixtral_lora.evaluation.vllm_backend import evaluate_run_vllm
 
         out = evaluate_run_vllm(
-            args.run_dir, models, limit=args.limit, out_dir=args.out, overwrite=args.overwrite
+            args.run_dir,
+            models,
+            limit=args.limit,
+            out_dir=args.out,
+            overwrite=args.overwrite,
+            force=args.force,
         )
         print((out / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
         return 0
@@ -57,6 +64,7 @@ def _eval(args) -> int:
         strict=True if args.strict else None,
         merged=args.merged,
         overwrite=args.overwrite,
+        force=args.force,
         gallery_limit=args.gallery_limit,
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
@@ -71,7 +79,7 @@ def _calibrate(args) -> int:
     from pixtral_lora.evaluation.calibrate import calibrate_run
     from pixtral_lora.evaluation.calibration import calibration_path
 
-    result = calibrate_run(args.run_dir, limit=args.limit)
+    result = calibrate_run(args.run_dir, limit=args.limit, force=args.force)
     before, after = result["before"], result["after"]
     print(
         f"T = {result['temperature']:.3f} on {result['n']} validation images: NLL {before['nll']:.3f} -> "
@@ -106,6 +114,7 @@ def _predict(args) -> int:
             mode=args.mode,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
+            force=args.force,
             as_dataset=args.dataset,
             abstain_below=args.abstain_below,
             target_accuracy=args.target_accuracy,
@@ -159,6 +168,7 @@ def _map(args) -> int:
         edges=args.edges,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        force=args.force,
         min_valid=args.min_valid,
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
@@ -253,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="which released shape of --family to copy (default its flagship; mistral3's ministral-3-8b has a "
         "ministral3 language model: YaRN rope, llama-4 attention scaling)",
     )
+    tiny.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not a previous tiny model"
+    )
     tiny.set_defaults(func=_tiny_model)
 
     dequantize = commands.add_parser(
@@ -262,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     dequantize.add_argument("--out", required=True)
     dequantize.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     dequantize.add_argument(
-        "--overwrite", action="store_true", help="replace --out even if it is not a checkpoint"
+        "--overwrite", action="store_true", help="replace --out even if it is not a previous dequantized copy"
     )
     dequantize.set_defaults(func=_dequantize)
 
@@ -305,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         "served as LoRA on the base (what `vllm serve --enable-lora` serves)",
     )
     _abstention_options(evaluate, Probability, cli_number)
+    evaluate.add_argument(
+        "--force",
+        action="store_true",
+        help="use the run although its base, config.yaml or held-out images changed since training (a warning goes into the outputs)",
+    )
     evaluate.set_defaults(func=_eval)
 
     calibration = commands.add_parser(
@@ -312,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibration.add_argument("run_dir")
     calibration.add_argument("--limit", type=cli_number(Count), help="only the first N validation images")
+    calibration.add_argument(
+        "--force",
+        action="store_true",
+        help="use the run although its base, config.yaml or held-out images changed since training (a warning goes into the outputs)",
+    )
     calibration.set_defaults(func=_calibrate)
 
     comparison = commands.add_parser("compare", help="compare evaluated runs (config differences, McNemar)")
@@ -365,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--batch-size", type=cli_number(BatchSize))
     mapping.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a map")
     _abstention_options(mapping, Probability, cli_number)
+    mapping.add_argument(
+        "--force",
+        action="store_true",
+        help="use the run although its base, config.yaml or held-out images changed since training (a warning goes into the outputs)",
+    )
     mapping.set_defaults(func=_map)
 
     predict = commands.add_parser("predict", help="classify new images with a trained run (resumable)")
@@ -397,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"
     )
     _abstention_options(predict, Probability, cli_number)
+    predict.add_argument(
+        "--force",
+        action="store_true",
+        help="use the run although its base, config.yaml or held-out images changed since training (a warning goes into the outputs)",
+    )
     predict.set_defaults(func=_predict)
     return parser
 

@@ -18,13 +18,15 @@ from pixtral_lora.run.reader import Run
 logger = logging.getLogger(__name__)
 
 
-def calibrate_run(run_dir: str | Path, limit: int | None = None, model=None, renderer=None) -> dict:
+def calibrate_run(
+    run_dir: str | Path, limit: int | None = None, model=None, renderer=None, force: bool = False
+) -> dict:
     """Fit the temperature of a run's fine-tuned model on its validation split; write calibration.json.
 
     `model`/`renderer`: the fine-tuned model already in memory (training's, at its end), else loaded.
     Returns what was written: T, n, the split, NLL/ECE before and after, the adapter's sha256.
     """
-    run = Run.open(run_dir)
+    run = Run.open(run_dir, force=force)
     if not run.split.get("ids", {}).get("validation"):
         raise RunDirError(
             f"{run.run_dir}: no validation split to calibrate on (train with data.validation_size > 0); "
@@ -39,6 +41,11 @@ def calibrate_run(run_dir: str | Path, limit: int | None = None, model=None, ren
         model, renderer, rows, run.class_names, run.config.prompt, options, unreadable
     )
     scored = [p for p in predictions if p.class_scores is not None]
+    if not scored:
+        raise RunDirError(
+            f"{run.run_dir}: none of the {len(predictions)} validation images could be scored "
+            f"({sum(1 for p in predictions if p.error)} unreadable); nothing to calibrate on"
+        )
     scores = np.array([p.class_scores for p in scored])
     gold = np.array([run.class_names.index(p.gold) for p in scored])
     right = softmax(scores).argmax(axis=1) == gold
@@ -61,6 +68,7 @@ def calibrate_run(run_dir: str | Path, limit: int | None = None, model=None, ren
         "n": len(scored),
         "split": "validation",
         "note": note,
+        "warnings": run.warnings,
         "adapter_sha256": run.adapter_sha256(),
         "before": {k: before[k] for k in ("nll", "ece", "ece_adaptive", "brier")},
         "after": {k: after[k] for k in ("nll", "ece", "ece_adaptive", "brier")},

@@ -41,6 +41,7 @@ class EvalOptions:
     strict: bool | None = None  # None: the run config's eval.strict
     merged: str | Path | None = None  # an HF checkpoint to evaluate as the fine-tuned model
     overwrite: bool = False
+    force: bool = False  # use a run whose base/config/split changed since training
     gallery_limit: int = 200
     abstain_below: float | None = None
     target_accuracy: float | None = None
@@ -52,14 +53,22 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> P
     The fine-tuned model is the run's adapter on the base, or `merged` (an HF checkpoint) when given.
     The report directory replaces a previous report only (anything else needs `overwrite`).
     """
+    from pixtral_lora.evaluation.reports import EVAL_KIND
     from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable, check_writable
 
     models, merged, target_accuracy = options.models, options.merged, options.target_accuracy
     needs_adapter = "finetuned" in models and merged is None
-    run = Run.open(run_dir, needs_adapter=needs_adapter, needs_base="base" in models or needs_adapter)
+    run = Run.open(
+        run_dir,
+        needs_adapter=needs_adapter,
+        needs_base="base" in models or needs_adapter,
+        force=options.force,
+    )
+    if merged is not None:
+        run.check_family(merged)
     run_dir, config, class_names = run.run_dir, run.config, run.class_names
     out = Path(options.out_dir or config.eval.output_dir or run_dir / "eval")
-    check_replaceable(out, EVAL_REPORT_FILES, options.overwrite)
+    check_replaceable(out, EVAL_REPORT_FILES, options.overwrite, EVAL_KIND)
     check_writable(out.parent, "--out")
     threshold, abstention = abstention_threshold(run, options.abstain_below, target_accuracy)
     if abstention:
@@ -108,8 +117,18 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> P
     facts = run_facts(run_dir, config, merged)
     if abstention:
         facts["abstention"] = abstention
+    if run.warnings:
+        facts["warnings"] = "; ".join(run.warnings)
     write_report(
-        out, results, class_names, predictions, options.overwrite, thumbnails, facts, options.gallery_limit
+        out,
+        results,
+        class_names,
+        predictions,
+        options.overwrite,
+        thumbnails,
+        facts,
+        options.gallery_limit,
+        run.warnings,
     )
     return out
 

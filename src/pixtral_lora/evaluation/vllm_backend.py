@@ -101,16 +101,18 @@ def evaluate_run_vllm(
     limit: int | None = None,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """`generate`-mode evaluation of a run's held-out split with vLLM; models: name -> Mistral-format
     dir, or (base dir, --adapter-only LoRA dir) to evaluate the adapter as vLLM serves it. The rows go
     through the classify loop the transformers path runs, so an unreadable image is counted, not fatal."""
+    from pixtral_lora.evaluation.reports import EVAL_KIND
     from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable
 
-    run = Run.open(run_dir, needs_adapter=False, needs_base=False)
+    run = Run.open(run_dir, needs_adapter=False, needs_base=False, force=force)
     run_dir, config, class_names = run.run_dir, run.config, run.class_names
     out = Path(out_dir or run_dir / "eval-vllm")
-    check_replaceable(out, EVAL_REPORT_FILES, overwrite)
+    check_replaceable(out, EVAL_REPORT_FILES, overwrite, EVAL_KIND)
     rows, unreadable = run.test_rows(limit)
     renderer = run.renderer()
     results, predictions = {}, {}
@@ -123,5 +125,6 @@ def evaluate_run_vllm(
         del engine
         results[name] = {"generate": {"report": summarise(preds, class_names), "images_per_second": speed}}
         predictions[(name, "generate")] = preds
-    write_report(out, results, class_names, predictions, overwrite, facts=run_facts(run_dir, config))
+    facts = run_facts(run_dir, config) | ({"warnings": "; ".join(run.warnings)} if run.warnings else {})
+    write_report(out, results, class_names, predictions, overwrite, facts=facts, warnings=run.warnings)
     return out

@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from pixtral_lora.export.checkpoint import ExportError, weight_files
 from pixtral_lora.export.names import current_hf_name
-from pixtral_lora.model.loading import ModelSourceError, checkpoint_fingerprint, read_adapter_config
+from pixtral_lora.model.loading import ModelSourceError, read_adapter_config
+from pixtral_lora.run.identity import base_mismatch
 from pixtral_lora.run.layout import BASE_MODEL_FILE
 
 logger = logging.getLogger(__name__)
@@ -97,15 +98,9 @@ def check_adapter(checkpoint: Path, model: str, adapter: str | Path, force: bool
             recorded = json.loads((adapter / BASE_MODEL_FILE).read_text(encoding="utf-8"))
         except ValueError as err:
             raise ExportError(f"{adapter / 'base_model.json'}: not valid JSON ({err})") from None
-    trained_on = recorded.get("name_or_path") or config.get("base_model_name_or_path")
-    fingerprint = recorded.get("fingerprint")
-    if fingerprint and Path(model).is_dir():
-        if checkpoint_fingerprint(model) == fingerprint:
-            return deltas
-        problem = f"its files differ from those of the base the adapter was trained on ({trained_on})"
-    elif trained_on and str(trained_on) != str(model):
-        problem = f"the adapter was trained on {trained_on}"
-    else:
+    recorded.setdefault("name_or_path", config.get("base_model_name_or_path"))
+    problem = base_mismatch(recorded, model)
+    if problem is None:
         return deltas
     if force:
         logger.warning("merging into %s although %s (--force)", model, problem)

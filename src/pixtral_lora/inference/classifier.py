@@ -24,10 +24,15 @@ class RunClassifier:
         resize_to: int | None = None,
         abstain_below: float | None = None,
         target_accuracy: float | None = None,
+        force: bool = False,
     ):
         from pixtral_lora.task.prompt import messages_to_json
 
-        self.run = Run.open(run_dir, needs_adapter=model_path is None, needs_base=model_path is None)
+        self.run = Run.open(
+            run_dir, needs_adapter=model_path is None, needs_base=model_path is None, force=force
+        )
+        if model_path is not None:
+            self.run.check_family(model_path)
         self.run_dir, self.config, self.class_names = self.run.run_dir, self.run.config, self.run.class_names
         self._messages = messages_to_json(self.config.prompt.messages(self.class_names))
         self._model_path, self._resize_to = model_path, resize_to

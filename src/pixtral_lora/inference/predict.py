@@ -169,7 +169,9 @@ def _journals(out: Path) -> list[Path]:
 # Prediction
 
 
-def _rows_of(predictions, hashes: dict[str, str | None], mode: str, model: str) -> list[dict]:
+def _rows_of(
+    predictions, hashes: dict[str, str | None], mode: str, model: str, warning: str | None = None
+) -> list[dict]:
     rows = []
     for p in predictions:
         # abstained (the label it would have had is kept), valid, or hallucinated/unparseable/unreadable
@@ -187,6 +189,7 @@ def _rows_of(predictions, hashes: dict[str, str | None], mode: str, model: str) 
                 "sha256": hashes.get(p.id),
                 "mode": mode,
                 "model": model,
+                "warning": warning,  # what --force let through, on every row it concerns
             }
         )
     return rows
@@ -200,6 +203,7 @@ class PredictOptions:
     mode: str = "score"
     batch_size: int | None = None  # None: the run config's eval.batch_size
     overwrite: bool = False
+    force: bool = False  # use a run whose base/config/split changed since training
     as_dataset: bool = False  # SOURCE is an HF dataset (a saved one, or a Hub id)
     abstain_below: float | None = None
     target_accuracy: float | None = None
@@ -223,7 +227,7 @@ def predict_archive(
         raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
     check_replaceable_file(out, is_predictions_file, overwrite)
     classify = RunClassifier(
-        run_dir, options.model_path, None, options.abstain_below, options.target_accuracy
+        run_dir, options.model_path, None, options.abstain_below, options.target_accuracy, options.force
     )
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -235,6 +239,7 @@ def predict_archive(
     if not items:
         raise DataError(f"{source}: no images found")
     model = classify.identity()
+    warning = "; ".join(classify.run.warnings) or None
     ours = out.exists() and is_predictions_file(out)
     previous = _read_rows(out) if ours else []
     for journal in _journals(out):
@@ -281,7 +286,8 @@ def predict_archive(
                     continue
                 rows.append(classify.row(item.key, ref))
             if rows:
-                writer.write(_rows_of(classify(rows, mode, batch_size), hashes, mode, model))
+                predictions = classify(rows, mode, batch_size)
+                writer.write(_rows_of(predictions, hashes, mode, model, warning))
             progress.update(len(batch))
     finally:
         progress.close()

@@ -162,6 +162,7 @@ class MapOptions:
     edges: str = "pad"
     batch_size: int | None = None
     overwrite: bool = False
+    force: bool = False  # use a run whose base/config/split changed since training
     min_valid: float = MIN_VALID_SHARE
     abstain_below: float | None = None
     target_accuracy: float | None = None
@@ -201,7 +202,7 @@ def map_scene(
     check_replaceable_file(out, _is_mappable, overwrite)
     check_replaceable_file(png, is_our_png, overwrite)
     classify = RunClassifier(
-        run_dir, options.model_path, resize_to, options.abstain_below, options.target_accuracy
+        run_dir, options.model_path, resize_to, options.abstain_below, options.target_accuracy, options.force
     )
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
@@ -275,7 +276,7 @@ def map_scene(
         legend = _plot_map(
             dataset, bands, features, classify.class_names, png, tile, min_confidence, overwrite
         )
-    _write_vector(out, features, crs, overwrite=True)
+    _write_vector(out, features, crs, overwrite=True, warnings=classify.run.warnings)
     journal.unlink(missing_ok=True)
     labels = {}
     for feature in features:
@@ -386,11 +387,14 @@ def _read_journal(journal: Path, identity: dict) -> dict:
     return done
 
 
-def _write_vector(out: Path, features: list[dict], crs: str, overwrite: bool) -> None:
+def _write_vector(
+    out: Path, features: list[dict], crs: str, overwrite: bool, warnings: list[str] = ()
+) -> None:
     """GeoJSON (with its CRS named), or a GeoPackage converted from it by pyogrio (GDAL)."""
     collection = {
         "type": "FeatureCollection",
         "pixtral_lora": "map",
+        **({"warnings": list(warnings)} if warnings else {}),  # what --force let through
         "crs": {"type": "name", "properties": {"name": crs}},  # GeoJSON 2008 member; GDAL and QGIS read it
         "features": [
             {**f, "properties": {**f["properties"], "top3": json.dumps(f["properties"]["top3"])}}

@@ -7,6 +7,7 @@ RUN/data_report.json   samples skipped and why
 RUN/adapter/           the final LoRA adapter (+ base_model.json: the base it was trained on)
 RUN/checkpoints/       the trainer's checkpoints, for resuming
 RUN/calibration.json   score mode's temperature (`pixtral-lora calibrate`)
+RUN/train_summary.json the last step, best checkpoint and the settings the adapter was trained with
 """
 
 CONFIG_FILE = "config.yaml"
@@ -17,3 +18,4 @@ ADAPTER_DIR = "adapter"
 BASE_MODEL_FILE = "base_model.json"  # inside ADAPTER_DIR
 CHECKPOINTS_DIR = "checkpoints"
 CALIBRATION_FILE = "calibration.json"
+TRAIN_SUMMARY_FILE = "train_summary.json"

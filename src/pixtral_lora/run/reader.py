@@ -9,16 +9,28 @@ to read a run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixtral_lora.config.schema import Config
 from pixtral_lora.config.yaml_loading import load_config
 from pixtral_lora.data.raster import band_options
 from pixtral_lora.errors import RunDirError
-from pixtral_lora.run.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, SPLIT_FILE
+from pixtral_lora.run.identity import base_mismatch, config_changes, content_sha256, local_family
+from pixtral_lora.run.layout import (
+    ADAPTER_DIR,
+    BASE_MODEL_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    SPLIT_FILE,
+    TRAIN_SUMMARY_FILE,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def load_eval_model(
@@ -63,11 +75,21 @@ class Run:
     config: Config
     class_names: list[str]
     split: dict
+    force: bool = False
+    # What --force let through (a changed base, config or split): every output of the command says it.
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, run_dir: str | Path, needs_adapter: bool = True, needs_base: bool = True) -> Run:
+    def open(
+        cls, run_dir: str | Path, needs_adapter: bool = True, needs_base: bool = True, force: bool = False
+    ) -> Run:
         """Check and read a run directory; `needs_adapter` unless a merged model stands in for it,
-        `needs_base` when the base model will be loaded (its source is checked now, in one line)."""
+        `needs_base` when the base model will be loaded (its source is checked now, in one line).
+
+        What the run's answers depend on is checked against what it was trained with (`run.identity`):
+        the base (with the adapter), config.yaml's answer-shaping fields; the held-out split's images
+        when they are read (`split_rows`). A difference is a `RunDirError`, or with `force` a warning.
+        """
         from pixtral_lora.model.loading import check_model_source
 
         run_dir = Path(run_dir)
@@ -95,7 +117,63 @@ class Run:
             raise RunDirError(f"{run_dir / 'split.json'}: not a split written by train.py ({err})") from None
         if needs_base:
             check_model_source(config.model.name_or_path, f"{run_dir / 'config.yaml'}: model.name_or_path")
-        return cls(run_dir, config, class_names, split)
+        run = cls(run_dir, config, class_names, split, force)
+        if needs_adapter and needs_base:
+            run._check_base()
+        run._check_config()
+        return run
+
+    def _differs(self, problem: str, remedy: str) -> None:
+        """A run that is not what it was trained as: refused, or under --force a warning kept."""
+        if not self.force:
+            raise RunDirError(f"{self.run_dir}: {problem}; {remedy}, or pass --force to use it anyway")
+        logger.warning("%s: %s (--force)", self.run_dir, problem)
+        self.warnings.append(f"--force: {problem}")
+
+    def _check_base(self) -> None:
+        recorded_file = self.adapter_dir / BASE_MODEL_FILE
+        if not recorded_file.is_file():
+            return  # an adapter from before the base was recorded
+        try:
+            recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            raise RunDirError(f"{recorded_file}: not the base record train.py writes ({err})") from None
+        problem = base_mismatch(recorded, self.config.model.name_or_path)
+        if problem:
+            self._differs(problem, "point model.name_or_path in config.yaml at the base it was trained on")
+
+    def _check_config(self) -> None:
+        summary_file = self.run_dir / TRAIN_SUMMARY_FILE
+        try:
+            recorded = json.loads(summary_file.read_text(encoding="utf-8")).get("trained_with")
+        except (OSError, ValueError, AttributeError):
+            return  # training has not finished, or a run from before this was recorded
+        if not isinstance(recorded, dict):
+            return
+        changed = config_changes(recorded, self.config)
+        if changed:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            self._differs(
+                f"{CONFIG_FILE} was edited since the adapter was trained ({shown} changed)",
+                f"restore those fields of {self.run_dir / CONFIG_FILE}",
+            )
+
+    def check_family(self, merged: str | Path) -> None:
+        """A merged checkpoint of another family than the run's base cannot answer its prompts."""
+        recorded_file = self.adapter_dir / BASE_MODEL_FILE
+        trained = None
+        if recorded_file.is_file():
+            with contextlib.suppress(ValueError, AttributeError):
+                trained = json.loads(recorded_file.read_text(encoding="utf-8")).get("family")
+        trained = trained or local_family(self.config.model.name_or_path)
+        given = local_family(merged)
+        if trained and given and trained != given:
+            raise RunDirError(
+                f"--merged {merged} is a {given} checkpoint, but {self.run_dir} was trained on a {trained} "
+                "base; give a merged export of this run"
+            )
 
     @property
     def adapter_dir(self) -> Path:
@@ -127,6 +205,12 @@ class Run:
         splits = load_run_data(self.config).splits
         source = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
         chosen = select_ids(source, self.split["ids"][split])
+        recorded = (self.split.get("content_sha256") or {}).get(split)
+        if recorded and content_sha256(chosen) != recorded:
+            self._differs(
+                f"the {split} split's images under data.path differ from those the run was trained with",
+                "restore the data the run was trained on",
+            )
         if limit:
             chosen = chosen.select(range(min(limit, len(chosen))))
         rows = list(as_conversations(chosen, self.config.prompt, self.class_names, with_answer=False))
@@ -158,6 +242,7 @@ class Run:
         if which == "base":
             return load_eval_model(model.name_or_path, None, model.quantization, model.dtype, attention)
         if merged is not None:
+            self.check_family(merged)
             return load_eval_model(str(merged), None, None, model.dtype, attention)
         return load_eval_model(
             model.name_or_path, self.adapter_dir, model.quantization, model.dtype, attention

@@ -21,7 +21,6 @@ import torch
 from pixtral_lora.config.schema import Config
 from pixtral_lora.config.yaml_loading import dump_config, load_config
 from pixtral_lora.errors import RunDirError, UserError
-from pixtral_lora.model.loading import checkpoint_fingerprint
 from pixtral_lora.outputs import atomic_file, run_lock
 from pixtral_lora.run.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, SPLIT_FILE
 
@@ -196,12 +195,3 @@ def run_directory(config: Config):
         if created and not (run_dir / CHECKPOINTS_DIR).exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
         raise
-
-
-def base_identity(name_or_path: str) -> dict:
-    """What the adapter was trained on: the base's name and, when local, a fingerprint of its files."""
-    local = Path(name_or_path).is_dir()
-    return {
-        "name_or_path": name_or_path,
-        "fingerprint": checkpoint_fingerprint(name_or_path) if local else None,
-    }

@@ -31,6 +31,7 @@ from pixtral_lora.families import Family, family_of
 from pixtral_lora.model.loading import best_device, load_model, load_processor
 from pixtral_lora.model.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, atomic_file, write_json
+from pixtral_lora.run.identity import base_identity, content_sha256, trained_with
 from pixtral_lora.run.layout import (
     ADAPTER_DIR,
     BASE_MODEL_FILE,
@@ -39,9 +40,9 @@ from pixtral_lora.run.layout import (
     DATA_REPORT_FILE,
     ENVIRONMENT_FILE,
     SPLIT_FILE,
+    TRAIN_SUMMARY_FILE,
 )
 from pixtral_lora.run.writer import (
-    base_identity,
     drop_metrics_after,
     environment,
     is_main_process,
@@ -317,6 +318,15 @@ def _train_in(
                 "class_names": run_data.class_names,
                 "label_sources": run_data.label_sources,
                 "ids": run_data.splits.ids(),
+                # what the held-out images were, byte for byte: Run.open notices data changed since
+                "content_sha256": {
+                    name: content_sha256(split)
+                    for name, split in (
+                        ("validation", run_data.splits.validation),
+                        ("test", run_data.splits.test),
+                    )
+                    if split is not None
+                },
                 # Images that cannot be decoded, by split: training skipped them, eval counts them
                 # as `unreadable` without trying again.
                 "unreadable": {
@@ -372,13 +382,18 @@ def _train_in(
 
     # -- Save --------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        with atomic_directory(run_dir / ADAPTER_DIR, owned=ADAPTER_FILES) as tmp:
+        # The run directory is this training's own (locked, its config.yaml): its adapter folder is
+        # always its own output, whatever wrote it last; the marker tells other commands what it is.
+        with atomic_directory(
+            run_dir / ADAPTER_DIR, ADAPTER_FILES, overwrite=True, kind="training adapter"
+        ) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
             write_json(tmp / BASE_MODEL_FILE, base_identity(config.model.name_or_path))
         write_json(
-            run_dir / "train_summary.json",
+            run_dir / TRAIN_SUMMARY_FILE,
             {
+                "trained_with": trained_with(config),  # what Run.open compares config.yaml with
                 "global_step": trainer.state.global_step,
                 "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_metric": trainer.state.best_metric,

@@ -1,0 +1,86 @@
+"""Issue 25 §1-2: outputs never replace what they were made from; a run is opened only as trained.
+
+Through the commands a user types: the marker every output directory carries, outputs inside/above
+their inputs, and a run whose base, config.yaml or held-out images changed since training.
+"""
+
+import hashlib
+import json
+import shutil
+
+from conftest import ROOT, one_line_error, run_cli, run_command
+
+
+def _digest(folder):
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".pixtral-lora-output.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_an_output_never_replaces_its_input_or_another_commands_output(tiny_model_dir, tmp_path):
+    model = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, model)
+    before = _digest(model)
+    line = one_line_error(run_cli("dequantize", model, "--out", model))
+    assert "is the --model checkpoint itself" in line
+    line = one_line_error(run_cli("dequantize", model, "--out", model / "copy", "--overwrite"))
+    assert "lies inside the --model checkpoint" in line
+    line = one_line_error(run_cli("dequantize", model, "--out", tmp_path, "--overwrite"))
+    assert "holds the --model checkpoint" in line
+    assert _digest(model) == before and not (model / "copy").exists()
+
+    copy = tmp_path / "copy"
+    assert run_cli("dequantize", model, "--out", copy, "--dtype", "float32").returncode == 0
+    marker = json.loads((copy / ".pixtral-lora-output.json").read_text())
+    assert marker["kind"] == "HF checkpoint" and "dequantize" in marker["command"]
+    copied = _digest(copy)
+    line = one_line_error(run_cli("tiny-model", "--out", copy))  # another command's output
+    assert "kind: HF checkpoint" in line and "--overwrite" in line
+    (model / ".pixtral-lora-output.json").unlink(missing_ok=True)  # a checkpoint of someone else's
+    line = one_line_error(run_cli("tiny-model", "--out", model))
+    assert "not written by pixtral-lora" in line
+    assert _digest(copy) == copied and _digest(model) == before
+
+
+def test_an_export_refuses_to_write_over_the_runs_own_adapter(tiny_run, tiny_model_dir):
+    adapter = tiny_run / "adapter"
+    before = _digest(adapter)
+    script = ROOT / "scripts" / "convert_to_mistral.py"
+    line = one_line_error(
+        run_command(script, "--adapter", adapter, "--adapter-only", "--out", adapter, "--overwrite")
+    )
+    assert "is the --adapter itself" in line
+    line = one_line_error(
+        run_command(script, "--model", tiny_model_dir, "--format", "hf", "--out", tiny_model_dir)
+    )
+    assert "is the --model checkpoint itself" in line
+    assert _digest(adapter) == before
+
+
+def _eval(run, *extra):
+    return run_cli("eval", run, "--limit", "2", "--models", "finetuned", "--modes", "score", *extra)
+
+
+def test_a_run_whose_config_or_data_changed_is_refused_or_forced(tiny_run, learn_data_dir, tmp_path):
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval*", "checkpoints"))
+    shutil.copytree(learn_data_dir, data)
+    config = run / "config.yaml"
+    text = config.read_text()
+    config.write_text(text.replace(str(learn_data_dir), str(data)))  # data moved: not a change
+    test_id = json.loads((run / "split.json").read_text())["ids"]["test"][0]
+    assert _eval(run, "--out", tmp_path / "ok").returncode == 0
+
+    config.write_text(config.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    line = one_line_error(_eval(run))
+    assert "model.dtype" in line and "--force" in line
+    config.write_text(text.replace(str(learn_data_dir), str(data)))
+
+    other = next(p for p in (data).rglob("*.jpg") if p.parent.name != test_id.split("/")[0])
+    shutil.copyfile(other, data / test_id)  # a test image replaced under the run
+    line = one_line_error(_eval(run))
+    assert "test split's images" in line and "--force" in line
+    result = _eval(run, "--force", "--out", tmp_path / "forced")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "forced" / "report.json").read_text())
+    assert any("test split's images" in w for w in report["warnings"])
+    assert "**Warning:**" in (tmp_path / "forced" / "report.md").read_text()
