@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 COLUMNS = [
-    "path", "label", "confidence", "calibrated", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model"
+    "path", "label", "confidence", "calibrated", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model", "warning"
 ]  # fmt: skip
 
 
