@@ -162,8 +162,8 @@ def check_replaceable(
         marker = read_marker(final)
         if marker is None:
             raise OutputError(
-                f"{final} exists and was not written by pixtral-lora (it has no {MARKER}); "
-                "choose another path or pass --overwrite"
+                f"{final} exists, holds {_shown(sorted(p.name for p in final.iterdir()))} and was not "
+                f"written by pixtral-lora (it has no {MARKER}); choose another path or pass --overwrite"
             )
         if marker["kind"] != kind:
             raise OutputError(
@@ -172,11 +172,15 @@ def check_replaceable(
             )
     foreign = _foreign_entries(final, (*owned, MARKER))
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(
-            f"{final} exists and holds files that are not a previous output of this command ({shown}); "
-            "choose another path or pass --overwrite"
+            f"{final} exists and holds files that are not a previous output of this command "
+            f"({_shown(foreign)}); choose another path or pass --overwrite"
         )
+
+
+def _shown(names: list[str], most: int = 5) -> str:
+    """`a, b, c and 4 more`: the first `most` of `names`."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def check_replaceable_file(

@@ -18,7 +18,7 @@ from conftest import SYNTH_CLASSES, tiny_config
 from PIL import Image
 
 from pixtral_lora.cli import main
-from pixtral_lora.errors import DataError
+from pixtral_lora.errors import DataError, RunDirError
 from pixtral_lora.outputs import OutputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,11 +242,17 @@ def test_corrupt_images_are_recorded_by_training_and_counted_by_eval(tiny_model_
     split = json.loads((run / "split.json").read_text())
     recorded = split["unreadable"]["train"] + split["unreadable"]["test"]
     assert sorted(recorded) == corrupt and split["unreadable"]["test"]
-    # one more test image goes bad after training: found at eval time, not a crash either
+    # one more test image goes bad after training: the run refuses the changed split unless forced,
+    # and then it is found at eval time, not a crash either
     late = next(i for i in split["ids"]["test"] if i not in corrupt)
     (data / late).write_text("gone bad")
-    out = evaluate_run(run, EvalOptions(modes=["generate", "score"], models=("finetuned",)))
-    report = json.loads((out / "report.json").read_text())["results"]["finetuned"]
+    options = {"modes": ["generate", "score"], "models": ("finetuned",)}
+    with pytest.raises(RunDirError, match="differ from those the run was trained with"):
+        evaluate_run(run, EvalOptions(**options))
+    out = evaluate_run(run, EvalOptions(**options, force=True))
+    written = json.loads((out / "report.json").read_text())
+    assert any("differ" in warning for warning in written["warnings"])
+    report = written["results"]["finetuned"]
     for mode in ("generate", "score"):
         assert report[mode]["counts"]["unreadable"] == len(split["unreadable"]["test"]) + 1
         assert sum(report[mode]["counts"].values()) == report[mode]["n"] == len(split["ids"]["test"])

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from pixtral_lora.export.checkpoint import ExportError
 from pixtral_lora.export.lora import LoraDeltas
-from pixtral_lora.export.mistral import export_mistral
+from pixtral_lora.export.mistral import MISTRAL_KIND, export_mistral
 from pixtral_lora.export.names import native_name, unpermute_rotary
+from pixtral_lora.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,10 +122,12 @@ def exported(tiny_run, tiny_model_dir, tmp_path_factory):
 
 def test_output_is_mistral_native(exported):
     assert sorted(p.name for p in exported.iterdir()) == [
+        MARKER,  # the dotfile naming what wrote the folder; vLLM and mistral_inference ignore it
         "consolidated.safetensors",
         "params.json",
         "tekken.json",
     ]
+    assert json.loads((exported / MARKER).read_text())["kind"] == MISTRAL_KIND
     params = json.loads((exported / "params.json").read_text())
     assert params["vision_encoder"]["image_token_id"] == 10
     assert (
