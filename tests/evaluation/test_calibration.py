@@ -91,6 +91,42 @@ def test_the_abstention_threshold_reaches_the_target_on_its_own_data():
     assert abstain_threshold(confidence, correct, 1.0) == 0.9
     assert abstain_threshold(confidence, correct, 0.8) == 0.7  # 4 of the 5 most confident
     assert abstain_threshold(confidence, ~correct * False, 0.5) is None
+    # an answer tied with the threshold is kept: a cut inside a tie would break the promise
+    tied = np.array([0.9, 0.8, 0.8, 0.7])
+    assert abstain_threshold(tied, np.array([1, 1, 0, 1], dtype=bool), 1.0) == 0.9
+    assert abstain_threshold(tied, np.array([1, 1, 0, 1], dtype=bool), 0.6) == 0.7
+    assert abstain_threshold(np.array([]), np.array([], dtype=bool), 0.5) is None
+
+
+def test_target_accuracy_keeps_ties_and_is_only_applied_to_calibrated_confidences(
+    tiny_run, tiny_model_dir, aid_dir, tmp_path
+):
+    """Through the commands: a validation block with a tie at the cut gives the threshold above the
+    tie; a merged model (raw confidences) with --target-accuracy is refused in one line; eval applies
+    the threshold to the fine-tuned model's calibrated score mode only, never to the base model."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval*"))
+    path = run / "calibration.json"
+    validation = {"confidence": [0.9, 0.8, 0.8, 0.7], "correct": [True, True, False, True]}
+    path.write_text(json.dumps({**json.loads(path.read_text()), "validation": validation}))
+    out = tmp_path / "p.jsonl"
+    result = run_cli("predict", aid_dir / "Beach", "--run", run, "--out", out, "--target-accuracy", "1.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "abstaining below confidence 0.9000" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["outcome"] == "abstained" for r in rows} == {r["confidence"] < 0.9 for r in rows}
+
+    merged = one_line_error(run_cli("predict", aid_dir / "Beach", "--run", run, "--out", tmp_path / "m.jsonl",
+                                    "--model", tiny_model_dir, "--target-accuracy", "1.0"))  # fmt: skip
+    assert "raw ones" in merged and "--abstain-below" in merged
+    assert not (tmp_path / "m.jsonl").exists()
+
+    evaluated = run_cli("eval", run, "--models", "base,finetuned", "--modes", "score", "--limit", "6",
+                        "--out", tmp_path / "eval", "--target-accuracy", "0.5")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["results"]["base"]["score"]["counts"]["abstained"] == 0
+    assert "fine-tuned model's score mode only" in report["abstention"]
 
 
 def test_calibrate_lowers_validation_nll_and_eval_reports_before_and_after(tiny_run, tmp_path):

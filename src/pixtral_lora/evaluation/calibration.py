@@ -147,11 +147,17 @@ def class_measures(scores: np.ndarray, gold: np.ndarray, temperature: float = 1.
 
 def abstain_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> float | None:
     """The lowest confidence threshold whose kept answers reach `target_accuracy` (None: none does):
-    what `--target-accuracy` turns into an `--abstain-below` from the validation split."""
+    what `--target-accuracy` turns into an `--abstain-below` from the validation split.
+
+    An answer is kept when its confidence is at or above the threshold, so every answer tied with it
+    is kept too: only the last of a run of equal confidences is a place to cut."""
+    if len(confidence) == 0:
+        return None
     order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
     sorted_confidence = np.asarray(confidence, dtype=np.float64)[order]
     accuracy = np.cumsum(np.asarray(correct, dtype=np.float64)[order]) / np.arange(1, len(order) + 1)
-    reaching = np.nonzero(accuracy >= target_accuracy)[0]
+    cut = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)  # the end of each tie
+    reaching = np.nonzero((accuracy >= target_accuracy) & cut)[0]
     return float(sorted_confidence[reaching[-1]]) if len(reaching) else None
 
 
@@ -239,11 +245,22 @@ def abstain(predictions: list, below: float | None) -> list:
     return predictions
 
 
-def abstention_threshold(run, below: float | None, target_accuracy: float | None) -> tuple[float | None, str]:
+def abstention_threshold(
+    run, below: float | None, target_accuracy: float | None, model_path: str | Path | None = None
+) -> tuple[float | None, str]:
     """The `--abstain-below` threshold, or the one the run's calibration says reaches
-    `--target-accuracy` on the validation split (then the calibration must belong to the adapter)."""
+    `--target-accuracy` on the validation split (then the calibration must belong to the adapter).
+
+    That threshold is one of the adapter's calibrated confidences: a merged checkpoint (`model_path`)
+    gives raw ones, so the two are refused together."""
     if target_accuracy is None:
         return below, (f"abstaining below confidence {below}" if below is not None else "")
+    if model_path is not None:
+        raise UserError(
+            f"--target-accuracy chooses its threshold among the calibrated confidences of {run.run_dir}'s "
+            f"adapter, and {model_path} gives raw ones; drop the merged model to use the adapter, or give "
+            "--abstain-below"
+        )
     check_calibration(run)  # a calibration of another adapter is refused, in one line
     validation = read_calibration(calibration_path(run.run_dir))["validation"]
     if not validation or not validation["confidence"]:

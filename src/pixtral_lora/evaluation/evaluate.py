@@ -70,7 +70,9 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> P
     out = Path(options.out_dir or config.eval.output_dir or run_dir / "eval")
     check_replaceable(out, EVAL_REPORT_FILES, options.overwrite, EVAL_KIND)
     check_writable(out.parent, "--out")
-    threshold, abstention = abstention_threshold(run, options.abstain_below, target_accuracy)
+    threshold, abstention = abstention_threshold(run, options.abstain_below, target_accuracy, merged)
+    if target_accuracy is not None:
+        abstention += "; applied to the fine-tuned model's score mode only"
     if abstention:
         logger.info("%s", abstention)
     rows, unreadable = run.test_rows(options.limit)
@@ -96,8 +98,14 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> P
                 model, renderer, rows, class_names, config.prompt, classify_options, unreadable
             )
             report = summarise(
-                # a threshold chosen for a target accuracy is one of score mode's calibrated confidences
-                abstain(preds, threshold if target_accuracy is None or mode == "score" else None),
+                # a threshold chosen for a target accuracy is one of the adapter's calibrated
+                # confidences in score mode: the base model's and generate mode's are other numbers
+                abstain(
+                    preds,
+                    threshold
+                    if target_accuracy is None or (mode == "score" and temperature is not None)
+                    else None,
+                ),
                 class_names,
                 temperature if mode == "score" else None,
             )

@@ -31,19 +31,26 @@ def write_report(
     from pixtral_lora.evaluation.report_html import render_html
 
     with atomic_directory(out, EVAL_REPORT_FILES, overwrite, kind=EVAL_KIND) as out_dir:
-        _write_report_files(out_dir, results, class_names, predictions, warnings or [])
+        abstention = (facts or {}).get("abstention")
+        _write_report_files(out_dir, results, class_names, predictions, warnings or [], abstention)
         with atomic_file(out_dir / "report.html") as handle:
             handle.write(render_html(results, class_names, predictions, thumbnails, facts, gallery_limit))
 
 
 def _write_report_files(
-    out_dir: Path, results: dict, class_names: list[str], predictions: dict, warnings: list[str]
+    out_dir: Path,
+    results: dict,
+    class_names: list[str],
+    predictions: dict,
+    warnings: list[str],
+    abstention: str | None = None,
 ) -> None:
     write_json(
         out_dir / "report.json",
         {
             "class_names": class_names,
             "warnings": warnings,  # what --force let through (a run used although it changed)
+            "abstention": abstention,  # the threshold and where it came from, or None
             "results": {
                 k: {
                     m: r["report"].as_dict() | {"images_per_second": r["images_per_second"]}

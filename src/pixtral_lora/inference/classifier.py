@@ -41,7 +41,9 @@ class RunClassifier:
         if model_path is None:  # a calibration belongs to the adapter; a merged checkpoint is raw
             self.temperature, note = run_temperature(self.run)
             logger.info("%s", note)
-        self.abstain_below, self.abstention = abstention_threshold(self.run, abstain_below, target_accuracy)
+        self.abstain_below, self.abstention = abstention_threshold(
+            self.run, abstain_below, target_accuracy, model_path
+        )
         if self.abstention:
             logger.info("%s", self.abstention)
 
