@@ -84,3 +84,35 @@ def test_a_run_whose_config_or_data_changed_is_refused_or_forced(tiny_run, learn
     report = json.loads((tmp_path / "forced" / "report.json").read_text())
     assert any("test split's images" in w for w in report["warnings"])
     assert "**Warning:**" in (tmp_path / "forced" / "report.md").read_text()
+
+
+def test_the_shipped_tekken_must_be_the_checkpoints_own(tiny_mistral3_dir, tmp_path):
+    """`convert_to_mistral.py --tekken`: a file that is missing or not a tekken, a tekken whose image
+    settings are another family's (Pixtral-12B's v3 file in a Mistral3 export), or whose version is not
+    the checkpoint's, is refused in one line and nothing is written; the checkpoint's own is taken."""
+    script = ROOT / "scripts" / "convert_to_mistral.py"
+    own = json.loads((tiny_mistral3_dir / "tekken.json").read_text())
+    older = tmp_path / "older.json"  # the right vocabulary and image block, an older version
+    older.write_text(json.dumps({**own, "config": {**own["config"], "version": "v7"}}))
+    not_tekken = tmp_path / "notes.json"
+    not_tekken.write_text(json.dumps({"notes": "mine"}))
+    cases = {
+        tmp_path / "missing.json": "no such file",
+        not_tekken: "not a tekken tokenizer file",
+        ROOT / "src" / "pixtral_lora" / "__init__.py": "not a tekken tokenizer file",
+        older: f"tokenizer version v7, but {tiny_mistral3_dir} was released with {own['config']['version']}",
+    }
+    from pixtral_lora.model.loading import tekken_path
+
+    cases[tekken_path()] = "image_patch_size 16 (config.json: 14)"
+    for tekken, named in cases.items():
+        out = tmp_path / "export"
+        result = run_command(script, "--model", tiny_mistral3_dir, "--out", out,
+                             "--tekken", tekken, "--dtype", "float32")  # fmt: skip
+        line = one_line_error(result)
+        assert named in line and "--tekken" in line, (tekken, line)
+        assert not out.exists()
+    result = run_command(script, "--model", tiny_mistral3_dir, "--out", tmp_path / "ok",
+                         "--tekken", tiny_mistral3_dir / "tekken.json", "--dtype", "float32")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ok" / "tekken.json").read_text())["config"] == own["config"]

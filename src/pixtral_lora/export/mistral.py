@@ -40,18 +40,57 @@ from pixtral_lora.outputs import MISTRAL_EXPORT_FILES, atomic_directory, write_j
 logger = logging.getLogger(__name__)
 
 
-def _check_tokenizer(checkpoint: Path, tekken: Path) -> None:
-    """The HF tokenizer of the checkpoint must be the tekken file shipped with the export: same ids for a
-    probe text."""
+def _read_tekken(path: Path, what: str) -> dict:
+    """A tekken.json's `config` and `image` blocks, checked to be one mistral_common can load."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    if not path.is_file():
+        raise ExportError(f"{what} {path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        Tekkenizer.from_file(str(path))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ExportError(
+            f"{what} {path}: not a tekken tokenizer file ({type(err).__name__}: {err})"
+        ) from None
+    return {"version": data["config"].get("version"), "image": data.get("image") or {}}
+
+
+def _check_tekken(checkpoint: Path, config: dict, tekken: Path, given: bool) -> None:
+    """The tekken.json shipped with the export must be the checkpoint's tokenizer: its image settings
+    those of config.json, its version that of the checkpoint's own tekken.json (when it has one and
+    another was given), and its ids those of the HF tokenizer for a probe text."""
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
     from transformers import AutoTokenizer
 
+    what = "--tekken" if given else "the checkpoint's tekken.json"
+    ours = _read_tekken(tekken, what)
+    vision = config["vision_config"]
+    expected = {
+        "image_patch_size": vision["patch_size"],
+        "max_image_size": vision["image_size"],
+        "spatial_merge_size": config.get("spatial_merge_size", 1),
+    }
+    found = {"spatial_merge_size": 1} | ours["image"]
+    differ = [f"{k} {found.get(k)} (config.json: {v})" for k, v in expected.items() if found.get(k) != v]
+    if differ:
+        raise ExportError(
+            f"{what} {tekken}: its image settings are not {checkpoint}'s: {', '.join(differ)}; give the "
+            "checkpoint's own tekken.json as --tekken"
+        )
+    own = checkpoint_tekken(checkpoint)
+    if given and own is not None and own.resolve() != tekken.resolve():
+        version = _read_tekken(own, "the checkpoint's tekken.json")["version"]
+        if ours["version"] != version:
+            raise ExportError(
+                f"--tekken {tekken}: tokenizer version {ours['version']}, but {checkpoint} was released with "
+                f"{version} ({own}); give the checkpoint's own tekken.json as --tekken"
+            )
     if not (checkpoint / "tokenizer.json").is_file():
         return
     probe = 'Satellite scenes: DenseResidential; Port. {"label": "Forest"} 12,345 ünïcödé'
-    ours = AutoTokenizer.from_pretrained(str(checkpoint)).encode(probe, add_special_tokens=False)
-    theirs = Tekkenizer.from_file(str(tekken)).encode(probe, bos=False, eos=False)
-    if ours != theirs:
+    hf_ids = AutoTokenizer.from_pretrained(str(checkpoint)).encode(probe, add_special_tokens=False)
+    if hf_ids != Tekkenizer.from_file(str(tekken)).encode(probe, bos=False, eos=False):
         raise ExportError(
             f"{checkpoint}: its tokenizer differs from {tekken}; give the checkpoint's own tekken.json as --tekken"
         )
@@ -97,7 +136,7 @@ def export_mistral(
         raise ExportError(
             f"{checkpoint}: no tekken.json; a {family.models} checkpoint ships one: give it as --tekken"
         )
-    _check_tokenizer(checkpoint, tekken_source)
+    _check_tekken(checkpoint, config, tekken_source, given=tekken is not None)
 
     # Plan: every output tensor's name, source and shape, from the safetensors headers alone.
     plan: list[tuple[str, Path, str, list[int]]] = []
