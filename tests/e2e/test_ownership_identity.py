@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 
-from conftest import ROOT, one_line_error, run_cli, run_command
+from conftest import ROOT, one_line_error, run_cli, run_command, set_args
 
 
 def _digest(folder):
@@ -116,3 +116,34 @@ def test_the_shipped_tekken_must_be_the_checkpoints_own(tiny_mistral3_dir, tmp_p
                          "--tekken", tiny_mistral3_dir / "tekken.json", "--dtype", "float32")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "ok" / "tekken.json").read_text())["config"] == own["config"]
+
+
+def test_resuming_from_another_familys_checkpoint_is_one_line(
+    tiny_run, tiny_model_dir, tiny_mistral3_dir, aid_dir, tmp_path
+):
+    """`train.py --resume` a Pixtral run's checkpoint on a Mistral3 base (its base_model.json names
+    the family), or a checkpoint without one whose LoRA rank is not the config's (its tensors are
+    compared with the model's): one line, before the Trainer reads the optimizer state."""
+    checkpoint = sorted((tiny_run / "checkpoints").glob("checkpoint-*"))[-1]
+    assert json.loads((checkpoint / "base_model.json").read_text())["family"] == "pixtral"
+
+    def resume(model, checkpoint, *overrides):
+        run = tmp_path / "run"
+        result = run_command(ROOT / "train.py", ROOT / "configs" / "tiny.yaml", "--resume", checkpoint,
+                             *set_args(f"model.name_or_path={model}", f"data.path={aid_dir}",
+                                       f"training.output_dir={run}", "training.report_to=none",
+                                       "training.max_steps=1", "data.test_size=0.3",
+                                       "data.validation_size=0.2", *overrides))  # fmt: skip
+        line = one_line_error(result)
+        assert not run.exists()
+        return line
+
+    line = resume(tiny_mistral3_dir, checkpoint)
+    assert f"--resume {checkpoint}: it trained a pixtral model and {tiny_mistral3_dir} is a mistral3" in line
+    assert "--resume never" in line
+    older = shutil.copytree(checkpoint, tmp_path / "checkpoint-1")  # written before checkpoints had one
+    (older / "base_model.json").unlink()
+    rank = json.loads((checkpoint / "adapter_config.json").read_text())["r"]
+    line = resume(tiny_model_dir, older, f"lora.r={rank * 2}", f"lora.alpha={rank * 4}")
+    assert f"its adapter was not trained on {tiny_model_dir} with this LoRA config" in line
+    assert "of other shapes" in line

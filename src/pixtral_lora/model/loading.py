@@ -286,6 +286,7 @@ def load_model(
     saved, source = config_json(model_name_or_path)
     family_from_config(saved, source)  # an unsupported architecture is one line, before any weight loads
     fp8 = check_quantization(model_name_or_path, quantization, saved)
+    check_weights(model_name_or_path)
     device = device or best_device()
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {
@@ -320,6 +321,45 @@ def load_model(
     if "device_map" not in kwargs:
         model.to(device)
     return model
+
+
+def check_weights(model_name_or_path: str | os.PathLike) -> None:
+    """Every weight file a local checkpoint names is there and is a whole safetensors file (its
+    header parses and covers the file): a missing shard or a truncated download is one line naming
+    the file, not transformers' traceback. Hub ids are checked by the download itself."""
+    from safetensors import safe_open
+
+    path = Path(model_name_or_path)
+    if not path.is_dir():
+        return
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelSourceError(
+                f"{index}: not a safetensors index ({type(err).__name__}: {err})"
+            ) from None
+        where = f"{index} names"
+    elif (path / "model.safetensors").is_file():
+        names, where = ["model.safetensors"], "it has"
+    else:
+        raise ModelSourceError(
+            f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin weights are not "
+            "loaded); an incomplete download? fetch the checkpoint again"
+        )
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise ModelSourceError(f"{path}: {where} {name}, which is missing; fetch the checkpoint again")
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+            raise ModelSourceError(
+                f"{file}: not a complete safetensors file ({str(err).splitlines()[0][:160]}); "
+                "fetch the checkpoint again"
+            ) from None
 
 
 def check_quantization(

@@ -22,7 +22,7 @@ from pixtral_lora.config.schema import Config
 from pixtral_lora.config.yaml_loading import dump_config, load_config
 from pixtral_lora.errors import RunDirError, UserError
 from pixtral_lora.outputs import atomic_file, run_lock
-from pixtral_lora.run.layout import ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, SPLIT_FILE
+from pixtral_lora.run.layout import ADAPTER_DIR, BASE_MODEL_FILE, CHECKPOINTS_DIR, CONFIG_FILE, SPLIT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,50 @@ def resume_checkpoint(run_dir: Path, resume: str, main_process: bool) -> Path | 
     return checkpoint
 
 
+def check_resumable(checkpoint: Path, expected: dict[str, tuple[int, ...]], model: str) -> None:
+    """A checkpoint holds the adapter this run trains: trained on `model` (its base_model.json, when
+    it has one) and the same LoRA tensors with the same shapes as `expected` (the model's own, from
+    PEFT). A checkpoint of another base or family, rank or target set is one line, not a traceback
+    from the optimizer state or an adapter quietly continued on another model."""
+    from safetensors import safe_open
+
+    from pixtral_lora.run.identity import base_mismatch, local_family
+
+    recorded = checkpoint / BASE_MODEL_FILE
+    if recorded.is_file():
+        identity = json.loads(recorded.read_text(encoding="utf-8"))
+        family = local_family(model)
+        if identity.get("family") and family and identity["family"] != family:
+            why = f"it trained a {identity['family']} model and {model} is a {family} one"
+        else:
+            why = base_mismatch(identity, model)
+        if why:
+            raise RunDirError(
+                f"--resume {checkpoint}: {why}; resume from a checkpoint of this run, or pass --resume never"
+            )
+    weights = checkpoint / "adapter_model.safetensors"
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise RunDirError(
+            f"{weights}: not a complete safetensors file ({str(err).splitlines()[0][:160]})"
+        ) from None
+    missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & saved.keys() if expected[k] != saved[k])
+    if missing or extra or reshaped:
+        example = (
+            f"{reshaped[0]} is {list(saved[reshaped[0]])}, here {list(expected[reshaped[0]])}"
+            if reshaped
+            else f"{(missing or extra)[0]} is {'missing there' if missing else 'not trained here'}"
+        )
+        raise RunDirError(
+            f"--resume {checkpoint}: its adapter was not trained on {model} with this LoRA config "
+            f"({len(missing)} tensors missing, {len(extra)} extra, {len(reshaped)} of other shapes; "
+            f"{example}); resume from a checkpoint of this run, or pass --resume never"
+        )
+
+
 def drop_metrics_after(run_dir: Path, step: int) -> None:
     """Forget metrics.jsonl records past the checkpoint we resume from: they will be logged again."""
     metrics = run_dir / "metrics.jsonl"
@@ -192,6 +236,6 @@ def run_directory(config: Config):
         with run_lock(run_dir):
             yield run_dir
     except BaseException:
-        if created and not (run_dir / CHECKPOINTS_DIR).exists():
+        if created and not any((run_dir / CHECKPOINTS_DIR).glob("checkpoint-*")):
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
         raise

@@ -43,6 +43,7 @@ from pixtral_lora.run.layout import (
     TRAIN_SUMMARY_FILE,
 )
 from pixtral_lora.run.writer import (
+    check_resumable,
     drop_metrics_after,
     environment,
     is_main_process,
@@ -135,6 +136,20 @@ def _metrics_callback(run_dir: Path):
                     handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
     return MetricsJsonl()
+
+
+def _base_identity_callback(identity: dict):
+    from transformers import TrainerCallback
+
+    class BaseIdentity(TrainerCallback):
+        """Writes base_model.json into every checkpoint: `--resume` checks the base it trained on."""
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                write_json(checkpoint / BASE_MODEL_FILE, identity)
+
+    return BaseIdentity()
 
 
 def _report_to(config: Config) -> list[str] | str:
@@ -347,7 +362,8 @@ def _train_in(
     model = load_training_model(config, device)
 
     # -- Training ----------------------------------------------------------------------------------
-    callbacks = [_metrics_callback(run_dir), *extra_callbacks]
+    identity = base_identity(config.model.name_or_path)  # once: a local base's fingerprint reads its files
+    callbacks = [_metrics_callback(run_dir), _base_identity_callback(identity), *extra_callbacks]
     if config.training.early_stopping_patience and eval_set is not None:
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience)
@@ -374,6 +390,10 @@ def _train_in(
         )
     checkpoint = resume_checkpoint(run_dir, resume, main_process)
     if checkpoint is not None:
+        from peft import get_peft_model_state_dict
+
+        trained = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(trainer.model).items()}
+        check_resumable(checkpoint, trained, config.model.name_or_path)
         logger.info("resuming from %s", checkpoint)
         if main_process:
             state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
@@ -389,7 +409,7 @@ def _train_in(
         ) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
-            write_json(tmp / BASE_MODEL_FILE, base_identity(config.model.name_or_path))
+            write_json(tmp / BASE_MODEL_FILE, identity)
         write_json(
             run_dir / TRAIN_SUMMARY_FILE,
             {
