@@ -155,6 +155,14 @@ def test_calibrate_lowers_validation_nll_and_eval_reports_before_and_after(tiny_
         assert sum(counts.values()) == 12  # correct + wrong + ... + unreadable + abstained = n
         answered = 12 - counts["abstained"]
         assert report["results"]["finetuned"][mode]["coverage"] == pytest.approx(answered / 12)
+    # report.md's summary table: its outcome columns add up to n with abstention too
+    table = [line for line in (run / "eval" / "report.md").read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    outcomes = ["hallucinated", "unparseable", "unreadable", "correct", "wrong", "abstained"]
+    for line in table[1:3]:
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+        counted = [int(cells[name].split("(")[-1].rstrip(")")) for name in outcomes]
+        assert sum(counted) == int(cells["n"]) == 12, cells
     predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     abstained = [p for p in predictions if p["outcome"] == "abstained"]
     assert all(p["confidence"] < 0.9 and p["label"] for p in abstained)  # the label it would have had
@@ -191,6 +199,16 @@ def test_predict_and_map_carry_the_calibrated_flag_and_abstain(tiny_run, aid_dir
     for feature in features:  # abstained exactly where the confidence is under the threshold
         props = feature["properties"]
         assert props["abstained"] == (props["confidence"] < 0.999999)
+    # the summary counts an abstained tile as abstained, never under the label it would have had
+    abstained = sum(f["properties"]["abstained"] for f in features)
+    per_label = {f["properties"]["label"]: 0 for f in features if not f["properties"]["abstained"]}
+    for feature in features:
+        if not feature["properties"]["abstained"]:
+            per_label[feature["properties"]["label"]] += 1
+    summary = mapped.stdout.splitlines()[0]
+    assert (f"(abstained) {abstained}" in summary) == bool(abstained)
+    assert all(f"{label} {count}" in summary for label, count in per_label.items())
+    assert abstained + sum(per_label.values()) == 4
 
 
 def test_a_calibration_of_another_adapter_is_refused_for_a_target_and_reported_as_raw(

@@ -30,16 +30,18 @@ def _class_names_arg(value: str | None) -> list[str] | None:
 def _data_validate(args) -> int:
     from pixtral_lora.data.validate import validate
 
-    class_names, test_path, allowed, hf_settings = (
+    class_names, test_path, allowed, hf_settings, prompt = (
         _class_names_arg(args.classes),
         args.test,
         args.allow_path,
         {},
+        None,
     )
     if args.config:  # the data settings training will use
         from pixtral_lora.config.yaml_loading import load_config
 
-        data = load_config(args.config).data
+        config = load_config(args.config)
+        data, prompt = config.data, config.prompt
         class_names = class_names or data.class_names
         test_path = test_path or data.test_path
         allowed = [*allowed, *data.allow_paths_outside]
@@ -55,6 +57,7 @@ def _data_validate(args) -> int:
         test_path=test_path,
         allowed_roots=allowed,
         hf_settings=hf_settings,
+        prompt=prompt,
     )
     errors = [p for p in problems if p.severity == "error"]
     for problem in problems:
@@ -97,7 +100,7 @@ def _data_preview(args) -> int:
     if args.save_image:  # before any work: never over a file an earlier preview did not write
         from pixtral_lora.outputs import check_replaceable_file, is_our_png
 
-        check_replaceable_file(args.save_image, is_our_png)
+        check_replaceable_file(args.save_image, is_our_png, args.overwrite)
     prompt, longest_edge, bands, configured = PromptConfig(), args.image_longest_edge, None, None
     if args.config:
         config = load_config(args.config)
@@ -157,7 +160,9 @@ def _data_generate_scene(args) -> int:
     except ValueError:
         print(f"error: --grid {args.grid!r}: give rows x columns, e.g. 4x4", file=sys.stderr)
         return 2
-    layout = generate_scene_mosaic(args.out, classes, (rows, cols), args.tile, args.seed)
+    layout = generate_scene_mosaic(
+        args.out, classes, (rows, cols), args.tile, args.seed, overwrite=args.overwrite
+    )
     print(f"synthetic georeferenced scene written to {args.out}; its grid, row by row:")
     for row in layout:
         print("  " + " ".join(f"{name:<10}" for name in row))
@@ -188,6 +193,9 @@ def add_data_commands(commands) -> None:
     scene.add_argument("--tile", type=cli_number(Pixels), default=64, help="pixels per grid cell")
     scene.add_argument("--classes", help="comma-separated synthetic scene classes")
     scene.add_argument("--seed", type=int, default=1)
+    scene.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not a synthetic scene"
+    )
     scene.set_defaults(func=_data_generate_scene)
 
     validate = data_commands.add_parser(
@@ -221,6 +229,11 @@ def add_data_commands(commands) -> None:
     preview.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
     preview.add_argument(
         "--save-image", metavar="PNG", help="also save the image exactly as the model sees it"
+    )
+    preview.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --save-image even if an earlier preview did not write it",
     )
     preview.set_defaults(func=_data_preview)
 

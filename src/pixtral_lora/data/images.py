@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixtral_lora.errors import UserError
 
@@ -38,10 +38,10 @@ class ImageError(UserError):
 def describe_source(source: str | Path | bytes) -> str:
     """Short human-readable name of an image source for error messages."""
     if isinstance(source, bytes):
-        return f"<{len(source)} bytes>"
+        return f"an image inlined in the data ({len(source)} bytes)"
     text = str(source)
     if text.startswith("data:"):
-        return f"<data URI, {len(text)} chars>"
+        return f"a data URI ({len(text)} characters)"
     return text
 
 
@@ -108,17 +108,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, bands=None) -> Image.Image:
+def load_image(
+    source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, bands=None, name: str | None = None
+) -> Image.Image:
     """Decode an image file, data URI or bytes into an upright 8-bit RGB PIL image.
 
     Multi-band, 16-bit and float TIFFs (and any TIFF when `bands`, a `raster.BandOptions`, asks for a
     band selection or a fixed stretch) are read with rasterio and stretched to 8 bits (`raster`).
-    Raises `ImageError` for missing, truncated, corrupt or oversized images.
+    Raises `ImageError` for missing, empty, truncated, corrupt or oversized images, naming `name`
+    (default: the path, or what the bytes are).
     """
     from pixtral_lora.data import raster
 
-    name = describe_source(source)
+    name = name or describe_source(source)
     data = read_image_bytes(source)
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
     if raster.needs_raster_reader(data, bands):
         try:
             image = raster.read_raster(data, bands or raster.BandOptions(), name)
@@ -144,6 +149,8 @@ def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, b
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: rejected as a decompression bomb ({err})") from err
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (no format PIL knows starts its {len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: cannot decode image ({err})") from err
     image = ImageOps.exif_transpose(image)

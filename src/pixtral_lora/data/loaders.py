@@ -12,7 +12,6 @@ Images stay undecoded (`Image(decode=False)`) until `images.load_image` checks t
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -62,6 +61,7 @@ AID_CLASS_NAMES = [
     "Viaduct",
 ]
 
+CSV_COLUMNS = {"image_path", "prompt", "completion"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 # Longest JSONL/CSV line read (a sample with inlined images is ~0.5 MB; a line is never read whole
 # past this, so a file without newlines cannot exhaust memory).
@@ -344,6 +344,14 @@ def check_roles(messages: list[dict], where: str) -> None:
         raise DataError(f"{where}: the last message must be the assistant's answer")
 
 
+def check_has_image(images: list, where: str) -> None:
+    """A sample is an image to classify: one without any `image_url` chunk is a `DataError`."""
+    if not images:
+        raise DataError(
+            f"{where}: no image_url chunk in its messages; every sample needs the image it labels"
+        )
+
+
 def _label_of(messages: list[dict], class_names: list[str] | None) -> str:
     if not class_names:
         return ""
@@ -377,6 +385,7 @@ def load_mistral_jsonl(
                 raise DataError(f"{where}: expected an object with a 'messages' list")
             messages, images = mistral_messages_to_hf(record["messages"], path.parent, where, allowed_roots)
             check_roles(messages, where)
+            check_has_image(images, where)
             rows["id"].append(f"{path.name}:{line_no}")
             rows["messages"].append(messages_to_json(messages))
             rows["images"].append(images)
@@ -390,30 +399,27 @@ def load_csv(
     path: str | Path, class_names: list[str] | None = None, allowed_roots: list[str] | None = None
 ) -> Dataset:
     """Load a CSV with columns image_path,prompt,completion as a conversation dataset (user: image+prompt)."""
+    from pixtral_lora.data.spreadsheet import csv_records
+
     path = Path(path)
     rows = {"id": [], "messages": [], "images": [], "label": []}
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        required = {"image_path", "prompt", "completion"}
-        if reader.fieldnames is None or not required <= set(reader.fieldnames):
-            raise DataError(f"{path}:1: header must contain {sorted(required)}, got {reader.fieldnames}")
-        for line_no, record in enumerate(reader, start=2):
-            where = f"{path}:{line_no}"
-            if not record["image_path"]:
-                raise DataError(f"{where}: field 'image_path' is empty")
-            user = [{"type": "image"}] + (
-                [{"type": "text", "text": record["prompt"]}] if record["prompt"] else []
-            )
-            messages = [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": [{"type": "text", "text": record["completion"]}]},
-            ]
-            rows["id"].append(f"{path.name}:{line_no}")
-            rows["messages"].append(messages_to_json(messages))
-            rows["images"].append(
-                [image_ref(record["image_path"], path.parent, where, "image_path", allowed_roots)]
-            )
-            rows["label"].append(_label_of(messages, class_names))
+    for line_no, record in csv_records(path, CSV_COLUMNS):
+        where = f"{path}:{line_no}"
+        if not record["image_path"].strip():
+            raise DataError(f"{where}: field 'image_path' is empty")
+        user = [{"type": "image"}] + (
+            [{"type": "text", "text": record["prompt"]}] if record["prompt"] else []
+        )
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": record["completion"]}]},
+        ]
+        rows["id"].append(f"{path.name}:{line_no}")
+        rows["messages"].append(messages_to_json(messages))
+        rows["images"].append(
+            [image_ref(record["image_path"].strip(), path.parent, where, "image_path", allowed_roots)]
+        )
+        rows["label"].append(_label_of(messages, class_names))
     if not rows["id"]:
         raise DataError(f"{path}: no samples")
     return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
@@ -462,7 +468,7 @@ def image_source(ref: dict | None) -> str | bytes:
     """The loadable source of an undecoded `Image` feature value (a null image is an `ImageError`)."""
     if ref is None:
         raise ImageError("no image (the image cell is null)")
-    if ref.get("bytes"):
+    if ref.get("bytes") is not None:  # b"" too: an empty image is named as one when decoded
         return ref["bytes"]
     if ref.get("path"):
         return ref["path"]

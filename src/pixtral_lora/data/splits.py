@@ -76,6 +76,8 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
         )
     else:
         splits = split_dataset(dataset, data.test_size, data.validation_size, data.split_seed, class_names)
+    if problem := config.prompt.class_list_problem(class_names):
+        raise DataError(f"{data.path}: {problem}")
     if recorded_split is not None:
         if recorded_split["class_names"] != class_names:
             raise RunDirError(

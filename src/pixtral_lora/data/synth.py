@@ -190,8 +190,10 @@ def generate_scene_mosaic(
     tile: int = 64,
     seed: int = 1,
     metres_per_pixel: float = 10.0,
+    overwrite: bool = False,
 ) -> list[list[str]]:
-    """Write a georeferenced RGB GeoTIFF (EPSG:32633) whose grid cells are synthetic scenes.
+    """Write a georeferenced RGB GeoTIFF (EPSG:32633) whose grid cells are synthetic scenes; `out`
+    replaces an earlier synthetic scene only (anything else needs `overwrite`).
 
     Returns the layout, row by row: the class drawn in each `tile`-pixel cell (what a map of it
     should say). Cells are scenes the tiny run never trained on (`seed` differs from the training data's).
@@ -203,7 +205,7 @@ def generate_scene_mosaic(
     from pixtral_lora.outputs import atomic_file, check_replaceable_file
 
     classes = _known_classes(classes)
-    check_replaceable_file(out, _is_synthetic_scene)  # never over a raster someone else made
+    check_replaceable_file(out, _is_synthetic_scene, overwrite)  # never over a raster someone else made
     rng = random.Random(seed)
     rows, cols = grid
     layout = [[rng.choice(classes) for _ in range(cols)] for _ in range(rows)]
@@ -213,7 +215,7 @@ def generate_scene_mosaic(
             scene = np.asarray(draw_scene(layout[r][c], 1000 + r * cols + c, tile, seed))
             mosaic[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.transpose(scene, (2, 0, 1))
     transform = from_origin(500000.0, 5000000.0, metres_per_pixel, metres_per_pixel)
-    with atomic_file(out, "wb", recognise=_is_synthetic_scene, overwrite=False) as handle:
+    with atomic_file(out, "wb", recognise=_is_synthetic_scene, overwrite=overwrite) as handle:
         handle.close()  # rasterio writes the temporary by name; it is renamed to `out` when complete
         write_geotiff(handle.name, mosaic, crs="EPSG:32633", transform=transform, tags=SCENE_TAG)
     return layout

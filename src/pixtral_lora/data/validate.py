@@ -6,7 +6,6 @@ each problem with its file, line and field.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,9 +15,11 @@ from tqdm import tqdm
 
 from pixtral_lora.data.images import ImageError, load_image
 from pixtral_lora.data.loaders import (
+    CSV_COLUMNS,
     IMAGE_SUFFIXES,
     DataError,
     check_data_path,
+    check_has_image,
     check_roles,
     discover_class_names,
     image_ref,
@@ -27,7 +28,9 @@ from pixtral_lora.data.loaders import (
     mistral_messages_to_hf,
     read_lines,
 )
+from pixtral_lora.data.spreadsheet import csv_records
 from pixtral_lora.task.answers import AnswerParser, class_name_problem
+from pixtral_lora.task.prompt import PromptConfig
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ def _jsonl_samples(path: Path, problems: list[Problem], allowed_roots: list[str]
                 check_roles(messages, where)
             except DataError as err:
                 problems.append(Problem(where, "messages[].role", str(err).removeprefix(f"{where}: ")))
+            try:
+                check_has_image(refs, where)
+            except DataError as err:
+                problems.append(Problem(where, "messages", str(err).removeprefix(f"{where}: ")))
             fields = [
                 f"messages[{m}].content[{c}].image_url"
                 for m, message in enumerate(messages)
@@ -95,27 +102,23 @@ def _jsonl_samples(path: Path, problems: list[Problem], allowed_roots: list[str]
 
 def _csv_samples(path: Path, problems: list[Problem], allowed_roots: list[str]) -> list[_Sample]:
     samples = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        required = {"image_path", "prompt", "completion"}
-        if reader.fieldnames is None or not required <= set(reader.fieldnames):
-            problems.append(
-                Problem(f"{path}:1", "header", f"must contain {sorted(required)}, got {reader.fieldnames}")
-            )
-            return samples
-        for line_no, record in enumerate(reader, start=2):
+    try:
+        for line_no, record in csv_records(path, CSV_COLUMNS):
             where = f"{path}:{line_no}"
-            if not record["image_path"]:
+            if not record["image_path"].strip():
                 problems.append(Problem(where, "image_path", "empty"))
                 continue
             try:
-                ref = image_ref(record["image_path"], path.parent, where, "image_path", allowed_roots)
+                ref = image_ref(record["image_path"].strip(), path.parent, where, "image_path", allowed_roots)
             except DataError as err:
                 problems.append(Problem(where, "image_path", str(err).removeprefix(f"{where}: image_path: ")))
                 continue
-            if not (record["completion"] or "").strip():
+            if not record["completion"].strip():
                 problems.append(Problem(where, "completion", "empty answer"))
             samples.append(_Sample(where, [("image_path", ref)], record["completion"]))
+    except DataError as err:  # the file itself: its header, encoding or a malformed row
+        where, _, message = str(err).partition(": ")
+        problems.append(Problem(where, "", message))
     return samples
 
 
@@ -195,8 +198,8 @@ def _check_images(samples: list[_Sample], problems: list[Problem]) -> dict[str, 
             try:
                 source = ref() if callable(ref) else image_source(ref)
                 load_image(source)
-            except ImageError as err:
-                problems.append(Problem(sample.where, field_name, str(err)))
+            except ImageError as err:  # a folder sample's `where` is the path the error starts with
+                problems.append(Problem(sample.where, field_name, str(err).removeprefix(f"{sample.where}: ")))
                 continue
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             hashes.setdefault(hashlib.sha256(data).hexdigest(), []).append(sample.where)
@@ -209,8 +212,12 @@ def validate(
     test_path: str | Path | None = None,
     allowed_roots: list[str] | None = None,
     hf_settings: dict | None = None,
+    prompt: PromptConfig | None = None,
 ) -> list[Problem]:
     """All problems in a dataset (and, with `test_path`, images shared between it and a test set).
+
+    The class names are checked against `prompt` (the config's; default the default prompt): a name
+    holding its class separator would read as two classes in the prompt.
 
     Image paths of JSONL/CSV data must resolve inside the data file's folder or `allowed_roots`. HF
     datasets (`data.hf`) are read with `hf_settings` (image_column, label_column, hub_config, ...) and
@@ -238,6 +245,8 @@ def validate(
     if class_names and (problem := class_name_problem(class_names)):
         problems.append(Problem(str(path), "class_names", problem))
         class_names = None
+    if class_names and (problem := (prompt or PromptConfig()).class_list_problem(class_names)):
+        problems.append(Problem(str(path), "class_names", problem))
     if class_names:
         parser = AnswerParser(class_names)
         strict_parser = AnswerParser(class_names, strict=True)

@@ -90,8 +90,9 @@ def markdown_report(
     )
     lines += [
         "",
-        "| model | mode | accuracy (95% CI) | macro-F1 | hallucinated | unparseable | unreadable | correct | wrong | n | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | accuracy (95% CI) | macro-F1 | hallucinated | unparseable | unreadable | correct | wrong "
+        "| abstained | n | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model_name, by_mode in results.items():
         for mode, result in by_mode.items():
@@ -100,7 +101,7 @@ def markdown_report(
                 f"| {model_name} | {mode} | {r.accuracy:.1%} ({r.accuracy_ci95[0]:.1%}-{r.accuracy_ci95[1]:.1%}) | "
                 f"{r.macro_f1:.3f} | {r.hallucination_rate:.1%} ({r.counts['hallucinated']}) | "
                 f"{r.parse_failure_rate:.1%} ({r.counts['unparseable']}) | {r.counts['unreadable']} | "
-                f"{r.counts['correct']} | {r.counts['wrong']} | "
+                f"{r.counts['correct']} | {r.counts['wrong']} | {r.counts.get('abstained', 0)} | "
                 f"{r.n} | {result['images_per_second']:.2f} |"
             )
     abstained = [

@@ -27,3 +27,16 @@ def weight_files(checkpoint: Path) -> list[Path]:
     if not files:
         raise ExportError(f"{checkpoint}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
     return files
+
+
+def check_cast(name: str, tensor, dtype: str) -> None:
+    """A weight written as `dtype` must still be finite: float16 ends at 65504, so a larger bf16 or
+    float32 value would silently become inf (and every answer NaN)."""
+    import torch
+
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ExportError(
+            f"{name}: {bad} values are not finite as {dtype} (float16's largest is 65504); write bfloat16 "
+            "or float32 instead (--dtype)"
+        )

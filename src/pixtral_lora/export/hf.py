@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pixtral_lora.export.checkpoint import resolve_checkpoint
+from pixtral_lora.export.checkpoint import check_cast, resolve_checkpoint
 from pixtral_lora.export.lora import check_adapter
 from pixtral_lora.model.loading import checkpoint_tekken
 from pixtral_lora.outputs import HF_CHECKPOINT_FILES, atomic_directory
@@ -39,6 +39,8 @@ def export_hf(
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    for name, tensor in base.state_dict().items():  # from_pretrained casts to `dtype` without a word
+        check_cast(name, tensor, dtype)
     processor = load_processor(adapter if adapter and (Path(adapter) / "tokenizer.json").is_file() else model)
     if getattr(base.config, "quantization_config", None):  # FP8 loaded dequantized: the copy is plain
         del base.config.quantization_config

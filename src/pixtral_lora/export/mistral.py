@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from pixtral_lora.export.checkpoint import ExportError, resolve_checkpoint, weight_files
+from pixtral_lora.export.checkpoint import ExportError, check_cast, resolve_checkpoint, weight_files
 from pixtral_lora.export.lora import check_adapter
 from pixtral_lora.export.names import native_name, rotary_heads, unpermute_rotary
 from pixtral_lora.export.params import params_json
@@ -172,6 +172,7 @@ def export_mistral(
                 )
             tensor = tensor.float() + delta
         tensor = tensor.to(torch_dtype)
+        check_cast(key, tensor, dtype)
         heads = rotary_heads(target, config)
         return unpermute_rotary(tensor, heads) if heads is not None else tensor
 

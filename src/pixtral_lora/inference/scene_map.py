@@ -278,9 +278,10 @@ def map_scene(
         )
     _write_vector(out, features, crs, overwrite=True, warnings=classify.run.warnings)
     journal.unlink(missing_ok=True)
-    labels = {}
+    labels: dict[str, int] = {}  # an abstained tile is counted as abstained, not under its label
     for feature in features:
-        label = feature["properties"]["label"] or "(no valid label)"
+        props = feature["properties"]
+        label = "(abstained)" if props.get("abstained") else props["label"] or "(no valid label)"
         labels[label] = labels.get(label, 0) + 1
     return {
         "out": str(out),

@@ -70,7 +70,9 @@ class Renderer:
         """Decode, check and cell-align the images of one row."""
         return [
             prepare_image(
-                load_image(image_source(ref), bands=self.bands), self.image_longest_edge, self.image_cell
+                load_image(image_source(ref), bands=self.bands, name=(ref or {}).get("path")),
+                self.image_longest_edge,
+                self.image_cell,
             )
             for ref in refs
         ]

@@ -103,7 +103,7 @@ class Run:
             progress = f"; its last checkpoint is {checkpoints[-1].name}" if checkpoints else ""
             raise RunDirError(
                 f"{run_dir}: no adapter/ yet: training has not finished{progress} (rerun train.py to resume, "
-                "or evaluate a merged model with --merged)"
+                "or use a merged model: eval --merged, predict and map --model)"
             )
         if needs_adapter:
             from pixtral_lora.model.loading import read_adapter_config

@@ -37,6 +37,20 @@ class PromptConfig(BaseModel):
             raise ValueError("answer_template must contain the placeholder {label} exactly once")
         return value
 
+    def class_list_problem(self, class_names: list[str]) -> str | None:
+        """Why `class_names` cannot be listed in the system prompt (None when they can): a name holding
+        `class_separator` would read as two classes there."""
+        mark = self.class_separator.strip() or self.class_separator
+        if self.system_prompt and "{class_list}" in self.system_prompt:
+            for name in class_names:
+                if mark in name:
+                    return (
+                        f"class name {name!r} contains the prompt's class separator {self.class_separator!r}, "
+                        "so the class list the model reads names another set of classes; rename it "
+                        "(data.class_labels) or choose another prompt.class_separator"
+                    )
+        return None
+
     def system_text(self, class_names: list[str]) -> str | None:
         """The system prompt with the class list filled in."""
         if not self.system_prompt:
