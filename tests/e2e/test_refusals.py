@@ -105,3 +105,29 @@ def test_a_suggested_flag_is_one_the_command_has(tmp_path):
     assert "--overwrite" in run_cli("data", "generate-scene", "--help").stdout
     assert run_cli("data", "generate-scene", "--out", mine, "--grid", "1x1", "--overwrite").returncode == 0
     assert "--overwrite" in run_cli("data", "preview", "--help").stdout
+
+
+def test_a_command_that_fails_before_its_first_row_leaves_no_file(
+    tiny_run, tiny_model_dir, aid_dir, tmp_path
+):
+    """predict (JSONL, CSV, Parquet) and map with a merged `--model` whose weights are truncated: the
+    failure comes at the first batch, and no empty file, header-only CSV or journal is left."""
+    from conftest import SYNTH_CLASSES
+
+    from pixtral_lora.data.synth import generate_scene_mosaic
+
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for name in ("p.jsonl", "p.csv", "p.parquet"):
+        line = one_line_error(run_cli("predict", aid_dir / "Beach", "--run", tiny_run, "--out", outputs / name,
+                                      "--model", broken))  # fmt: skip
+        assert "not a complete safetensors file" in line
+    scene = generate_scene_mosaic(tmp_path / "scene.tif", SYNTH_CLASSES, grid=(1, 2), tile=64, seed=5)
+    assert scene
+    line = one_line_error(run_cli("map", tmp_path / "scene.tif", "--run", tiny_run, "--out",
+                                  outputs / "m.geojson", "--tile", 64, "--model", broken))  # fmt: skip
+    assert "not a complete safetensors file" in line
+    assert sorted(p.name for p in outputs.iterdir()) == []

@@ -131,19 +131,27 @@ def _write_final(out: Path, rows: list[dict], overwrite: bool) -> None:
 
 
 class _Appender:
-    """Appends rows to a JSONL/CSV file, flushed and synced per batch."""
+    """Appends rows to a JSONL/CSV file, flushed and synced per batch. The file is opened at the
+    first row: a command that fails before it leaves no empty file (nor a CSV of a header only)."""
 
     def __init__(self, path: Path):
         self.path = path
-        new = not path.exists() or path.stat().st_size == 0
-        if path.exists():
-            drop_torn_tail(path)
-        self.handle = open(path, "a", encoding="utf-8", newline="")
-        self.csv = csv.DictWriter(self.handle, fieldnames=COLUMNS) if path.suffix == ".csv" else None
+        self.handle = self.csv = None
+
+    def _open(self) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if self.path.exists():
+            drop_torn_tail(self.path)
+        self.handle = open(self.path, "a", encoding="utf-8", newline="")
+        self.csv = csv.DictWriter(self.handle, fieldnames=COLUMNS) if self.path.suffix == ".csv" else None
         if self.csv and new:
             self.csv.writeheader()
 
     def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        if self.handle is None:
+            self._open()
         for row in rows:
             if self.csv:
                 self.csv.writerow(_csv_cells(row))
@@ -153,7 +161,8 @@ class _Appender:
         os.fsync(self.handle.fileno())
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def _journal(out: Path, rank: int, world: int) -> Path:

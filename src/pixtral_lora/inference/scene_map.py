@@ -238,38 +238,45 @@ def map_scene(
         batch_size = batch_size or classify.config.eval.batch_size
         if journal.exists():
             drop_torn_tail(journal)
-        with open(journal, "a", encoding="utf-8") as log:
-            if not done:
-                log.write(json.dumps({"identity": identity}) + "\n")
-            pending = [w for w in windows if f"{w[0]},{w[1]}" not in done]
-            for begin in tqdm(range(0, len(pending), batch_size), desc="mapping", unit="batch", disable=None):
-                rows, meta = [], {}
-                for row, col, window, partial in pending[begin : begin + batch_size]:
-                    key = f"{row},{col}"
-                    read = _read_tile(dataset, bands, scene, window, partial, min_valid)
-                    if read is None:
-                        done[key] = {"empty": True}
-                        log.write(json.dumps({"key": key, "empty": True}) + "\n")
-                        continue
-                    png_bytes, valid_window = read
-                    rows.append(classify.row(key, {"path": None, "bytes": png_bytes}))
-                    meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
-                if rows:
-                    for p in classify(rows, mode, batch_size):
-                        record = {
-                            "key": p.id,
-                            **meta[p.id],
-                            "label": p.label,
-                            "confidence": p.confidence,
-                            "calibrated": p.calibrated,
-                            "abstained": p.abstained,
-                            "top3": p.top3(),
-                            "raw_answer": p.raw_answer,
-                        }
-                        done[p.id] = record
-                        log.write(json.dumps(record) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
+        try:
+            with open(journal, "a", encoding="utf-8") as log:
+                if not done:
+                    log.write(json.dumps({"identity": identity}) + "\n")
+                pending = [w for w in windows if f"{w[0]},{w[1]}" not in done]
+                for begin in tqdm(
+                    range(0, len(pending), batch_size), desc="mapping", unit="batch", disable=None
+                ):
+                    rows, meta = [], {}
+                    for row, col, window, partial in pending[begin : begin + batch_size]:
+                        key = f"{row},{col}"
+                        read = _read_tile(dataset, bands, scene, window, partial, min_valid)
+                        if read is None:
+                            done[key] = {"empty": True}
+                            log.write(json.dumps({"key": key, "empty": True}) + "\n")
+                            continue
+                        png_bytes, valid_window = read
+                        rows.append(classify.row(key, {"path": None, "bytes": png_bytes}))
+                        meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
+                    if rows:
+                        for p in classify(rows, mode, batch_size):
+                            record = {
+                                "key": p.id,
+                                **meta[p.id],
+                                "label": p.label,
+                                "confidence": p.confidence,
+                                "calibrated": p.calibrated,
+                                "abstained": p.abstained,
+                                "top3": p.top3(),
+                                "raw_answer": p.raw_answer,
+                            }
+                            done[p.id] = record
+                            log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    os.fsync(log.fileno())
+        except BaseException:
+            if not done:  # nothing classified yet: no journal of a header alone is left behind
+                journal.unlink(missing_ok=True)
+            raise
         features = _features(windows, done, dataset, to_wgs84, min_confidence)
         empty = len(windows) - len(features)
         crs = "EPSG:4326" if to_wgs84 else dataset.crs.to_string()
