@@ -42,9 +42,28 @@ from pixtral_lora.outputs import atomic_file, check_replaceable_file, drop_torn_
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
-COLUMNS = [
-    "path", "label", "confidence", "calibrated", "top3", "raw_answer", "outcome", "error", "sha256", "mode", "model", "warning"
-]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionRow:
+    """One row of a predictions file; its fields are the file's columns, in order."""
+
+    path: str
+    label: str | None
+    confidence: float | None
+    calibrated: bool | None
+    top3: list | None
+    raw_answer: str | None
+    # abstained (the label it would have had is kept), valid, or hallucinated/unparseable/unreadable
+    outcome: str
+    error: str | None
+    sha256: str | None
+    mode: str
+    model: str
+    warning: str | None  # what --force let through, on every row it concerns
+
+
+COLUMNS = [field.name for field in dataclasses.fields(PredictionRow)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,27 +200,25 @@ def _journals(out: Path) -> list[Path]:
 def _rows_of(
     predictions, hashes: dict[str, str | None], mode: str, model: str, warning: str | None = None
 ) -> list[dict]:
-    rows = []
-    for p in predictions:
-        # abstained (the label it would have had is kept), valid, or hallucinated/unparseable/unreadable
-        outcome = "abstained" if p.abstained else "valid" if p.label else p.outcome
-        rows.append(
-            {
-                "path": p.id,
-                "label": p.label,
-                "confidence": p.confidence,
-                "calibrated": p.calibrated if p.confidence is not None else None,
-                "top3": p.top3(),
-                "raw_answer": p.raw_answer,
-                "outcome": outcome,
-                "error": p.error,
-                "sha256": hashes.get(p.id),
-                "mode": mode,
-                "model": model,
-                "warning": warning,  # what --force let through, on every row it concerns
-            }
+    return [
+        dataclasses.asdict(
+            PredictionRow(
+                path=p.id,
+                label=p.label,
+                confidence=p.confidence,
+                calibrated=p.calibrated if p.confidence is not None else None,
+                top3=p.top3(),
+                raw_answer=p.raw_answer,
+                outcome="abstained" if p.abstained else "valid" if p.label else p.outcome,
+                error=p.error,
+                sha256=hashes.get(p.id),
+                mode=mode,
+                model=model,
+                warning=warning,
+            )
         )
-    return rows
+        for p in predictions
+    ]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,14 +89,14 @@ def config_changes(recorded: dict, config: Config) -> list[str]:
 
 
 def image_bytes(ref) -> bytes:
-    """The bytes of an undecoded image reference (`{"path", "bytes"}`); b"" for a missing one."""
-    if not isinstance(ref, dict):
-        return b""
-    if ref.get("bytes"):
-        return ref["bytes"]
+    """The bytes of an undecoded image reference (`{"path", "bytes"}`), read as every loader reads
+    them; b"" for a missing or unreadable one (its hash then says so)."""
+    from pixtral_lora.data.images import ImageError, read_image_bytes
+    from pixtral_lora.data.loaders import image_source
+
     try:
-        return Path(ref["path"]).read_bytes() if ref.get("path") else b""
-    except OSError:
+        return read_image_bytes(image_source(ref))
+    except ImageError:
         return b""
 
 

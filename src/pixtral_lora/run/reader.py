@@ -9,7 +9,7 @@ to read a run.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -130,16 +130,24 @@ class Run:
         logger.warning("%s: %s (--force)", self.run_dir, problem)
         self.warnings.append(f"--force: {problem}")
 
-    def _check_base(self) -> None:
+    @functools.cached_property
+    def base_record(self) -> dict | None:
+        """adapter/base_model.json, read once (None for an adapter from before it was recorded)."""
         recorded_file = self.adapter_dir / BASE_MODEL_FILE
         if not recorded_file.is_file():
-            return  # an adapter from before the base was recorded
+            return None
         try:
             recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
             if not isinstance(recorded, dict):
                 raise ValueError("not a JSON object")
         except ValueError as err:
             raise RunDirError(f"{recorded_file}: not the base record train.py writes ({err})") from None
+        return recorded
+
+    def _check_base(self) -> None:
+        recorded = self.base_record
+        if recorded is None:
+            return
         problem = base_mismatch(recorded, self.config.model.name_or_path)
         if problem:
             self._differs(problem, "point model.name_or_path in config.yaml at the base it was trained on")
@@ -162,17 +170,12 @@ class Run:
 
     def check_family(self, merged: str | Path) -> None:
         """A merged checkpoint of another family than the run's base cannot answer its prompts."""
-        recorded_file = self.adapter_dir / BASE_MODEL_FILE
-        trained = None
-        if recorded_file.is_file():
-            with contextlib.suppress(ValueError, AttributeError):
-                trained = json.loads(recorded_file.read_text(encoding="utf-8")).get("family")
-        trained = trained or local_family(self.config.model.name_or_path)
+        trained = (self.base_record or {}).get("family") or local_family(self.config.model.name_or_path)
         given = local_family(merged)
         if trained and given and trained != given:
             raise RunDirError(
-                f"--merged {merged} is a {given} checkpoint, but {self.run_dir} was trained on a {trained} "
-                "base; give a merged export of this run"
+                f"the merged model {merged} is a {given} checkpoint, but {self.run_dir} was trained on a "
+                f"{trained} base; give a merged export of this run"
             )
 
     @property

@@ -334,7 +334,9 @@ def _train_in(
                 "label_sources": run_data.label_sources,
                 "ids": run_data.splits.ids(),
                 # what the held-out images were, byte for byte: Run.open notices data changed since
-                "content_sha256": {
+                # (a resume keeps what the first start recorded: hashed once, compared against that)
+                "content_sha256": (recorded or {}).get("content_sha256")
+                or {
                     name: content_sha256(split)
                     for name, split in (
                         ("validation", run_data.splits.validation),
