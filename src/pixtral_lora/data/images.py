@@ -150,7 +150,9 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: rejected as a decompression bomb ({err})") from err
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (no format PIL knows starts its {len(data)} bytes)") from None
+        raise ImageError(
+            f"{name}: cannot decode image (no format PIL knows starts its {len(data)} bytes)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: cannot decode image ({err})") from err
     image = ImageOps.exif_transpose(image)

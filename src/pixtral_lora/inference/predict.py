@@ -303,7 +303,7 @@ def predict_archive(
                 try:
                     data = item.read()
                     hashes[item.key] = hashlib.sha256(data).hexdigest()
-                    ref = {"path": None, "bytes": data}
+                    ref = {"path": item.key, "bytes": data}  # the bytes, read once; the path names them
                 except ImageError:
                     hashes[item.key], ref = None, {"path": item.key, "bytes": None}
                 earlier = done.get(item.key)
