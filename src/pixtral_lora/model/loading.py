@@ -152,6 +152,20 @@ def check_model_source(name: str, field_name: str = "model") -> str:
     return "hub"
 
 
+def safetensors_shapes(file: Path, remedy: str = "") -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header alone; a truncated or foreign file is a
+    `ModelSourceError` naming it (with `remedy` appended), not safetensors' own error type."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ModelSourceError(
+            f"{file}: not a complete safetensors file ({str(err).splitlines()[0][:160]}){remedy}"
+        ) from None
+
+
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """adapter_config.json of a LoRA adapter, checked against its tensors: their shapes (from the
     headers), every lora_A with its lora_B, and every value finite (the one read of the tensors).
@@ -160,8 +174,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     `ModelSourceError` naming the file: PEFT would otherwise load the tensors under the wrong scale,
     run on a partial adapter, or fail with a traceback.
     """
-
-    from safetensors import safe_open
 
     adapter_dir = Path(adapter_dir)
     config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
@@ -178,13 +190,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise ModelSourceError(
             f"{config_path}: r ({rank!r}) and lora_alpha ({alpha!r}) must be positive numbers"
         )
-    try:
-        with safe_open(weights, framework="pt") as handle:
-            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise ModelSourceError(
-            f"{weights}: not a complete safetensors file ({str(err).splitlines()[0][:160]})"
-        ) from None
+    shapes = safetensors_shapes(weights)
     for key, shape in shapes.items():
         if (
             key.endswith("lora_A.weight")
@@ -327,7 +333,6 @@ def check_weights(model_name_or_path: str | os.PathLike) -> None:
     """Every weight file a local checkpoint names is there and is a whole safetensors file (its
     header parses and covers the file): a missing shard or a truncated download is one line naming
     the file, not transformers' traceback. Hub ids are checked by the download itself."""
-    from safetensors import safe_open
 
     path = Path(model_name_or_path)
     if not path.is_dir():
@@ -352,14 +357,7 @@ def check_weights(model_name_or_path: str | os.PathLike) -> None:
         file = path / name
         if not file.is_file():
             raise ModelSourceError(f"{path}: {where} {name}, which is missing; fetch the checkpoint again")
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-            raise ModelSourceError(
-                f"{file}: not a complete safetensors file ({str(err).splitlines()[0][:160]}); "
-                "fetch the checkpoint again"
-            ) from None
+        safetensors_shapes(file, "; fetch the checkpoint again")
 
 
 def check_quantization(

@@ -160,8 +160,7 @@ def check_resumable(checkpoint: Path, expected: dict[str, tuple[int, ...]], mode
     it has one) and the same LoRA tensors with the same shapes as `expected` (the model's own, from
     PEFT). A checkpoint of another base or family, rank or target set is one line, not a traceback
     from the optimizer state or an adapter quietly continued on another model."""
-    from safetensors import safe_open
-
+    from pixtral_lora.model.loading import safetensors_shapes
     from pixtral_lora.run.identity import base_mismatch, local_family
 
     recorded = checkpoint / BASE_MODEL_FILE
@@ -176,14 +175,8 @@ def check_resumable(checkpoint: Path, expected: dict[str, tuple[int, ...]], mode
             raise RunDirError(
                 f"--resume {checkpoint}: {why}; resume from a checkpoint of this run, or pass --resume never"
             )
-    weights = checkpoint / "adapter_model.safetensors"
-    try:
-        with safe_open(weights, framework="pt") as handle:
-            saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise RunDirError(
-            f"{weights}: not a complete safetensors file ({str(err).splitlines()[0][:160]})"
-        ) from None
+    shapes = safetensors_shapes(checkpoint / "adapter_model.safetensors")
+    saved = {key: tuple(shape) for key, shape in shapes.items()}
     missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & saved.keys() if expected[k] != saved[k])
     if missing or extra or reshaped:
