@@ -40,31 +40,30 @@ from pixtral_lora.outputs import MISTRAL_EXPORT_FILES, atomic_directory, write_j
 logger = logging.getLogger(__name__)
 
 
-def _read_tekken(path: Path, what: str) -> dict:
-    """A tekken.json's `config` and `image` blocks, checked to be one mistral_common can load."""
+def _read_tekken(path: Path, what: str):
+    """A tekken.json as mistral_common loads it, and its `config.version` and `image` block."""
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
     if not path.is_file():
         raise ExportError(f"{what} {path}: no such file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        Tekkenizer.from_file(str(path))
+        tokenizer = Tekkenizer.from_file(str(path))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ExportError(
             f"{what} {path}: not a tekken tokenizer file ({type(err).__name__}: {err})"
         ) from None
-    return {"version": data["config"].get("version"), "image": data.get("image") or {}}
+    return tokenizer, {"version": data["config"].get("version"), "image": data.get("image") or {}}
 
 
 def _check_tekken(checkpoint: Path, config: dict, tekken: Path, given: bool) -> None:
     """The tekken.json shipped with the export must be the checkpoint's tokenizer: its image settings
     those of config.json, its version that of the checkpoint's own tekken.json (when it has one and
     another was given), and its ids those of the HF tokenizer for a probe text."""
-    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
     from transformers import AutoTokenizer
 
     what = "--tekken" if given else "the checkpoint's tekken.json"
-    ours = _read_tekken(tekken, what)
+    tokenizer, ours = _read_tekken(tekken, what)
     vision = config["vision_config"]
     expected = {
         "image_patch_size": vision["patch_size"],
@@ -80,7 +79,7 @@ def _check_tekken(checkpoint: Path, config: dict, tekken: Path, given: bool) -> 
         )
     own = checkpoint_tekken(checkpoint)
     if given and own is not None and own.resolve() != tekken.resolve():
-        version = _read_tekken(own, "the checkpoint's tekken.json")["version"]
+        version = _read_tekken(own, "the checkpoint's tekken.json")[1]["version"]
         if ours["version"] != version:
             raise ExportError(
                 f"--tekken {tekken}: tokenizer version {ours['version']}, but {checkpoint} was released with "
@@ -90,7 +89,7 @@ def _check_tekken(checkpoint: Path, config: dict, tekken: Path, given: bool) -> 
         return
     probe = 'Satellite scenes: DenseResidential; Port. {"label": "Forest"} 12,345 ünïcödé'
     hf_ids = AutoTokenizer.from_pretrained(str(checkpoint)).encode(probe, add_special_tokens=False)
-    if hf_ids != Tekkenizer.from_file(str(tekken)).encode(probe, bos=False, eos=False):
+    if hf_ids != tokenizer.encode(probe, bos=False, eos=False):
         raise ExportError(
             f"{checkpoint}: its tokenizer differs from {tekken}; give the checkpoint's own tekken.json as --tekken"
         )
