@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES, tiny_config
+from conftest import SYNTH_CLASSES, one_line_error, run_cli, run_command, tiny_config
 from PIL import Image
 
 from pixtral_lora.cli import main
@@ -507,6 +507,52 @@ def test_data_export_on_a_full_disk_is_one_line(aid_dir, tmp_path, monkeypatch, 
     monkeypatch.setattr(data, "encode_data_uri", no_space)
     assert main(["data", "export", str(aid_dir), "--out", str(tmp_path / "d.jsonl")]) == 2
     assert "no space left" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+# safetensors' Rust writer on a full disk: a SafetensorError carrying the OS error, after part of the file.
+_FULL_DISK_SITE = """
+import safetensors, safetensors.torch
+
+def _no_space(tensors, filename, metadata=None):
+    with open(filename, "wb") as handle:
+        handle.write(b"\\0" * 4096)
+    raise safetensors.SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+safetensors.torch.save_file = _no_space
+"""
+
+
+@pytest.mark.parametrize("command", ["tiny-model", "dequantize", "convert --format hf"])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(
+    command, tiny_model_dir, tmp_path
+):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FULL_DISK_SITE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    if command == "tiny-model":
+        result = run_cli("tiny-model", "--out", out, env=env)
+    elif command == "dequantize":
+        result = run_cli("dequantize", tiny_model_dir, "--out", out, "--dtype", "float32", env=env)
+    else:
+        result = run_command(
+            "scripts/convert_to_mistral.py",
+            "--model",
+            tiny_model_dir,
+            "--format",
+            "hf",
+            "--out",
+            out,
+            env=env,
+        )
+    line = one_line_error(result)
+    assert "no space left" in line and "nothing was written" in line, line
+    assert list(work.iterdir()) == []  # no half-written checkpoint, no temporary folder
 
 
 # ---------------------------------------------------------------------------------------------------
