@@ -114,8 +114,8 @@ def check_unreadable_counted(run_dir: Path, vllm_python: str, export: Path, expe
     broken_id, broken = rows[0]["id"], Path(rows[0]["images"][0]["path"])
     original = broken.read_bytes()
     broken.write_bytes(b"not an image: the transformers path counts it as unreadable")
-    try:
-        served = vllm_eval_answers(vllm_python, run_dir, "--merged", str(export))
+    try:  # --force: the run refuses a test split whose images changed since training, as this one has
+        served = vllm_eval_answers(vllm_python, run_dir, "--merged", str(export), "--force")
     finally:
         broken.write_bytes(original)
     report = json.loads((run_dir / "eval-vllm-backend" / "report.json").read_text(encoding="utf-8"))
