@@ -1,4 +1,4 @@
-"""`pixtral-lora` command line: tiny-model, dequantize, data {generate,generate-scene,validate,preview,export}, eval, calibrate, compare, predict, map."""
+"""`pixtral-lora` command line: tiny-model, dequantize, data {generate,generate-scene,validate,audit,preview,export}, eval, calibrate, compare, predict, map."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`pixtral-lora data ...`: generate, generate-scene, validate, preview and export datasets."""
+"""`pixtral-lora data ...`: generate, generate-scene, validate, audit, preview and export datasets."""
 
 from __future__ import annotations
 
@@ -172,11 +172,32 @@ def _data_generate_scene(args) -> int:
 _ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise stay in the data folder)"
 
 
+def _data_audit(args) -> int:
+    from pixtral_lora.config.schema import Config
+    from pixtral_lora.config.yaml_loading import load_config
+    from pixtral_lora.data.audit import audit, write_audit
+    from pixtral_lora.data.splits import load_run_data
+
+    config = load_config(args.config) if args.config else Config(data={"path": str(args.path)})
+    data = _data_section(args.path, config.data, args.classes, list(args.allow_path))
+    data = data.model_copy(update={"path": str(args.path)})
+    findings = audit(load_run_data(config.model_copy(update={"data": data})).splits, args.max_distance)
+    out = write_audit(findings, str(args.path), args.out, args.overwrite)
+    counts = findings["counts"]
+    print(
+        f"{findings['images']} images: {counts['exact']} exact and {counts['near']} near-duplicate groups, "
+        f"{counts['conflicting']} with conflicting labels, {counts['leak']} across splits "
+        f"({counts['leaked_test_images']} test images with a twin), {counts['unreadable']} unreadable; "
+        f"{len(findings['exclude'])} ids in {out / 'exclude.txt'}; report: {out / 'audit.md'}"
+    )
+    return 0
+
+
 def add_data_commands(commands) -> None:
     """The `data` command and its subcommands, on the top-level parser's subparsers."""
     from pixtral_lora.config.schema import Count, ImageEdge, NonNegativeCount, Pixels, cli_number
 
-    data = commands.add_parser("data", help="generate, validate, preview and export datasets")
+    data = commands.add_parser("data", help="generate, validate, audit, preview and export datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
 
     generate = data_commands.add_parser("generate", help="write synthetic AID-style scene folders")
@@ -236,6 +257,23 @@ def add_data_commands(commands) -> None:
         help="replace --save-image even if an earlier preview did not write it",
     )
     preview.set_defaults(func=_data_preview)
+
+    audit = data_commands.add_parser(
+        "audit", help="find exact and near-duplicate images, conflicting labels and train/test leakage"
+    )
+    audit.add_argument("path")
+    audit.add_argument("--out", required=True, help="folder for audit.json, audit.md and exclude.txt")
+    audit.add_argument("--config", help="audit this config's split (data settings, test_size, split_seed)")
+    audit.add_argument("--classes", help="class names for JSONL/CSV data")
+    audit.add_argument(
+        "--max-distance",
+        type=cli_number(NonNegativeCount),
+        default=8,
+        help="largest perceptual-hash distance (bits of 64) still called a near-duplicate (default 8)",
+    )
+    audit.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
+    audit.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an audit")
+    audit.set_defaults(func=_data_audit)
 
     export = data_commands.add_parser("export", help="write a dataset as Mistral fine-tuning JSONL")
     export.add_argument("path")

@@ -1,0 +1,220 @@
+"""`pixtral-lora data audit`: exact and near-duplicate images, grouped, with their labels and splits.
+
+Every image of a run's split (`splits.load_run_data`, so the audit sees the ids training uses) gets two
+fingerprints: the SHA-256 of its decoded RGB pixels (exact duplicates, whatever the file encoding) and
+a 64-bit perceptual hash (`imagehash.phash`, the DCT of a 32x32 greyscale copy: robust to re-encoding,
+resizing, small crops and brightness). Near neighbours are found with a multi-index of hash bands, not
+all pairs: with `bands` > `max_distance`, two hashes within `max_distance` bits agree exactly on at
+least one band (pigeonhole), so only images sharing a band value are compared. Linked images form
+groups (union-find); a group is `redundant` (one label, one split), `conflicting` (more than one
+label) and/or `leak` (more than one split).
+
+`exclude.txt` lists the ids a user may drop: in a leaking group, its training and validation members
+(the test image stays, the twin it would be remembered from goes); in a conflicting group, every
+member but the first of its most common label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pixtral_lora.data.images import ImageError, load_image
+from pixtral_lora.data.loaders import Splits, image_source
+from pixtral_lora.errors import DataError
+
+HASH_BITS = 64
+
+
+@dataclass
+class Entry:
+    id: str
+    label: str
+    split: str
+
+
+@dataclass
+class Group:
+    kind: list[str]  # "exact" or "near", then "redundant" | "conflicting" and "leak"
+    members: list[Entry]
+    max_distance: int  # largest Hamming distance between linked members (0: exact)
+
+
+def split_entries(splits: Splits) -> tuple[list[Entry], list]:
+    """Every image of the split with its label and split name, and its loadable source."""
+    entries, sources = [], []
+    for name in ("train", "validation", "test"):
+        dataset = getattr(splits, name)
+        if dataset is None:
+            continue
+        if "image" not in dataset.column_names:
+            raise DataError(
+                "data audit reads image datasets (AID-style folders, Parquet, HF datasets), not yet "
+                "JSONL or CSV conversations: audit the image folder their rows name"
+            )
+        names = dataset.features["label"].names
+        for row in dataset:
+            entries.append(Entry(row["id"], names[row["label"]], name))
+            sources.append(image_source(row["image"]))
+    return entries, sources
+
+
+def fingerprints(sources: list, progress: bool = True) -> tuple[list[str | None], list[int | None], list]:
+    """Pixel SHA-256 and perceptual hash of each image; unreadable ones are None and listed."""
+    import imagehash
+    from tqdm.auto import tqdm
+
+    exact, perceptual, unreadable = [], [], []
+    for index, source in enumerate(tqdm(sources, desc="hashing images", unit="img", disable=not progress)):
+        try:
+            image = load_image(source)
+        except ImageError as err:
+            exact.append(None)
+            perceptual.append(None)
+            unreadable.append((index, str(err)))
+            continue
+        exact.append(hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest())
+        perceptual.append(int(str(imagehash.phash(image)), 16))
+    return exact, perceptual, unreadable
+
+
+def near_pairs(hashes: list[int | None], max_distance: int) -> list[tuple[int, int, int]]:
+    """(i, j, distance) for every pair of hashes within `max_distance` bits, through a band index."""
+    bands = max_distance + 1
+    widths = [HASH_BITS // bands + (b < HASH_BITS % bands) for b in range(bands)]
+    index: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
+    pairs: dict[tuple[int, int], int] = {}
+    for i, value in enumerate(hashes):
+        if value is None:
+            continue
+        shift = 0
+        for band, width in enumerate(widths):
+            key = (value >> shift) & ((1 << width) - 1)
+            shift += width
+            for j in index[band][key]:
+                if (j, i) not in pairs:
+                    distance = (value ^ hashes[j]).bit_count()
+                    if distance <= max_distance:
+                        pairs[(j, i)] = distance
+            index[band][key].append(i)
+    return [(i, j, d) for (i, j), d in pairs.items()]
+
+
+def group(entries: list[Entry], exact: list, pairs: list[tuple[int, int, int]]) -> list[Group]:
+    """Union-find over exact matches and near pairs; groups of two or more, largest first."""
+    parent = list(range(len(entries)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    links = list(pairs)
+    first: dict[str, int] = {}
+    for i, digest in enumerate(exact):
+        if digest is not None:
+            links.append((first.setdefault(digest, i), i, 0))
+    worst: dict[int, int] = defaultdict(int)
+    for i, j, _ in links:
+        parent[root(i)] = root(j)
+    for i, _, d in links:
+        worst[root(i)] = max(worst[root(i)], d)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(entries)):
+        members[root(i)].append(i)
+    groups = []
+    for top, indices in members.items():
+        if len(indices) < 2:
+            continue
+        found = [entries[i] for i in indices]
+        kind = ["exact" if worst[top] == 0 else "near"]
+        kind.append("conflicting" if len({e.label for e in found}) > 1 else "redundant")
+        if len({e.split for e in found}) > 1:
+            kind.append("leak")
+        groups.append(Group(kind, found, worst[top]))
+    return sorted(groups, key=lambda g: (-len(g.members), g.members[0].id))
+
+
+def excluded_ids(groups: list[Group]) -> list[str]:
+    """The ids a user may drop (see the module docstring)."""
+    drop: set[str] = set()
+    for found in groups:
+        if "leak" in found.kind and any(e.split == "test" for e in found.members):
+            drop.update(e.id for e in found.members if e.split != "test")
+        if "conflicting" in found.kind:
+            keep_label = Counter(e.label for e in found.members).most_common(1)[0][0]
+            keeper = next(e for e in found.members if e.label == keep_label)
+            drop.update(e.id for e in found.members if e is not keeper)
+    return sorted(drop)
+
+
+def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
+    """The audit's findings for a run's split, as audit.json holds them."""
+    entries, sources = split_entries(splits)
+    exact, perceptual, unreadable = fingerprints(sources, progress)
+    groups = group(entries, exact, near_pairs(perceptual, max_distance))
+    counts = Counter(kind for found in groups for kind in found.kind)
+    return {
+        "images": len(entries),
+        "splits": dict(Counter(e.split for e in entries)),
+        "classes": dict(sorted(Counter(e.label for e in entries).items())),
+        "method": {
+            "exact": "SHA-256 of decoded RGB pixels",
+            "near": f"imagehash.phash (64 bits), Hamming distance <= {max_distance}, "
+            f"multi-index of {max_distance + 1} hash bands",
+        },
+        "counts": {
+            "groups": len(groups),
+            **{kind: counts.get(kind, 0) for kind in ("exact", "near", "redundant", "conflicting", "leak")},
+            "leaked_test_images": sum(
+                1 for found in groups if "leak" in found.kind for e in found.members if e.split == "test"
+            ),
+            "unreadable": len(unreadable),
+        },
+        "groups": [asdict(found) for found in groups],
+        "unreadable": [{"id": entries[i].id, "error": error} for i, error in unreadable],
+        "exclude": excluded_ids(groups),
+    }
+
+
+def markdown(findings: dict, dataset: str) -> str:
+    counts = findings["counts"]
+    lines = [
+        f"# Data audit of {dataset}",
+        "",
+        f"{findings['images']} images ({', '.join(f'{k} {v}' for k, v in findings['splits'].items())}), "
+        f"{len(findings['classes'])} classes.",
+        f"Exact: {findings['method']['exact']}. Near: {findings['method']['near']}.",
+        "",
+        "| finding | groups |",
+        "|---|---|",
+        *[f"| {k} | {counts[k]} |" for k in ("exact", "near", "redundant", "conflicting", "leak")],
+        "",
+        f"Test images with a twin in train or validation: {counts['leaked_test_images']}. "
+        f"Unreadable images: {counts['unreadable']}. Ids in exclude.txt: {len(findings['exclude'])}.",
+        "",
+        "## Groups",
+        "",
+    ]
+    for number, found in enumerate(findings["groups"], 1):
+        members = ", ".join(f"`{m['id']}` ({m['label']}, {m['split']})" for m in found["members"])
+        lines.append(f"{number}. {' '.join(found['kind'])} (distance <= {found['max_distance']}): {members}")
+    return "\n".join(lines) + "\n"
+
+
+def write_audit(findings: dict, dataset: str, out: str | Path, overwrite: bool = False) -> Path:
+    """audit.json, audit.md and exclude.txt in `out`, written whole or not at all."""
+    from pixtral_lora.outputs import atomic_directory
+
+    with atomic_directory(out, AUDIT_FILES, overwrite, kind="data audit") as tmp:
+        (tmp / "audit.json").write_text(json.dumps(findings, indent=1), encoding="utf-8")
+        (tmp / "audit.md").write_text(markdown(findings, dataset), encoding="utf-8")
+        (tmp / "exclude.txt").write_text("".join(f"{i}\n" for i in findings["exclude"]), encoding="utf-8")
+    return Path(out)
+
+
+AUDIT_FILES = ("audit.json", "audit.md", "exclude.txt")
