@@ -6,7 +6,7 @@ import io
 import json
 import shutil
 
-from conftest import SYNTH_CLASSES, run_cli
+from conftest import ROOT, SYNTH_CLASSES, one_line_error, run_cli, run_command, set_args
 from PIL import Image, ImageEnhance
 
 
@@ -81,3 +81,47 @@ def test_audit_of_a_config_split_names_a_test_image_leaked_into_train(aid_dir, t
     assert f"Desert/{leaked.name}" in {m["id"] for m in leak["members"] if m["split"] == "test"}
     assert "Desert/leaked.jpg" in (out / "exclude.txt").read_text().split()
     assert findings["counts"]["leaked_test_images"] >= 1
+
+
+def test_exclude_txt_round_trips_through_training_and_eval(aid_dir, tiny_model_dir, tmp_path):
+    data = shutil.copytree(aid_dir, tmp_path / "data")
+    original = sorted((data / "Port").iterdir())[0]
+    shutil.copyfile(original, data / "Beach" / "moved_port.jpg")  # a conflicting duplicate
+    audit = tmp_path / "audit"
+    assert run_cli("data", "audit", data, "--out", audit).returncode == 0
+    exclude = (audit / "exclude.txt").read_text().split()
+    assert {"Beach/moved_port.jpg", original.relative_to(data).as_posix()} <= set(exclude)  # a 1:1 tie
+
+    run = tmp_path / "run"
+    sets = set_args(
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.path={data}",
+        f"data.exclude={audit / 'exclude.txt'}",
+        f"training.output_dir={run}",
+        "training.max_steps=1",
+        "training.eval_steps=null",
+        "data.validation_size=0",
+        "data.test_size=0.3",
+    )
+    trained = run_command("train.py", ROOT / "configs" / "tiny.yaml", *sets)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["excluded"]["ids"] == sorted(exclude) and report["excluded"]["count"] == len(exclude)
+    split = json.loads((run / "split.json").read_text())
+    assert not set(exclude) & {i for ids in split["ids"].values() for i in ids}
+    assert sum(map(len, split["ids"].values())) == 10 * len(SYNTH_CLASSES) + 1 - len(exclude)
+
+    evaluated = run_cli("eval", run, "--limit", "2", "--modes", "score", "--models", "finetuned")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"{len(exclude)} ids left out by data.exclude" in (run / "eval" / "report.html").read_text()
+
+    # An exclude list naming ids this data does not have is refused in one line.
+    (tmp_path / "other.txt").write_text("Forest/not_here.jpg\n")
+    refused = run_command(
+        "train.py",
+        ROOT / "configs" / "tiny.yaml",
+        *sets,
+        *set_args(f"data.exclude={tmp_path / 'other.txt'}", f"training.output_dir={tmp_path / 'run2'}"),
+    )
+    assert "data.exclude" in one_line_error(refused) and "not_here.jpg" in refused.stderr
+    assert not (tmp_path / "run2").exists()

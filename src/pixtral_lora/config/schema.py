@@ -90,6 +90,9 @@ class DataSection(_Section):
     image_longest_edge: ImageEdge | None = 300
     max_length: int = Field(2048, ge=32)
     limit_train: int | None = Field(None, ge=1)  # use only the first N training samples (smoke tests)
+    # A file of sample ids to leave out of every split (one per line, `#` comments), e.g. the
+    # `exclude.txt` of `pixtral-lora data audit`; an id the data does not have is an error.
+    exclude: str | None = None
     # Multi-band / GeoTIFF tiles (needs `pip install -e '.[geo]'`): three bands, 1-based (EuroSAT-MS
     # true colour: [4, 3, 2]); stretch to 8 bits per image between percentiles, or fixed [low, high]
     # per band (the same mapping for every tile).

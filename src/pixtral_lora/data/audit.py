@@ -11,7 +11,7 @@ label) and/or `leak` (more than one split).
 
 `exclude.txt` lists the ids a user may drop: in a leaking group, its training and validation members
 (the test image stays, the twin it would be remembered from goes); in a conflicting group, every
-member but the first of its most common label.
+member but the first of its majority label (all of them when no label has a majority).
 """
 
 from __future__ import annotations
@@ -146,9 +146,9 @@ def excluded_ids(groups: list[Group]) -> list[str]:
         if "leak" in found.kind and any(e.split == "test" for e in found.members):
             drop.update(e.id for e in found.members if e.split != "test")
         if "conflicting" in found.kind:
-            keep_label = Counter(e.label for e in found.members).most_common(1)[0][0]
-            keeper = next(e for e in found.members if e.label == keep_label)
-            drop.update(e.id for e in found.members if e is not keeper)
+            (label, top), *rest = Counter(e.label for e in found.members).most_common()
+            keeper = next(e for e in found.members if e.label == label) if top > rest[0][1] else None
+            drop.update(e.id for e in found.members if e is not keeper)  # a tie: no label to trust
     return sorted(drop)
 
 

@@ -21,6 +21,22 @@ class RunData:
     splits: Splits
     # prompt label -> class name as the source spells it (folder name, ClassLabel name): the way back
     label_sources: dict[str, str] | None = None
+    excluded: list[str] | None = None  # ids `data.exclude` left out
+
+
+def read_exclude(path: str | Path) -> list[str]:
+    """The ids of a `data.exclude` file: one per line, blank lines and `#` comments ignored."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"data.exclude: cannot read {path}: {err}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _drop(dataset, ids: set[str]):
+    keep = [i for i, row_id in enumerate(dataset["id"]) if row_id not in ids]
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
 def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData:
@@ -59,6 +75,19 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
         test_classes = class_names_of(test) if "image" in test.column_names else class_names
     else:
         dataset, test = source.dataset, None
+    excluded = None
+    if data.exclude:
+        wanted = read_exclude(data.exclude)
+        present = set(dataset["id"]) | (set(test["id"]) if test is not None else set())
+        unknown = [row_id for row_id in wanted if row_id not in present]
+        if unknown:
+            raise DataError(
+                f"data.exclude: {data.exclude}: {len(unknown)} id(s) the data does not have, e.g. "
+                f"{unknown[:3]} (an exclude list of another dataset?)"
+            )
+        excluded = sorted(set(wanted))
+        dataset = _drop(dataset, set(wanted))
+        test = _drop(test, set(wanted)) if test is not None else None
     if "image" in dataset.column_names:
         class_names = class_names_of(dataset)
     if test is not None:
@@ -89,4 +118,6 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
             )
     if data.limit_train:
         splits.train = splits.train.select(range(min(data.limit_train, len(splits.train))))
-    return RunData(class_names=class_names, splits=splits, label_sources=label_sources or None)
+    return RunData(
+        class_names=class_names, splits=splits, label_sources=label_sources or None, excluded=excluded
+    )

@@ -24,7 +24,7 @@ from pixtral_lora.evaluation.calibration import abstain, abstention_threshold, r
 from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.evaluation.reports import write_report
 from pixtral_lora.model.render import Renderer
-from pixtral_lora.run.layout import ADAPTER_DIR, CONFIG_FILE, ENVIRONMENT_FILE, SPLIT_FILE
+from pixtral_lora.run.layout import ADAPTER_DIR, CONFIG_FILE, DATA_REPORT_FILE, ENVIRONMENT_FILE, SPLIT_FILE
 from pixtral_lora.run.reader import Run
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ def run_facts(run_dir: Path, config, merged: str | Path | None = None) -> dict:
     environment = run_dir / ENVIRONMENT_FILE
     versions = json.loads(environment.read_text()).get("versions", {}) if environment.is_file() else {}
     config_text = (run_dir / CONFIG_FILE).read_bytes()
+    data_report = run_dir / DATA_REPORT_FILE
+    excluded = json.loads(data_report.read_text()).get("excluded") if data_report.is_file() else None
     return {
         "run": str(run_dir),
         "base model": config.model.name_or_path,
@@ -178,4 +180,8 @@ def run_facts(run_dir: Path, config, merged: str | Path | None = None) -> dict:
         "config sha256": hashlib.sha256(config_text).hexdigest()[:16],
         "evaluated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
-    }
+    } | (
+        {"excluded": f"{excluded['count']} ids left out by data.exclude ({excluded['file']})"}
+        if excluded
+        else {}
+    )

@@ -356,7 +356,19 @@ def _train_in(
         write_json(run_dir / ENVIRONMENT_FILE, environment(config, device))
         write_json(
             run_dir / DATA_REPORT_FILE,
-            {name: vars(r) for name, r in reports.items()} | {"test": {"unreadable": unreadable_test}},
+            {name: vars(r) for name, r in reports.items()}
+            | {"test": {"unreadable": unreadable_test}}
+            | (
+                {
+                    "excluded": {
+                        "file": config.data.exclude,
+                        "count": len(run_data.excluded),
+                        "ids": run_data.excluded,
+                    }
+                }
+                if run_data.excluded is not None
+                else {}
+            ),
         )
 
     # -- Model -------------------------------------------------------------------------------------
