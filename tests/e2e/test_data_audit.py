@@ -125,3 +125,12 @@ def test_exclude_txt_round_trips_through_training_and_eval(aid_dir, tiny_model_d
     )
     assert "data.exclude" in one_line_error(refused) and "not_here.jpg" in refused.stderr
     assert not (tmp_path / "run2").exists()
+
+
+def test_equal_perceptual_hashes_of_different_pixels_are_near_not_exact():
+    from pixtral_lora.data.audit import Entry, group
+
+    entries = [Entry("a", "Forest", "train"), Entry("b", "Forest", "test"), Entry("c", "Forest", "train")]
+    found = group(entries, ["sha-a", "sha-b", "sha-a"], [(0, 1, 0)])  # a, b: same phash, other pixels
+    assert [g.kind for g in found] == [["near", "redundant", "leak"]]
+    assert group(entries, ["sha-a", "sha-b", "sha-a"], [])[0].kind == ["exact", "redundant"]

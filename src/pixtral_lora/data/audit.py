@@ -131,7 +131,9 @@ def group(entries: list[Entry], exact: list, pairs: list[tuple[int, int, int]]) 
         if len(indices) < 2:
             continue
         found = [entries[i] for i in indices]
-        kind = ["exact" if worst[top] == 0 else "near"]
+        # exact only when every member has the same pixels: equal perceptual hashes are still "near"
+        same_pixels = exact[indices[0]] is not None and len({exact[i] for i in indices}) == 1
+        kind = ["exact" if same_pixels else "near"]
         kind.append("conflicting" if len({e.label for e in found}) > 1 else "redundant")
         if len({e.split for e in found}) > 1:
             kind.append("leak")

@@ -77,17 +77,17 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
         dataset, test = source.dataset, None
     excluded = None
     if data.exclude:
-        wanted = read_exclude(data.exclude)
+        wanted = set(read_exclude(data.exclude))
         present = set(dataset["id"]) | (set(test["id"]) if test is not None else set())
-        unknown = [row_id for row_id in wanted if row_id not in present]
+        unknown = sorted(wanted - present)
         if unknown:
             raise DataError(
                 f"data.exclude: {data.exclude}: {len(unknown)} id(s) the data does not have, e.g. "
                 f"{unknown[:3]} (an exclude list of another dataset?)"
             )
-        excluded = sorted(set(wanted))
-        dataset = _drop(dataset, set(wanted))
-        test = _drop(test, set(wanted)) if test is not None else None
+        excluded = sorted(wanted)
+        dataset = _drop(dataset, wanted)
+        test = _drop(test, wanted) if test is not None else None
     if "image" in dataset.column_names:
         class_names = class_names_of(dataset)
     if test is not None:
