@@ -134,3 +134,23 @@ def test_equal_perceptual_hashes_of_different_pixels_are_near_not_exact():
     found = group(entries, ["sha-a", "sha-b", "sha-a"], [(0, 1, 0)])  # a, b: same phash, other pixels
     assert [g.kind for g in found] == [["near", "redundant", "leak"]]
     assert group(entries, ["sha-a", "sha-b", "sha-a"], [])[0].kind == ["exact", "redundant"]
+
+
+def test_a_few_percent_of_crop_is_near_and_a_distinct_scene_is_not():
+    """A phash alone moves 12-16 bits under a 3% crop; the cropped views keep such a copy within reach."""
+    import imagehash
+
+    from pixtral_lora.data.audit import Fingerprints, near_pairs, view_hashes
+    from pixtral_lora.data.synth import draw_scene
+
+    scene = draw_scene("DenseResidential", 0, 256)
+    images = [
+        scene,
+        scene.crop((13, 13, 256, 256)),  # 5% off two sides
+        scene.crop((0, 8, 248, 256)),  # 3% off two others
+        draw_scene("DenseResidential", 1, 256),  # another scene of the same class
+    ]
+    assert imagehash.phash(images[1]) - imagehash.phash(scene) > 8  # the whole frame alone misses it
+    hashes = [view_hashes(image) for image in images]
+    prints = Fingerprints(["a", "b", "c", "d"], [w for w, _ in hashes], [v for _, v in hashes], [])
+    assert {(i, j) for i, j, _ in near_pairs(prints, 8)} == {(0, 1), (0, 2), (1, 2)}

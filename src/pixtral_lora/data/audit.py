@@ -1,13 +1,16 @@
 """`pixtral-lora data audit`: exact and near-duplicate images, grouped, with their labels and splits.
 
-Every image of a run's split (`splits.load_run_data`, so the audit sees the ids training uses) gets two
+Every image of a run's split (`splits.load_run_data`, so the audit sees the ids training uses) gets
 fingerprints: the SHA-256 of its decoded RGB pixels (exact duplicates, whatever the file encoding) and
-a 64-bit perceptual hash (`imagehash.phash`, the DCT of a 32x32 greyscale copy: robust to re-encoding,
-resizing, small crops and brightness). Near neighbours are found with a multi-index of hash bands, not
-all pairs: with `bands` > `max_distance`, two hashes within `max_distance` bits agree exactly on at
-least one band (pigeonhole), so only images sharing a band value are compared. Linked images form
-groups (union-find); a group is `redundant` (one label, one split), `conflicting` (more than one
-label) and/or `leak` (more than one split).
+64-bit perceptual hashes (`imagehash.phash`, the DCT of a 32x32 greyscale copy: robust to re-encoding,
+resizing and brightness) of the whole frame and of nine views cropped by up to `CROP` of each side. A
+phash moves 12-16 bits under a 3% crop, more than it tells distinct scenes apart; a cropped copy's whole
+frame is within a few bits of one of its original's views instead. Near neighbours are found with a
+multi-index of the whole-frame hashes in `max_distance + 1` bands, queried with every view, not all
+pairs: two hashes within `max_distance` bits agree exactly on at least one band (pigeonhole), so only
+images sharing a band value are compared. Linked images form groups (union-find); a group is
+`redundant` (one label, one split), `conflicting` (more than one label) and/or `leak` (more than one
+split).
 
 `exclude.txt` lists the ids a user may drop: in a leaking group, its training and validation members
 (the test image stays, the twin it would be remembered from goes); in a conflicting group, every
@@ -62,44 +65,81 @@ def split_entries(splits: Splits) -> tuple[list[Entry], list]:
     return entries, sources
 
 
-def fingerprints(sources: list, progress: bool = True) -> tuple[list[str | None], list[int | None], list]:
-    """Pixel SHA-256 and perceptual hash of each image; unreadable ones are None and listed."""
+CROP = 0.04  # each view drops up to this fraction of the width and height (at 0, CROP / 2 or CROP)
+VIEW_EDGE = 256  # views are cut from a copy this size: phash looks at 32x32 of it anyway
+
+
+@dataclass
+class Fingerprints:
+    exact: list[str | None]  # SHA-256 of the decoded pixels; None: unreadable
+    whole: list[int | None]  # phash of the whole frame
+    views: list[list[int]]  # phash of the cropped views (empty for an unreadable image)
+    unreadable: list[tuple[int, str]]  # (index, why)
+
+
+def view_hashes(image) -> tuple[int, list[int]]:
+    """The whole frame's phash and the nine cropped views' (see the module docstring)."""
     import imagehash
+
+    small = image.copy()
+    small.thumbnail((VIEW_EDGE, VIEW_EDGE))
+    w, h = small.size
+    dx, dy = round(w * CROP), round(h * CROP)
+    boxes = [(x, y, x + w - dx, y + h - dy) for x in (0, dx // 2, dx) for y in (0, dy // 2, dy)]
+    return int(str(imagehash.phash(image)), 16), [int(str(imagehash.phash(small.crop(b))), 16) for b in boxes]
+
+
+def fingerprints(sources: list, progress: bool = True) -> Fingerprints:
+    """Pixel SHA-256 and perceptual hashes of each image; unreadable ones are None and listed."""
     from tqdm.auto import tqdm
 
-    exact, perceptual, unreadable = [], [], []
+    found = Fingerprints([], [], [], [])
     for index, source in enumerate(tqdm(sources, desc="hashing images", unit="img", disable=not progress)):
         try:
             image = load_image(source)
         except ImageError as err:
-            exact.append(None)
-            perceptual.append(None)
-            unreadable.append((index, str(err)))
+            found.exact.append(None)
+            found.whole.append(None)
+            found.views.append([])
+            found.unreadable.append((index, str(err)))
             continue
-        exact.append(hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest())
-        perceptual.append(int(str(imagehash.phash(image)), 16))
-    return exact, perceptual, unreadable
+        found.exact.append(hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest())
+        whole, views = view_hashes(image)
+        found.whole.append(whole)
+        found.views.append(views)
+    return found
 
 
-def near_pairs(hashes: list[int | None], max_distance: int) -> list[tuple[int, int, int]]:
-    """(i, j, distance) for every pair of hashes within `max_distance` bits, through a band index."""
+def near_pairs(prints: Fingerprints, max_distance: int) -> list[tuple[int, int, int]]:
+    """(i, j, distance) for every pair whose whole frame is within `max_distance` bits of the other's
+    whole frame or one of its views, through a band index of the whole frames."""
     bands = max_distance + 1
     widths = [HASH_BITS // bands + (b < HASH_BITS % bands) for b in range(bands)]
-    index: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
-    pairs: dict[tuple[int, int], int] = {}
-    for i, value in enumerate(hashes):
-        if value is None:
-            continue
+
+    def keys(value: int):
         shift = 0
         for band, width in enumerate(widths):
-            key = (value >> shift) & ((1 << width) - 1)
+            yield band, (value >> shift) & ((1 << width) - 1)
             shift += width
-            for j in index[band][key]:
-                if (j, i) not in pairs:
-                    distance = (value ^ hashes[j]).bit_count()
-                    if distance <= max_distance:
-                        pairs[(j, i)] = distance
-            index[band][key].append(i)
+
+    index: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
+    for i, value in enumerate(prints.whole):
+        if value is not None:
+            for band, key in keys(value):
+                index[band][key].append(i)
+    pairs: dict[tuple[int, int], int] = {}
+    for i, value in enumerate(prints.whole):
+        if value is None:
+            continue
+        for query in [value, *prints.views[i]]:
+            for band, key in keys(query):
+                for j in index[band][key]:
+                    if j == i:
+                        continue
+                    distance = (query ^ prints.whole[j]).bit_count()
+                    pair = (min(i, j), max(i, j))
+                    if distance <= max_distance and distance < pairs.get(pair, HASH_BITS + 1):
+                        pairs[pair] = distance
     return [(i, j, d) for (i, j), d in pairs.items()]
 
 
@@ -157,8 +197,9 @@ def excluded_ids(groups: list[Group]) -> list[str]:
 def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
     """The audit's findings for a run's split, as audit.json holds them."""
     entries, sources = split_entries(splits)
-    exact, perceptual, unreadable = fingerprints(sources, progress)
-    groups = group(entries, exact, near_pairs(perceptual, max_distance))
+    prints = fingerprints(sources, progress)
+    groups = group(entries, prints.exact, near_pairs(prints, max_distance))
+    unreadable = prints.unreadable
     counts = Counter(kind for found in groups for kind in found.kind)
     return {
         "images": len(entries),
@@ -166,7 +207,8 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
         "classes": dict(sorted(Counter(e.label for e in entries).items())),
         "method": {
             "exact": "SHA-256 of decoded RGB pixels",
-            "near": f"imagehash.phash (64 bits), Hamming distance <= {max_distance}, "
+            "near": f"imagehash.phash (64 bits) of the whole frame against the whole frame and nine "
+            f"views cropped by up to {CROP:.0%} of another, Hamming distance <= {max_distance}, "
             f"multi-index of {max_distance + 1} hash bands",
         },
         "counts": {
