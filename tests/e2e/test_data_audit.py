@@ -154,3 +154,64 @@ def test_a_few_percent_of_crop_is_near_and_a_distinct_scene_is_not():
     hashes = [view_hashes(image) for image in images]
     prints = Fingerprints(["a", "b", "c", "d"], [w for w, _ in hashes], [v for _, v in hashes], [])
     assert {(i, j) for i, j, _ in near_pairs(prints, 8)} == {(0, 1), (0, 2), (1, 2)}
+
+
+def test_training_warns_of_refuses_or_drops_test_images_with_a_twin_in_train(
+    aid_dir, tiny_model_dir, tmp_path
+):
+    data = shutil.copytree(aid_dir, tmp_path / "train")
+    test = tmp_path / "test"
+    for name in SYNTH_CLASSES:  # a separate test set: two images of each class
+        (test / name).mkdir(parents=True)
+        for path in sorted((data / name).iterdir())[:2]:
+            shutil.move(path, test / name / path.name)
+    leaked = sorted((test / "Forest").iterdir())[0]
+    _save(
+        ImageEnhance.Brightness(Image.open(leaked).convert("RGB")).enhance(1.1), data / "Forest" / "copy.jpg"
+    )
+    leaked_id = leaked.relative_to(test).as_posix()
+
+    def train(run, *extra):
+        sets = set_args(
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.path={data}",
+            f"data.test_path={test}",
+            f"training.output_dir={run}",
+            "training.max_steps=1",
+            "training.eval_steps=null",
+            "data.validation_size=0",
+            *extra,
+        )
+        return run_command("train.py", ROOT / "configs" / "tiny.yaml", *sets)
+
+    refused = train(tmp_path / "refused", "data.leakage=error")
+    assert (
+        "data.leakage is 'error'" in one_line_error(refused) and "pixtral-lora data audit" in refused.stderr
+    )
+    assert not (tmp_path / "refused" / "adapter").exists()
+
+    run = tmp_path / "run"
+    trained = train(run, "data.leakage=drop_test")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    warned = [line for line in trained.stderr.splitlines() if "exact or near twin" in line]
+    assert len(warned) == 1 and "left out of the test split" in warned[0]
+    leakage = json.loads((run / "data_report.json").read_text())["leakage"]
+    assert leaked_id in leakage["test_ids"] and leakage["dropped_test_ids"] == leakage["test_ids"]
+    kept = json.loads((run / "split.json").read_text())["ids"]["test"]
+    assert sorted(kept) == sorted(
+        set(p.relative_to(test).as_posix() for p in test.rglob("*.jpg")) - set(leakage["test_ids"])
+    )
+    evaluated = run_cli("eval", run, "--modes", "score", "--models", "finetuned")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = (run / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert sorted(json.loads(row)["id"] for row in rows) == sorted(kept)
+
+    # warn (the default): the same one line, the test split whole, the audit command to list them
+    warned_run = train(tmp_path / "warned")
+    assert warned_run.returncode == 0, warned_run.stderr[-3000:]
+    assert [line for line in warned_run.stderr.splitlines() if "exact or near twin" in line][0].count(
+        "data audit"
+    ) == 1
+    assert len(json.loads((tmp_path / "warned" / "split.json").read_text())["ids"]["test"]) == 2 * len(
+        SYNTH_CLASSES
+    )

@@ -93,6 +93,10 @@ class DataSection(_Section):
     # A file of sample ids to leave out of every split (one per line, `#` comments), e.g. the
     # `exclude.txt` of `pixtral-lora data audit`; an id the data does not have is an error.
     exclude: str | None = None
+    # Before its model loads, training looks for exact and near twins across its split: `warn` (one
+    # line, counts in data_report.json), `error` (a test image with a twin stops the run) or
+    # `drop_test` (those test images are left out of the test split).
+    leakage: Literal["warn", "error", "drop_test"] = "warn"
     # Multi-band / GeoTIFF tiles (needs `pip install -e '.[geo]'`): three bands, 1-based (EuroSAT-MS
     # true colour: [4, 3, 2]); stretch to 8 bits per image between percentiles, or fixed [low, high]
     # per band (the same mapping for every tile).

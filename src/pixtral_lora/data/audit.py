@@ -27,7 +27,6 @@ from pathlib import Path
 
 from pixtral_lora.data.images import ImageError, load_image
 from pixtral_lora.data.loaders import Splits, image_source
-from pixtral_lora.errors import DataError
 
 HASH_BITS = 64
 
@@ -47,21 +46,25 @@ class Group:
 
 
 def split_entries(splits: Splits) -> tuple[list[Entry], list]:
-    """Every image of the split with its label and split name, and its loadable source."""
+    """Every image of the split with its sample's id, label and split name, and its loadable source.
+
+    Image datasets (folders, Parquet, the Hub) have one image a row; JSONL/CSV conversations may have
+    several, each an entry under its row's id (excluding the id drops the row).
+    """
     entries, sources = [], []
     for name in ("train", "validation", "test"):
         dataset = getattr(splits, name)
         if dataset is None:
             continue
-        if "image" not in dataset.column_names:
-            raise DataError(
-                "data audit reads image datasets (AID-style folders, Parquet, HF datasets), not yet "
-                "JSONL or CSV conversations: audit the image folder their rows name"
-            )
-        names = dataset.features["label"].names
+        feature = dataset.features.get("label")
+        names = getattr(feature, "names", None)  # a ClassLabel's; conversations carry the label string
+        column = "image" if "image" in dataset.column_names else "images"
         for row in dataset:
-            entries.append(Entry(row["id"], names[row["label"]], name))
-            sources.append(image_source(row["image"]))
+            label = names[row["label"]] if names is not None else str(row.get("label"))
+            refs = row[column] if column == "images" else [row[column]]
+            for ref in refs:
+                entries.append(Entry(row["id"], label, name))
+                sources.append(ref)
     return entries, sources
 
 
@@ -96,7 +99,7 @@ def fingerprints(sources: list, progress: bool = True) -> Fingerprints:
     found = Fingerprints([], [], [], [])
     for index, source in enumerate(tqdm(sources, desc="hashing images", unit="img", disable=not progress)):
         try:
-            image = load_image(source)
+            image = load_image(image_source(source))
         except ImageError as err:
             found.exact.append(None)
             found.whole.append(None)
@@ -222,6 +225,32 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
         "groups": [asdict(found) for found in groups],
         "unreadable": [{"id": entries[i].id, "error": error} for i, error in unreadable],
         "exclude": excluded_ids(groups),
+    }
+
+
+def leakage(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
+    """The part of the audit training runs before its model loads: the held-out images with an exact
+    or near twin in another split (test: in train or validation; validation: in train)."""
+    entries, sources = split_entries(splits)
+    prints = fingerprints(sources, progress)
+    groups = [g for g in group(entries, prints.exact, near_pairs(prints, max_distance)) if "leak" in g.kind]
+
+    def twinned(split: str, others: set[str]) -> list[str]:
+        return sorted(
+            {
+                e.id
+                for g in groups
+                if {m.split for m in g.members} & others
+                for e in g.members
+                if e.split == split
+            }
+        )
+
+    return {
+        "max_distance": max_distance,
+        "groups": len(groups),
+        "test_ids": twinned("test", {"train", "validation"}),
+        "validation_ids": twinned("validation", {"train"}),
     }
 
 

@@ -6,6 +6,7 @@ so the split recorded in a run directory (`split.json`) names exactly the images
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from pixtral_lora.config.schema import Config
 from pixtral_lora.data.loaders import Splits, class_names_of, split_dataset
 from pixtral_lora.data.sources import Source, load_source
 from pixtral_lora.errors import DataError, RunDirError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +25,7 @@ class RunData:
     # prompt label -> class name as the source spells it (folder name, ClassLabel name): the way back
     label_sources: dict[str, str] | None = None
     excluded: list[str] | None = None  # ids `data.exclude` left out
+    leakage: dict | None = None  # held-out images with a twin in another split (`check_leakage`)
 
 
 def read_exclude(path: str | Path) -> list[str]:
@@ -39,7 +43,35 @@ def _drop(dataset, ids: set[str]):
     return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
-def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData:
+def check_leakage(config: Config, splits: Splits, recorded: dict | None = None) -> dict:
+    """Exact and near twins across the split (`audit.leakage`; a resume keeps what its first start
+    found), handled as `data.leakage` says: warn, refuse (`error`) or leave the test ones out
+    (`drop_test`, applied to `splits`)."""
+    from pixtral_lora.data.audit import leakage
+
+    data = config.data
+    found = {**((recorded or {}).get("leakage") or leakage(splits)), "policy": data.leakage}
+    tests, validations = len(found["test_ids"]), len(found["validation_ids"])
+    if tests or validations:
+        what = (
+            f"{tests} test and {validations} validation images have an exact or near twin in another "
+            f"split ({found['groups']} groups)"
+        )
+        hint = f"pixtral-lora data audit {data.path} --config CONFIG --out DIR lists them"
+        if data.leakage == "error" and tests:
+            raise DataError(f"data.leakage is 'error': {what}; {hint}, data.leakage: drop_test drops them")
+        if data.leakage == "drop_test" and tests:
+            splits.test = _drop(splits.test, set(found["test_ids"]))
+            logger.warning(
+                "%s: the %d test ones are left out of the test split (data.leakage: drop_test)", what, tests
+            )
+        else:
+            logger.warning("%s; %s (data.leakage: error refuses, drop_test drops the test ones)", what, hint)
+    found["dropped_test_ids"] = found["test_ids"] if data.leakage == "drop_test" else []
+    return found
+
+
+def load_run_data(config: Config, recorded_split: dict | None = None, leakage_check: bool = False) -> RunData:
     """Load the dataset and split it (or check it against a split recorded in a run directory).
 
     An AID-style folder takes its class names from its sub-folders; an HF dataset from its ClassLabel
@@ -107,6 +139,7 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
         splits = split_dataset(dataset, data.test_size, data.validation_size, data.split_seed, class_names)
     if problem := config.prompt.class_list_problem(class_names):
         raise DataError(f"{data.path}: {problem}")
+    found_leakage = check_leakage(config, splits, recorded_split) if leakage_check else None
     if recorded_split is not None:
         if recorded_split["class_names"] != class_names:
             raise RunDirError(
@@ -119,5 +152,9 @@ def load_run_data(config: Config, recorded_split: dict | None = None) -> RunData
     if data.limit_train:
         splits.train = splits.train.select(range(min(data.limit_train, len(splits.train))))
     return RunData(
-        class_names=class_names, splits=splits, label_sources=label_sources or None, excluded=excluded
+        class_names=class_names,
+        splits=splits,
+        label_sources=label_sources or None,
+        excluded=excluded,
+        leakage=found_leakage,
     )

@@ -298,7 +298,7 @@ def _train_in(
     main_process = is_main_process()
 
     # -- Data (fails before any model is loaded) ---------------------------------------------------
-    run_data = load_run_data(config, recorded)
+    run_data = load_run_data(config, recorded, leakage_check=True)
     processor = load_processor(config.model.name_or_path)
     renderer = Renderer(
         processor, config.data.image_longest_edge, config.data.max_length, bands=band_options(config.data)
@@ -333,6 +333,8 @@ def _train_in(
                 "class_names": run_data.class_names,
                 "label_sources": run_data.label_sources,
                 "ids": run_data.splits.ids(),
+                # twins across the split, found before training (a resume keeps these)
+                "leakage": run_data.leakage,
                 # what the held-out images were, byte for byte: Run.open notices data changed since
                 # (a resume keeps what the first start recorded: hashed once, compared against that)
                 "content_sha256": (recorded or {}).get("content_sha256")
@@ -357,7 +359,7 @@ def _train_in(
         write_json(
             run_dir / DATA_REPORT_FILE,
             {name: vars(r) for name, r in reports.items()}
-            | {"test": {"unreadable": unreadable_test}}
+            | {"test": {"unreadable": unreadable_test}, "leakage": run_data.leakage}
             | (
                 {
                     "excluded": {
