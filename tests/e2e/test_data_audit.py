@@ -215,3 +215,23 @@ def test_training_warns_of_refuses_or_drops_test_images_with_a_twin_in_train(
     assert len(json.loads((tmp_path / "warned" / "split.json").read_text())["ids"]["test"]) == 2 * len(
         SYNTH_CLASSES
     )
+
+
+def test_audit_reads_jsonl_conversations(aid_dir, tmp_path):
+    exported = tmp_path / "data.jsonl"
+    assert run_cli("data", "export", aid_dir, "--out", exported).returncode == 0
+    lines = exported.read_text().splitlines()
+    moved = json.loads(lines[-1])  # the last image again, answered with another class
+    answer = moved["messages"][-1]["content"][0]
+    first_label = json.loads(answer["text"].strip("`\njson"))["label"]
+    other = next(c for c in SYNTH_CLASSES if c != first_label)
+    answer["text"] = answer["text"].replace(first_label, other)
+    exported.write_text("\n".join([*lines, json.dumps(moved)]) + "\n")
+
+    out = tmp_path / "audit"
+    result = run_cli("data", "audit", exported, "--classes", ",".join(SYNTH_CLASSES), "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    findings = json.loads((out / "audit.json").read_text())
+    assert findings["images"] == len(lines) + 1
+    conflict = next(g for g in findings["groups"] if "conflicting" in g["kind"])
+    assert {first_label, other} <= {m["label"] for m in conflict["members"]}
