@@ -216,6 +216,13 @@ def test_training_warns_of_refuses_or_drops_test_images_with_a_twin_in_train(
         SYNTH_CLASSES
     )
 
+    # data.limit_train trims the training split before the twins are looked for and the split is
+    # recorded, so a rerun finds the same split (the run complete) instead of "the data split differs"
+    for _ in range(2):
+        limited = train(tmp_path / "limited", "data.limit_train=4")
+        assert limited.returncode == 0, limited.stderr[-3000:]
+    assert len(json.loads((tmp_path / "limited" / "split.json").read_text())["ids"]["train"]) == 4
+
 
 def test_audit_reads_jsonl_conversations(aid_dir, tmp_path):
     exported = tmp_path / "data.jsonl"

@@ -139,6 +139,8 @@ def load_run_data(config: Config, recorded_split: dict | None = None, leakage_ch
         splits = split_dataset(dataset, data.test_size, data.validation_size, data.split_seed, class_names)
     if problem := config.prompt.class_list_problem(class_names):
         raise DataError(f"{data.path}: {problem}")
+    if data.limit_train:  # before the twins are looked for and the split compared: what training sees
+        splits.train = splits.train.select(range(min(data.limit_train, len(splits.train))))
     found_leakage = check_leakage(config, splits, recorded_split) if leakage_check else None
     if recorded_split is not None:
         if recorded_split["class_names"] != class_names:
@@ -149,8 +151,6 @@ def load_run_data(config: Config, recorded_split: dict | None = None, leakage_ch
             raise RunDirError(
                 "the data split differs from the one recorded in the run directory (data changed?)"
             )
-    if data.limit_train:
-        splits.train = splits.train.select(range(min(data.limit_train, len(splits.train))))
     return RunData(
         class_names=class_names,
         splits=splits,
