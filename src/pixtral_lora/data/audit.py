@@ -197,11 +197,43 @@ def excluded_ids(groups: list[Group]) -> list[str]:
     return sorted(drop)
 
 
-def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
-    """The audit's findings for a run's split, as audit.json holds them."""
+def _grouped(
+    splits: Splits, max_distance: int, progress: bool
+) -> tuple[list[Entry], Fingerprints, list[Group]]:
+    """Every image of the split, its fingerprints and the groups they link into."""
     entries, sources = split_entries(splits)
     prints = fingerprints(sources, progress)
-    groups = group(entries, prints.exact, near_pairs(prints, max_distance))
+    return entries, prints, group(entries, prints.exact, near_pairs(prints, max_distance))
+
+
+def _twinned(groups: list[Group], max_distance: int) -> dict:
+    """The held-out images with an exact or near twin in another split (test: in train or validation;
+    validation: in train)."""
+    leaks = [g for g in groups if "leak" in g.kind]
+
+    def ids(split: str, others: set[str]) -> list[str]:
+        return sorted(
+            {
+                e.id
+                for g in leaks
+                if {m.split for m in g.members} & others
+                for e in g.members
+                if e.split == split
+            }
+        )
+
+    return {
+        "max_distance": max_distance,
+        "groups": len(leaks),
+        "test_ids": ids("test", {"train", "validation"}),
+        "validation_ids": ids("validation", {"train"}),
+    }
+
+
+def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
+    """The audit's findings for a run's split, as audit.json holds them."""
+    entries, prints, groups = _grouped(splits, max_distance, progress)
+    twinned = _twinned(groups, max_distance)
     unreadable = prints.unreadable
     counts = Counter(kind for found in groups for kind in found.kind)
     return {
@@ -217,11 +249,10 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
         "counts": {
             "groups": len(groups),
             **{kind: counts.get(kind, 0) for kind in ("exact", "near", "redundant", "conflicting", "leak")},
-            "leaked_test_images": sum(
-                1 for found in groups if "leak" in found.kind for e in found.members if e.split == "test"
-            ),
+            "leaked_test_images": len(twinned["test_ids"]),
             "unreadable": len(unreadable),
         },
+        "leakage": twinned,
         "groups": [asdict(found) for found in groups],
         "unreadable": [{"id": entries[i].id, "error": error} for i, error in unreadable],
         "exclude": excluded_ids(groups),
@@ -229,29 +260,8 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
 
 
 def leakage(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
-    """The part of the audit training runs before its model loads: the held-out images with an exact
-    or near twin in another split (test: in train or validation; validation: in train)."""
-    entries, sources = split_entries(splits)
-    prints = fingerprints(sources, progress)
-    groups = [g for g in group(entries, prints.exact, near_pairs(prints, max_distance)) if "leak" in g.kind]
-
-    def twinned(split: str, others: set[str]) -> list[str]:
-        return sorted(
-            {
-                e.id
-                for g in groups
-                if {m.split for m in g.members} & others
-                for e in g.members
-                if e.split == split
-            }
-        )
-
-    return {
-        "max_distance": max_distance,
-        "groups": len(groups),
-        "test_ids": twinned("test", {"train", "validation"}),
-        "validation_ids": twinned("validation", {"train"}),
-    }
+    """The part of the audit training runs before its model loads: `audit(...)["leakage"]`."""
+    return _twinned(_grouped(splits, max_distance, progress)[2], max_distance)
 
 
 def markdown(findings: dict, dataset: str) -> str:
