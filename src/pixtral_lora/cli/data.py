@@ -172,23 +172,59 @@ def _data_generate_scene(args) -> int:
 _ALLOW_HELP = "also allow image paths inside DIR (JSONL/CSV paths must otherwise stay in the data folder)"
 
 
+def _audit_run(args):
+    """The run `--run` names, opened, after checking DATASET is the data it was trained on."""
+    from pixtral_lora.errors import UserError
+    from pixtral_lora.run.reader import Run
+
+    if args.config:
+        raise UserError("data audit: --config and --run both name a split; give one (--run audits the run's)")
+    run = Run.open(args.run, force=args.force)
+    trained_on = Path(run.config.data.path)
+    if Path(args.path).resolve() != trained_on.resolve():
+        raise UserError(
+            f"data audit: {args.path} is not the data {args.run} was trained on ({trained_on}, its "
+            "config.yaml data.path); audit that data, or leave out --run"
+        )
+    return run
+
+
 def _data_audit(args) -> int:
     from pixtral_lora.config.schema import Config
     from pixtral_lora.config.yaml_loading import load_config
-    from pixtral_lora.data.audit import audit, write_audit
+    from pixtral_lora.data.audit import audit
+    from pixtral_lora.data.audit_report import check_audit_out, write_audit
     from pixtral_lora.data.splits import load_run_data
 
-    config = load_config(args.config) if args.config else Config(data={"path": str(args.path)})
-    data = _data_section(args.path, config.data, args.classes, list(args.allow_path))
-    data = data.model_copy(update={"path": str(args.path)})
-    findings = audit(load_run_data(config.model_copy(update={"data": data})).splits, args.max_distance)
-    out = write_audit(findings, str(args.path), args.out, args.overwrite)
+    check_audit_out(args.out, args.overwrite)
+    if args.run:
+        run = _audit_run(args)
+        splits = run.splits()
+    else:
+        config = load_config(args.config) if args.config else Config(data={"path": str(args.path)})
+        data = _data_section(args.path, config.data, args.classes, list(args.allow_path))
+        data = data.model_copy(update={"path": str(args.path)})
+        splits = load_run_data(config.model_copy(update={"data": data})).splits
+    findings = audit(splits, args.max_distance)
+    if args.run:
+        from pixtral_lora.evaluation.label_errors import find_label_errors
+
+        findings["label_errors"] = find_label_errors(args.run, args.limit, args.force)
+    out = write_audit(findings, str(args.path), args.out, args.overwrite, splits)
     counts = findings["counts"]
+    labels = ""
+    if "label_errors" in findings:
+        errors = findings["label_errors"]
+        labels = (
+            f"; likely label errors: {len(errors['out_of_sample']['candidates'])} of "
+            f"{errors['out_of_sample']['scored']} validation/test images, "
+            f"{len(errors['in_sample']['candidates'])} of {errors['in_sample']['scored']} training (in sample)"
+        )
     print(
         f"{findings['images']} images: {counts['exact']} exact and {counts['near']} near-duplicate groups, "
         f"{counts['conflicting']} with conflicting labels, {counts['leak']} across splits "
-        f"({counts['leaked_test_images']} test images with a twin), {counts['unreadable']} unreadable; "
-        f"{len(findings['exclude'])} ids in {out / 'exclude.txt'}; report: {out / 'audit.md'}"
+        f"({counts['leaked_test_images']} test images with a twin), {counts['unreadable']} unreadable"
+        f"{labels}; {len(findings['exclude'])} ids in {out / 'exclude.txt'}; report: {out / 'audit.html'}"
     )
     return 0
 
@@ -262,7 +298,9 @@ def add_data_commands(commands) -> None:
         "audit", help="find exact and near-duplicate images, conflicting labels and train/test leakage"
     )
     audit.add_argument("path")
-    audit.add_argument("--out", required=True, help="folder for audit.json, audit.md and exclude.txt")
+    audit.add_argument(
+        "--out", required=True, help="folder for audit.json, audit.md, audit.html and exclude.txt"
+    )
     audit.add_argument("--config", help="audit this config's split (data settings, test_size, split_seed)")
     audit.add_argument("--classes", help="class names for JSONL/CSV data")
     audit.add_argument(
@@ -270,6 +308,17 @@ def add_data_commands(commands) -> None:
         type=cli_number(NonNegativeCount),
         default=8,
         help="largest perceptual-hash distance (bits of 64) still called a near-duplicate (default 8)",
+    )
+    audit.add_argument(
+        "--run",
+        help="audit this run's recorded split and rank likely label errors with its fine-tuned model "
+        "(cleanlab on score-mode probabilities)",
+    )
+    audit.add_argument(
+        "--limit", type=cli_number(Count), help="with --run: score only the first N images of each split"
+    )
+    audit.add_argument(
+        "--force", action="store_true", help="with --run: warn instead of refusing a run whose inputs changed"
     )
     audit.add_argument("--allow-path", action="append", default=[], metavar="DIR", help=_ALLOW_HELP)
     audit.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an audit")

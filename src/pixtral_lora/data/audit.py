@@ -20,10 +20,8 @@ member but the first of its majority label (all of them when no label has a majo
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from pixtral_lora.data.images import ImageError, load_image
 from pixtral_lora.data.loaders import Splits, image_source
@@ -262,42 +260,3 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
 def leakage(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
     """The part of the audit training runs before its model loads: `audit(...)["leakage"]`."""
     return _twinned(_grouped(splits, max_distance, progress)[2], max_distance)
-
-
-def markdown(findings: dict, dataset: str) -> str:
-    counts = findings["counts"]
-    lines = [
-        f"# Data audit of {dataset}",
-        "",
-        f"{findings['images']} images ({', '.join(f'{k} {v}' for k, v in findings['splits'].items())}), "
-        f"{len(findings['classes'])} classes.",
-        f"Exact: {findings['method']['exact']}. Near: {findings['method']['near']}.",
-        "",
-        "| finding | groups |",
-        "|---|---|",
-        *[f"| {k} | {counts[k]} |" for k in ("exact", "near", "redundant", "conflicting", "leak")],
-        "",
-        f"Test images with a twin in train or validation: {counts['leaked_test_images']}. "
-        f"Unreadable images: {counts['unreadable']}. Ids in exclude.txt: {len(findings['exclude'])}.",
-        "",
-        "## Groups",
-        "",
-    ]
-    for number, found in enumerate(findings["groups"], 1):
-        members = ", ".join(f"`{m['id']}` ({m['label']}, {m['split']})" for m in found["members"])
-        lines.append(f"{number}. {' '.join(found['kind'])} (distance <= {found['max_distance']}): {members}")
-    return "\n".join(lines) + "\n"
-
-
-def write_audit(findings: dict, dataset: str, out: str | Path, overwrite: bool = False) -> Path:
-    """audit.json, audit.md and exclude.txt in `out`, written whole or not at all."""
-    from pixtral_lora.outputs import atomic_directory
-
-    with atomic_directory(out, AUDIT_FILES, overwrite, kind="data audit") as tmp:
-        (tmp / "audit.json").write_text(json.dumps(findings, indent=1), encoding="utf-8")
-        (tmp / "audit.md").write_text(markdown(findings, dataset), encoding="utf-8")
-        (tmp / "exclude.txt").write_text("".join(f"{i}\n" for i in findings["exclude"]), encoding="utf-8")
-    return Path(out)
-
-
-AUDIT_FILES = ("audit.json", "audit.md", "exclude.txt")

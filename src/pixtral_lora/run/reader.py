@@ -199,15 +199,25 @@ class Run:
             return f"merged:{Path(model_path).resolve()}"
         return f"{self.config.model.name_or_path}+adapter:{self.adapter_sha256() or 'none'}"
 
+    def splits(self):
+        """The recorded split's datasets (`Splits`): the run's data loaded, each split's recorded ids
+        selected (what training left out, `data.leakage: drop_test`'s included, stays out)."""
+        from pixtral_lora.data.loaders import Splits, select_ids
+        from pixtral_lora.data.splits import load_run_data
+
+        loaded, ids = load_run_data(self.config).splits, self.split["ids"]
+        return Splits(
+            train=select_ids(loaded.train, ids["train"]),
+            test=select_ids(loaded.test, ids["test"]),
+            validation=select_ids(loaded.validation, ids["validation"]) if ids.get("validation") else None,
+        )
+
     def split_rows(self, split: str = "test", limit: int | None = None) -> tuple[list[dict], dict[str, str]]:
         """A recorded split as prompt rows (first `limit`), and its images training found unreadable
         (id -> reason)."""
-        from pixtral_lora.data.loaders import as_conversations, select_ids
-        from pixtral_lora.data.splits import load_run_data
+        from pixtral_lora.data.loaders import as_conversations
 
-        splits = load_run_data(self.config).splits
-        source = {"train": splits.train, "validation": splits.validation, "test": splits.test}[split]
-        chosen = select_ids(source, self.split["ids"][split])
+        chosen = getattr(self.splits(), split)
         recorded = (self.split.get("content_sha256") or {}).get(split)
         if recorded and content_sha256(chosen) != recorded:
             self._differs(
