@@ -5,7 +5,9 @@ copy of a test image in train (leakage). Each is found, through the command a us
 import io
 import json
 import shutil
+import subprocess
 
+import pytest
 from conftest import ROOT, SYNTH_CLASSES, one_line_error, run_cli, run_command, set_args
 from PIL import Image, ImageEnhance
 
@@ -242,3 +244,98 @@ def test_audit_reads_jsonl_conversations(aid_dir, tmp_path):
     assert findings["images"] == len(lines) + 1
     conflict = next(g for g in findings["groups"] if "conflicting" in g["kind"])
     assert {first_label, other} <= {m["label"] for m in conflict["members"]}
+
+
+def _screenshot_is_not_blank(page, shot) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser installed (make browser installs Debian's chromium)")
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
+         f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )  # fmt: skip
+    image = Image.open(shot).convert("L")
+    low, high = image.getextrema()
+    assert high - low > 100 and len(set(image.resize((120, 90)).tobytes())) > 10  # not a blank page
+
+
+def test_audit_of_a_run_ranks_moved_files_and_eval_gives_accuracy_without_twins(
+    learn_data_dir, tiny_model_dir, tmp_path
+):
+    """Files moved into the wrong class folder are ranked as likely label errors by the run's model
+    (out of sample in the test split, in sample in train); a test image's brightened copy in train
+    makes eval report the accuracy with and without it; audit.html renders."""
+    data = shutil.copytree(learn_data_dir, tmp_path / "train")
+    test = tmp_path / "test"
+    for name in SYNTH_CLASSES:  # a separate test set: 8 images of each class
+        (test / name).mkdir(parents=True)
+        for path in sorted((data / name).iterdir())[:8]:
+            shutil.move(path, test / name / path.name)
+    moved = {}  # id -> the class the image really shows
+    for root, source, target in (
+        (test, "Forest", "Desert"),
+        (test, "Port", "Beach"),
+        (data, "Desert", "Forest"),
+    ):
+        for path in sorted((root / source).iterdir())[-2:]:
+            shutil.move(path, root / target / f"moved_{path.name}")
+            moved[f"{target}/moved_{path.name}"] = source
+    leaked = sorted((test / "Forest").iterdir())[0]
+    _save(
+        ImageEnhance.Brightness(Image.open(leaked).convert("RGB")).enhance(1.1), data / "Forest" / "copy.jpg"
+    )
+    leaked_id = leaked.relative_to(test).as_posix()
+
+    run = tmp_path / "run"
+    sets = set_args(
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.path={data}",
+        f"data.test_path={test}",
+        f"training.output_dir={run}",
+        "training.report_to=none",
+    )
+    trained = run_command("train.py", ROOT / "configs" / "tiny.yaml", *sets)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+    out = run / "audit"
+    result = run_cli("data", "audit", data, "--run", run, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "likely label errors" in result.stdout
+    errors = json.loads((out / "audit.json").read_text())["label_errors"]
+    held_out = errors["out_of_sample"]
+    assert held_out["scored"] == 4 * 8 + len(
+        json.loads((run / "split.json").read_text())["ids"]["validation"]
+    )
+    flagged = {c["id"]: c for c in held_out["candidates"]}
+    moved_test = {i: c for i, c in moved.items() if not i.startswith("Forest/")}
+    found = [i for i in moved_test if i in flagged]
+    recall, precision = len(found) / len(moved_test), len(found) / max(len(flagged), 1)
+    assert recall >= 0.75 and precision >= 0.5, (recall, precision, sorted(flagged))
+    for image_id in found:  # given the folder's class, the model names the class the image shows
+        assert flagged[image_id]["given"] == image_id.split("/")[0]
+        assert flagged[image_id]["model"] == moved_test[image_id] and not flagged[image_id]["in_sample"]
+    qualities = [c["label_quality"] for c in held_out["candidates"]]
+    assert qualities == sorted(qualities)  # most likely first
+    assert all(c["split"] == "train" and c["in_sample"] for c in errors["in_sample"]["candidates"])
+
+    page = (out / "audit.html").read_text()
+    assert "Likely label errors" in page and page.count("data:image/jpeg;base64,") >= len(flagged)
+    assert "moved_" in page and "http://" not in page and "https://" not in page  # self-contained
+    _screenshot_is_not_blank(out / "audit.html", tmp_path / "shot.png")
+
+    evaluated = run_cli("eval", run, "--models", "finetuned", "--modes", "score")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    twins = json.loads((run / "eval" / "report.json").read_text())["test_twins"]
+    assert leaked_id in twins["ids"] and len(twins["sources"]) == 2  # split.json's check and the audit
+    rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["id"] not in twins["ids"]]
+    without = sum(r["outcome"] == "correct" for r in kept) / len(kept)
+    assert twins["accuracy"]["finetuned"]["score"]["without"] == pytest.approx(without)
+    assert "without" in (run / "eval" / "report.md").read_text().split("**Leakage:**")[1].splitlines()[0]
+    assert "twin in training" in (run / "eval" / "report.html").read_text()
+
+    # --run audits the data the run was trained on: another folder is refused in one line
+    refused = run_cli("data", "audit", test, "--run", run, "--out", tmp_path / "other")
+    assert "not the data" in one_line_error(refused) and not (tmp_path / "other").exists()

@@ -123,6 +123,10 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> P
         del model
     thumbnails = _thumbnails(rows, predictions, renderer, options.gallery_limit)
     facts = run_facts(run_dir, config, merged)
+    twins = test_twins(run, predictions, class_names)
+    if twins:
+        facts["test images with a twin in training"] = twins["line"]
+        logger.warning("%s", twins["line"])
     if abstention:
         facts["abstention"] = abstention
     if run.warnings:
@@ -137,6 +141,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions = EvalOptions()) -> P
         facts,
         options.gallery_limit,
         run.warnings,
+        twins,
     )
     return out
 
@@ -157,6 +162,53 @@ def _thumbnails(rows: list[dict], predictions: dict, renderer: Renderer, limit: 
         image.thumbnail((size, size))
         thumbnails[image_id] = encode_data_uri(image)
     return thumbnails
+
+
+AUDIT_FILE = Path("audit") / "audit.json"  # where `data audit --run RUN --out RUN/audit` writes
+
+
+def test_twins(run, predictions: dict, class_names: list[str]) -> dict | None:
+    """The evaluated test images with an exact or near twin in train or validation (split.json's
+    training-time check; also RUN/audit/audit.json when the run was audited there) and each result's
+    accuracy with and without them; None when there are none."""
+    sources, ids = [], set()
+    for where, found in (
+        ("split.json (train.py's leakage check)", run.split.get("leakage")),
+        (str(AUDIT_FILE), _audit_leakage(run.run_dir / AUDIT_FILE)),
+    ):
+        if found and found.get("test_ids"):
+            ids |= set(found["test_ids"])
+            sources.append(where)
+    evaluated = {p.id for preds in predictions.values() for p in preds}
+    present = sorted(ids & evaluated)
+    if not present:
+        return None
+    accuracy, parts = {}, []
+    for (model_name, mode), preds in predictions.items():
+        kept = [p for p in preds if p.id not in ids]
+        both = {
+            "with": summarise(preds, class_names).accuracy,
+            "without": summarise(kept, class_names).accuracy if kept else None,
+            "n_without": len(kept),
+        }
+        accuracy.setdefault(model_name, {})[mode] = both
+        without = f"{both['without']:.1%}" if kept else "n/a"
+        parts.append(f"{model_name}/{mode} {both['with']:.1%} with them, {without} without")
+    line = (
+        f"{len(present)} of {len(evaluated)} test images have an exact or near twin in train or validation "
+        f"({', '.join(sources)}); accuracy: {'; '.join(parts)}"
+    )
+    return {"ids": present, "sources": sources, "accuracy": accuracy, "line": line}
+
+
+def _audit_leakage(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("leakage")
+    except (OSError, ValueError, AttributeError):
+        logger.warning("%s: not a data audit's audit.json; its twins are not counted", path)
+        return None
 
 
 def run_facts(run_dir: Path, config, merged: str | Path | None = None) -> dict:

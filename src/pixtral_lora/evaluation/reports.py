@@ -21,18 +21,20 @@ def write_report(
     facts: dict | None = None,
     gallery_limit: int = 200,
     warnings: list[str] | None = None,
+    twins: dict | None = None,
 ) -> None:
     """report.json, report.md, report.html, predictions.jsonl, confusion_<model>[_<mode>].csv/png.
 
     Written together: the directory appears complete or not at all; it replaces a previous report
     only (anything else in `out` needs `overwrite`). `thumbnails`, `facts` and `gallery_limit` are
-    for report.html (see `report_html.render_html`).
+    for report.html (see `report_html.render_html`); `twins`: the test images with a twin in
+    training and the accuracies with and without them (`evaluate.test_twins`).
     """
     from pixtral_lora.evaluation.report_html import render_html
 
     with atomic_directory(out, EVAL_REPORT_FILES, overwrite, kind=EVAL_KIND) as out_dir:
         abstention = (facts or {}).get("abstention")
-        _write_report_files(out_dir, results, class_names, predictions, warnings or [], abstention)
+        _write_report_files(out_dir, results, class_names, predictions, warnings or [], abstention, twins)
         with atomic_file(out_dir / "report.html") as handle:
             handle.write(render_html(results, class_names, predictions, thumbnails, facts, gallery_limit))
 
@@ -44,6 +46,7 @@ def _write_report_files(
     predictions: dict,
     warnings: list[str],
     abstention: str | None = None,
+    twins: dict | None = None,
 ) -> None:
     write_json(
         out_dir / "report.json",
@@ -51,6 +54,7 @@ def _write_report_files(
             "class_names": class_names,
             "warnings": warnings,  # what --force let through (a run used although it changed)
             "abstention": abstention,  # the threshold and where it came from, or None
+            "test_twins": twins,  # test images with a twin in train/validation, accuracy without them
             "results": {
                 k: {
                     m: r["report"].as_dict() | {"images_per_second": r["images_per_second"]}
@@ -71,7 +75,7 @@ def _write_report_files(
             plot_confusion(result["report"], class_names, out_dir / f"{stem}.png", f"{model_name} ({mode})")
     unreadable = {p.id: p.error for preds in predictions.values() for p in preds if p.error is not None}
     with atomic_file(out_dir / "report.md") as handle:
-        handle.write(markdown_report(results, class_names, unreadable, warnings))
+        handle.write(markdown_report(results, class_names, unreadable, warnings, twins))
 
 
 def markdown_report(
@@ -79,6 +83,7 @@ def markdown_report(
     class_names: list[str],
     unreadable: dict[str, str] | None = None,
     warnings: list[str] | None = None,
+    twins: dict | None = None,
 ) -> str:
     """The report as markdown: summary table, calibration, unreadable images, per-class tables."""
     lines = ["# Evaluation report", ""]
@@ -113,6 +118,8 @@ def markdown_report(
     ]
     if abstained:
         lines += ["", "Abstention (answers under the confidence threshold are not given):", *abstained]
+    if twins:
+        lines += ["", f"**Leakage:** {twins['line']}."]
     lines += confidence_table(results)
     if unreadable:
         lines += [
