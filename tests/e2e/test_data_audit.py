@@ -33,13 +33,23 @@ def test_audit_finds_injected_twins_conflicts_and_leaks(aid_dir, tmp_path):
         _save(copy, data / name, quality)
     conflicting = data / "Port" / "moved_forest.jpg"
     shutil.copyfile(original, conflicting)  # the same bytes under another class
+    Image.effect_noise((64, 64), 60).save(data / "Desert" / "grey.png")  # a one-band image
+    (data / "Desert" / "broken.jpg").write_bytes(b"not a jpeg")
 
     out = tmp_path / "audit"
     result = run_cli("data", "audit", data, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "conflicting labels" in result.stdout and str(out / "exclude.txt") in result.stdout
     findings = json.loads((out / "audit.json").read_text())
-    assert findings["images"] == 10 * len(SYNTH_CLASSES) + len(twins) + 1
+    assert findings["images"] == 10 * len(SYNTH_CLASSES) + len(twins) + 3
+    # balance, sizes and modes; the unreadable file as the validator names it
+    assert findings["modes"]["L"] == 1 and findings["modes"]["other"] == 1 and "64x64" in findings["sizes"]
+    per_split = findings["class_balance"]["per_split"]
+    assert sum(n for counts in per_split.values() for n in counts.values()) == findings["images"]
+    assert findings["counts"]["unreadable"] == 1 and findings["validator"]["errors"] == 1
+    (problem,) = [p for p in findings["validator"]["problems"] if p["severity"] == "error"]
+    assert problem["where"].endswith("broken.jpg") and "cannot decode" in problem["message"]
+    assert "broken.jpg" in (out / "audit.md").read_text() and "broken.jpg" in (out / "audit.html").read_text()
 
     forest = original.relative_to(data).as_posix()
     home = next(g for g in findings["groups"] if forest in {m["id"] for m in g["members"]})

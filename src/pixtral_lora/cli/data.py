@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,16 @@ def _class_names_arg(value: str | None) -> list[str] | None:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _hf_settings(data) -> dict:
+    """The validator's settings for a Hub/Parquet source, from a config's `data` section."""
+    return {
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "hub_config": data.hub_config,
+        "hub_revision": data.hub_revision,
+    }
+
+
 def _data_validate(args) -> int:
     from pixtral_lora.data.validate import validate
 
@@ -45,12 +56,7 @@ def _data_validate(args) -> int:
         class_names = class_names or data.class_names
         test_path = test_path or data.test_path
         allowed = [*allowed, *data.allow_paths_outside]
-        hf_settings = {
-            "image_column": data.image_column,
-            "label_column": data.label_column,
-            "hub_config": data.hub_config,
-            "hub_revision": data.hub_revision,
-        }
+        hf_settings = _hf_settings(data)
     problems = validate(
         args.path,
         class_names=class_names,
@@ -189,6 +195,25 @@ def _audit_run(args):
     return run
 
 
+def _validator_findings(data, prompt) -> dict:
+    """`data validate`'s findings (unreadable images, bad answers, shared content) for the audit."""
+    from pixtral_lora.data.validate import validate
+
+    problems = validate(
+        data.path,
+        class_names=data.class_names,
+        test_path=data.test_path,
+        allowed_roots=list(data.allow_paths_outside),
+        hf_settings=_hf_settings(data),
+        prompt=prompt,
+    )
+    return {
+        "errors": sum(p.severity == "error" for p in problems),
+        "warnings": sum(p.severity == "warning" for p in problems),
+        "problems": [dataclasses.asdict(p) for p in problems],
+    }
+
+
 def _data_audit(args) -> int:
     from pixtral_lora.config.schema import Config
     from pixtral_lora.config.yaml_loading import load_config
@@ -199,13 +224,15 @@ def _data_audit(args) -> int:
     check_audit_out(args.out, args.overwrite)
     if args.run:
         run = _audit_run(args)
-        splits = run.splits()
+        config, splits = run.config, run.splits()
+        data = config.data
     else:
         config = load_config(args.config) if args.config else Config(data={"path": str(args.path)})
         data = _data_section(args.path, config.data, args.classes, list(args.allow_path))
         data = data.model_copy(update={"path": str(args.path)})
         splits = load_run_data(config.model_copy(update={"data": data})).splits
     findings = audit(splits, args.max_distance)
+    findings["validator"] = _validator_findings(data, config.prompt)
     if args.run:
         from pixtral_lora.evaluation.label_errors import find_label_errors
 

@@ -20,8 +20,9 @@ member but the first of its majority label (all of them when no label has a majo
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pixtral_lora.data.images import ImageError, load_image
 from pixtral_lora.data.loaders import Splits, image_source
@@ -76,6 +77,8 @@ class Fingerprints:
     whole: list[int | None]  # phash of the whole frame
     views: list[list[int]]  # phash of the cropped views (empty for an unreadable image)
     unreadable: list[tuple[int, str]]  # (index, why)
+    sizes: list[str | None] = field(default_factory=list)  # "WxH" of the decoded image
+    modes: list[str] = field(default_factory=list)  # the file's mode as PIL reads its header
 
 
 def view_hashes(image) -> tuple[int, list[int]]:
@@ -90,20 +93,36 @@ def view_hashes(image) -> tuple[int, list[int]]:
     return int(str(imagehash.phash(image)), 16), [int(str(imagehash.phash(small.crop(b))), 16) for b in boxes]
 
 
+def file_mode(source: str | bytes) -> str:
+    """The image's mode as PIL reads it from the header ("RGB", "L", "I;16", "RGBA", ...), or
+    "other" for what PIL cannot open (a multi-band raster is read by rasterio)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return "other"
+
+
 def fingerprints(sources: list, progress: bool = True) -> Fingerprints:
     """Pixel SHA-256 and perceptual hashes of each image; unreadable ones are None and listed."""
     from tqdm.auto import tqdm
 
     found = Fingerprints([], [], [], [])
     for index, source in enumerate(tqdm(sources, desc="hashing images", unit="img", disable=not progress)):
+        source = image_source(source)
+        found.modes.append(file_mode(source))
         try:
-            image = load_image(image_source(source))
+            image = load_image(source)
         except ImageError as err:
             found.exact.append(None)
             found.whole.append(None)
             found.views.append([])
+            found.sizes.append(None)
             found.unreadable.append((index, str(err)))
             continue
+        found.sizes.append(f"{image.width}x{image.height}")
         found.exact.append(hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest())
         whole, views = view_hashes(image)
         found.whole.append(whole)
@@ -228,6 +247,18 @@ def _twinned(groups: list[Group], max_distance: int) -> dict:
     }
 
 
+def _balance(entries: list[Entry]) -> dict:
+    """Images per class in each split, and the largest class over the smallest (the imbalance)."""
+    per_split: dict[str, Counter] = defaultdict(Counter)
+    for e in entries:
+        per_split[e.split][e.label] += 1
+    totals = Counter(e.label for e in entries)
+    return {
+        "per_split": {name: dict(sorted(counts.items())) for name, counts in per_split.items()},
+        "imbalance": round(max(totals.values()) / min(totals.values()), 3) if totals else None,
+    }
+
+
 def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
     """The audit's findings for a run's split, as audit.json holds them."""
     entries, prints, groups = _grouped(splits, max_distance, progress)
@@ -238,6 +269,9 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
         "images": len(entries),
         "splits": dict(Counter(e.split for e in entries)),
         "classes": dict(sorted(Counter(e.label for e in entries).items())),
+        "class_balance": _balance(entries),
+        "sizes": dict(Counter(s for s in prints.sizes if s is not None).most_common(20)),
+        "modes": dict(Counter(prints.modes).most_common()),
         "method": {
             "exact": "SHA-256 of decoded RGB pixels",
             "near": f"imagehash.phash (64 bits) of the whole frame against the whole frame and nine "

@@ -49,8 +49,14 @@ def _label_error_lines(errors: dict) -> list[str]:
     return lines
 
 
+def _problem_line(problem: dict) -> str:
+    field = f" [{problem['field']}]" if problem["field"] else ""
+    return f"- {problem['severity']}: {problem['where']}{field}: {problem['message']}"
+
+
 def markdown(findings: dict, dataset: str) -> str:
     counts = findings["counts"]
+    splits = list(findings["class_balance"]["per_split"])
     lines = [
         f"# Data audit of {dataset}",
         "",
@@ -63,13 +69,23 @@ def markdown(findings: dict, dataset: str) -> str:
         *[f"| {k} | {counts[k]} |" for k in ("exact", "near", "redundant", "conflicting", "leak")],
         "",
         f"Test images with a twin in train or validation: {counts['leaked_test_images']}. "
-        f"Unreadable images: {counts['unreadable']}. Ids in exclude.txt: {len(findings['exclude'])}.",
+        f"Unreadable images: {counts['unreadable']} (named in the validator's findings below). Ids in exclude.txt: {len(findings['exclude'])}.",
         "",
         "## Classes",
         "",
-        "| class | images |",
-        "|---|---|",
-        *[f"| {name} | {count} |" for name, count in findings["classes"].items()],
+        f"Largest class over smallest: {findings['class_balance']['imbalance']}.",
+        "",
+        f"| class | images | {' | '.join(splits)} |",
+        f"|---|---|{'---|' * len(splits)}",
+        *[
+            f"| {name} | {count} | "
+            + " | ".join(str(findings["class_balance"]["per_split"][k].get(name, 0)) for k in splits)
+            + " |"
+            for name, count in findings["classes"].items()
+        ],
+        "",
+        "Sizes: " + ", ".join(f"{k} ({v})" for k, v in findings["sizes"].items()) + ".",
+        "Modes (file headers): " + ", ".join(f"{k} ({v})" for k, v in findings["modes"].items()) + ".",
         "",
         "## Groups",
         "",
@@ -79,9 +95,15 @@ def markdown(findings: dict, dataset: str) -> str:
         lines.append(f"{number}. {' '.join(found['kind'])} (distance <= {found['max_distance']}): {members}")
     if findings.get("label_errors"):
         lines += _label_error_lines(findings["label_errors"])
-    if findings["unreadable"]:
-        lines += ["", "## Unreadable images", ""]
-        lines += [f"- `{u['id']}`: {u['error']}" for u in findings["unreadable"]]
+    validator = findings.get("validator")
+    if validator:
+        lines += [
+            "",
+            f"## Validator (`pixtral-lora data validate`): {validator['errors']} error(s), "
+            f"{validator['warnings']} warning(s)",
+            "",
+        ]
+        lines += [_problem_line(p) for p in validator["problems"]]
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +156,11 @@ _TEMPLATE = """<!doctype html>
 {% for name, value in counts %}<tr><td class="l">{{ name }}</td><td>{{ value }}</td></tr>
 {% endfor %}</table>
 <h2>Classes</h2>
-<table><tr><th class="l">class</th><th>images</th><th class="l"></th></tr>
+<p>Largest class over smallest: {{ findings.class_balance.imbalance }}. Sizes: {% for k, v in findings.sizes.items() %}{{ k }} ({{ v }}){{ ", " if not loop.last }}{% endfor %}.
+Modes (file headers): {% for k, v in findings.modes.items() %}{{ k }} ({{ v }}){{ ", " if not loop.last }}{% endfor %}.</p>
+<table><tr><th class="l">class</th><th>images</th>{% for k in findings.class_balance.per_split %}<th>{{ k }}</th>{% endfor %}<th class="l"></th></tr>
 {% for name, count in findings.classes.items() %}<tr><td class="l">{{ name }}</td><td>{{ count }}</td>
+{% for k, per in findings.class_balance.per_split.items() %}<td>{{ per.get(name, 0) }}</td>{% endfor %}
 <td class="l"><span style="display:inline-block;height:9px;background:#4c78a8;width:{{ (200 * count / most)|round(1) }}px"></span></td></tr>
 {% endfor %}</table>
 <h2 id="groups">Duplicate groups ({{ findings.groups|length }}{% if findings.groups|length > groups|length %}, the first {{ groups|length }} shown; all in audit.json{% endif %})</h2>
@@ -153,7 +178,8 @@ distance &le; {{ g.max_distance }}</h3><div class="row">
 <div>{{ loop.index }}. <bdi>{{ c.id }}</bdi> ({{ c.split }})</div><div>given <b>{{ c.given }}</b>, model <b class="bad">{{ c.model }}</b> {{ "%.0f"|format(100 * c.confidence) }}%</div><div>{{ c.flagged_by|join(", ") }}</div></div>
 {% else %}<p>None flagged.</p>{% endfor %}</div>
 {% endfor %}{% endif %}
-{% if findings.unreadable %}<h2>Unreadable images</h2><ul>{% for u in findings.unreadable %}<li><bdi>{{ u.id }}</bdi>: {{ u.error }}</li>{% endfor %}</ul>{% endif %}
+{% if findings.validator %}<h2>Validator: {{ findings.validator.errors }} error(s), {{ findings.validator.warnings }} warning(s)</h2>
+<ul>{% for p in findings.validator.problems %}<li class="{{ 'bad' if p.severity == 'error' }}">{{ p.severity }}: <bdi>{{ p.where }}</bdi>{% if p.field %} [{{ p.field }}]{% endif %}: {{ p.message }}</li>{% endfor %}</ul>{% endif %}
 </body></html>
 """
 
