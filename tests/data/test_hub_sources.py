@@ -25,11 +25,17 @@ def _png(value: int) -> bytes:
 
 
 def _hub_cache_dataset(
-    hf_home: Path, repo: str, labels: list, names: list[str] | None, holes: tuple[int, ...] = ()
+    hf_home: Path,
+    repo: str,
+    labels: list,
+    names: list[str] | None,
+    holes: tuple[int, ...] = (),
+    copies: dict[int, int] | None = None,
 ) -> Path:
     """Parquet written by `datasets` and laid out as the Hub client caches a dataset repository:
     hub/datasets--OWNER--NAME/{refs/main, snapshots/SHA/data/train-00000-of-00001.parquet}.
-    `names`: a ClassLabel column; None: the labels as they are (strings or plain integers)."""
+    `names`: a ClassLabel column; None: the labels as they are (strings or plain integers);
+    `copies`: row -> the row whose image it repeats, byte for byte."""
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
 
@@ -41,6 +47,8 @@ def _hub_cache_dataset(
     rows = [{"image": {"bytes": _png(i), "path": None}, "label": label} for i, label in enumerate(labels)]
     for row in holes:
         rows[row]["image"] = None
+    for row, of in (copies or {}).items():
+        rows[row]["image"] = {"bytes": _png(of), "path": None}
     repo_dir = hf_home / "hub" / f"datasets--{repo.replace('/', '--')}"
     data = repo_dir / "snapshots" / SNAPSHOT / "data"
     data.mkdir(parents=True)
@@ -68,7 +76,25 @@ def hub_home(tmp_path_factory):
     _hub_cache_dataset(home, "owner/numbers", [0, 1, 2, 7, 3, 0], None)
     _hub_cache_dataset(home, "owner/holes", [0, 1, 2, 3, 0, 1, 2, 3], SYNTH_CLASSES, holes=(1,))
     _hub_cache_dataset(home, "owner/strings", ["Beach", "Desert", "Beach", "Moon", "Desert", "Beach"], None)
+    _hub_cache_dataset(home, "owner/copies", labels, SYNTH_CLASSES, copies={5: 0})  # 0: Beach, 5: Desert
     return home
+
+
+def test_audit_reads_a_cached_hub_dataset_and_its_parquet_file(hub_home, tmp_path):
+    parquet = next((hub_home / "hub" / "datasets--owner--copies").rglob("*.parquet"))
+    for source in ("hf://owner/copies", parquet):
+        out = tmp_path / ("hub" if str(source).startswith("hf://") else "parquet")
+        result = _run(
+            ["-m", "pixtral_lora.cli", "data", "audit", source, "--out", out], _offline_env(hub_home)
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        findings = json.loads((out / "audit.json").read_text())
+        assert findings["images"] == 24 and findings["classes"] == dict.fromkeys(SYNTH_CLASSES, 6)
+        (copied,) = [g for g in findings["groups"] if "exact" in g["kind"]]
+        assert "conflicting" in copied["kind"] and {m["label"] for m in copied["members"]} == {
+            "Beach",
+            "Desert",
+        }
 
 
 def test_validate_reads_a_cached_hub_dataset_offline(hub_home):
