@@ -12,8 +12,9 @@ over the pairs of images the audit puts in one group: a pair is right when both 
 original. Classes whose distinct originals already group together (the generator draws near-identical
 scenes for some) are named, and precision is given with and without them.
 
-Part 2 times the audit of `--timing-images` scenes at `--timing-size` pixels (AID: 10,000 at 600) in
-one subprocess: hashing, the band index and the validator's pass, with the child's peak memory.
+Part 2 times the audit of `--timing-images` scenes at `--timing-size` pixels (AID: 10,000 at 600),
+hashing in 1 process and in one per CPU (at most 8): hashing, the band index and the validator's
+pass, with each process's own peak memory.
 Results go to `--out` (default benchmarks/results-audit-cpu.json), written whole or not at all.
 """
 
@@ -70,13 +71,13 @@ TRANSFORMS = {
 }
 
 
-def _audit(folder: Path, out: Path) -> tuple[dict, float, float]:
+def _audit(folder: Path, out: Path, *extra: str) -> tuple[dict, float, float]:
     """Run the audit CLI; (audit.json, wall seconds, its own peak RSS in MB: `peak_rss.measure`)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from peak_rss import measure
 
     command = [sys.executable, "-m", "pixtral_lora.cli", "data", "audit", str(folder), "--out", str(out)]
-    result = measure([*command, "--overwrite"], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    result = measure([*command, "--overwrite", *extra], env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if result["returncode"] != 0:
         raise SystemExit(f"data audit failed:\n{result['stderr_tail']}")
     return json.loads((out / "audit.json").read_text()), result["seconds"], result["peak_rss_mb"]
@@ -157,16 +158,17 @@ def timing(work: Path, images: int, size: int) -> dict:
     start = time.perf_counter()
     generate_aid_like(folder, classes=list(SCENES), per_class=per_class, size=size)
     drawn = time.perf_counter() - start
-    findings, wall, peak = _audit(folder, work / "timing-audit")
-    return {
-        "images": findings["images"],
-        "size": size,
-        "drawing_seconds": round(drawn, 1),
-        "audit_seconds": round(wall, 1),
-        "images_per_second": round(findings["images"] / wall, 1),
-        "peak_rss_mb": round(peak),
-        "groups": findings["counts"]["groups"],
-    }
+    figures = {"images": None, "size": size, "drawing_seconds": round(drawn, 1), "by_workers": {}}
+    for workers in sorted({1, min(8, os.cpu_count() or 1)}):
+        findings, wall, peak = _audit(folder, work / "timing-audit", "--workers", str(workers))
+        figures["images"] = findings["images"]
+        figures["by_workers"][workers] = {
+            "audit_seconds": round(wall, 1),
+            "images_per_second": round(findings["images"] / wall, 1),
+            "peak_rss_mb": round(peak),
+            "groups": findings["counts"]["groups"],
+        }
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

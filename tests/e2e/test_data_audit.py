@@ -62,8 +62,11 @@ def test_audit_finds_injected_twins_conflicts_and_leaks(aid_dir, tmp_path):
     assert exclude == findings["exclude"] and "Port/moved_forest.jpg" in exclude  # Forest is the majority
     assert "# Data audit of" in (out / "audit.md").read_text()
 
-    # A second audit into the same folder replaces it (it is an audit); a foreign folder is refused.
-    assert run_cli("data", "audit", data, "--out", out).returncode == 0
+    # A second audit into the same folder replaces it (it is an audit), hashing in one process this
+    # time (the first used one per CPU): the same findings; a foreign folder is refused.
+    assert run_cli("data", "audit", data, "--out", out, "--workers", "1").returncode == 0
+    again = json.loads((out / "audit.json").read_text())
+    assert again["groups"] == findings["groups"] and again["exclude"] == findings["exclude"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def _data_audit(args) -> int:
         data = _data_section(args.path, config.data, args.classes, list(args.allow_path))
         data = data.model_copy(update={"path": str(args.path)})
         splits = load_run_data(config.model_copy(update={"data": data})).splits
-    findings = audit(splits, args.max_distance)
+    findings = audit(splits, args.max_distance, workers=args.workers)
     findings["validator"] = _validator_findings(data, config.prompt)
     if args.run:
         from pixtral_lora.evaluation.label_errors import find_label_errors
@@ -335,6 +336,12 @@ def add_data_commands(commands) -> None:
         type=cli_number(NonNegativeCount),
         default=8,
         help="largest perceptual-hash distance (bits of 64) still called a near-duplicate (default 8)",
+    )
+    audit.add_argument(
+        "--workers",
+        type=cli_number(Count),
+        default=min(8, os.cpu_count() or 1),
+        help="processes that hash images (default: the CPUs, at most 8)",
     )
     audit.add_argument(
         "--run",

@@ -105,28 +105,42 @@ def file_mode(source: str | bytes) -> str:
         return "other"
 
 
-def fingerprints(sources: list, progress: bool = True) -> Fingerprints:
-    """Pixel SHA-256 and perceptual hashes of each image; unreadable ones are None and listed."""
+def fingerprint(source) -> tuple:
+    """(mode, size, pixel SHA-256, whole-frame phash, view phashes, error) of one image; the middle
+    four None (views empty) and `error` the reason when it cannot be decoded."""
+    source = image_source(source)
+    mode = file_mode(source)
+    try:
+        image = load_image(source)
+    except ImageError as err:
+        return mode, None, None, None, [], str(err)
+    digest = hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()
+    whole, views = view_hashes(image)
+    return mode, f"{image.width}x{image.height}", digest, whole, views, None
+
+
+def fingerprints(sources: list, progress: bool = True, workers: int = 1) -> Fingerprints:
+    """Pixel SHA-256 and perceptual hashes of each image (in `workers` processes, in order);
+    unreadable ones are None and listed."""
     from tqdm.auto import tqdm
 
     found = Fingerprints([], [], [], [])
-    for index, source in enumerate(tqdm(sources, desc="hashing images", unit="img", disable=not progress)):
-        source = image_source(source)
-        found.modes.append(file_mode(source))
-        try:
-            image = load_image(source)
-        except ImageError as err:
-            found.exact.append(None)
-            found.whole.append(None)
-            found.views.append([])
-            found.sizes.append(None)
-            found.unreadable.append((index, str(err)))
-            continue
-        found.sizes.append(f"{image.width}x{image.height}")
-        found.exact.append(hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest())
-        whole, views = view_hashes(image)
+    bar = dict(total=len(sources), desc="hashing images", unit="img", disable=not progress)
+    if workers > 1 and len(sources) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(fingerprint, sources, chunksize=32), **bar))
+    else:
+        results = [fingerprint(source) for source in tqdm(sources, **bar)]
+    for index, (mode, size, digest, whole, views, error) in enumerate(results):
+        found.modes.append(mode)
+        found.sizes.append(size)
+        found.exact.append(digest)
         found.whole.append(whole)
         found.views.append(views)
+        if error is not None:
+            found.unreadable.append((index, error))
     return found
 
 
@@ -215,11 +229,11 @@ def excluded_ids(groups: list[Group]) -> list[str]:
 
 
 def _grouped(
-    splits: Splits, max_distance: int, progress: bool
+    splits: Splits, max_distance: int, progress: bool, workers: int = 1
 ) -> tuple[list[Entry], Fingerprints, list[Group]]:
     """Every image of the split, its fingerprints and the groups they link into."""
     entries, sources = split_entries(splits)
-    prints = fingerprints(sources, progress)
+    prints = fingerprints(sources, progress, workers)
     return entries, prints, group(entries, prints.exact, near_pairs(prints, max_distance))
 
 
@@ -259,9 +273,10 @@ def _balance(entries: list[Entry]) -> dict:
     }
 
 
-def audit(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
-    """The audit's findings for a run's split, as audit.json holds them."""
-    entries, prints, groups = _grouped(splits, max_distance, progress)
+def audit(splits: Splits, max_distance: int = 8, progress: bool = True, workers: int = 1) -> dict:
+    """The audit's findings for a run's split, as audit.json holds them (hashed in `workers`
+    processes)."""
+    entries, prints, groups = _grouped(splits, max_distance, progress, workers)
     twinned = _twinned(groups, max_distance)
     unreadable = prints.unreadable
     counts = Counter(kind for found in groups for kind in found.kind)
