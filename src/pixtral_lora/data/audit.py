@@ -306,6 +306,6 @@ def audit(splits: Splits, max_distance: int = 8, progress: bool = True, workers:
     }
 
 
-def leakage(splits: Splits, max_distance: int = 8, progress: bool = True) -> dict:
+def leakage(splits: Splits, max_distance: int = 8, progress: bool = True, workers: int = 1) -> dict:
     """The part of the audit training runs before its model loads: `audit(...)["leakage"]`."""
-    return _twinned(_grouped(splits, max_distance, progress)[2], max_distance)
+    return _twinned(_grouped(splits, max_distance, progress, workers)[2], max_distance)

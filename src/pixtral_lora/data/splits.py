@@ -7,6 +7,7 @@ so the split recorded in a run directory (`split.json`) names exactly the images
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,10 @@ def check_leakage(config: Config, splits: Splits, recorded: dict | None = None) 
     from pixtral_lora.data.audit import leakage
 
     data = config.data
-    found = {**((recorded or {}).get("leakage") or leakage(splits)), "policy": data.leakage}
+    found = {
+        **((recorded or {}).get("leakage") or leakage(splits, workers=min(8, os.cpu_count() or 1))),
+        "policy": data.leakage,
+    }
     tests, validations = len(found["test_ids"]), len(found["validation_ids"])
     if tests or validations:
         what = (
