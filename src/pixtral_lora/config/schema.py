@@ -173,6 +173,9 @@ class TrainingSection(_Section):
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    # logging steps in a row with a loss of exactly 0.0 or a non-finite loss/grad-norm that stop the
+    # run (no checkpoint is saved from them); null: never stop
+    stop_after_bad_logs: int | None = Field(3, ge=1)
     eval_classification: EvalClassificationSection = Field(default_factory=EvalClassificationSection)
     # What picks the best checkpoint and drives early stopping; default: eval_accuracy when the
     # validation split is classified, else eval_loss.

@@ -9,6 +9,7 @@ so a run trained on a GPU box still opens for `eval`, `predict`, `map` and `cali
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from pixtral_lora.config.schema import Config, ConfigError
@@ -72,9 +73,36 @@ def _machine_problems(config: Config) -> list[str]:
     return problems
 
 
+def _launch_problems(config: Config, env) -> list[str]:
+    """What the accelerate launch (its environment) would train wrong or crash on, one line each with
+    the path that works."""
+    problems = []
+    four_bit = config.model.quantization == "4bit"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if not _cuda_available():
+            problems.append(
+                "accelerate launch with an FSDP config: accelerate applies FSDP to GPU launches only, and "
+                "without a GPU it trains plain data parallel, each process holding the whole model: "
+                "rehearse with train/cpu_ddp.yaml here, shard with train/fsdp.yaml on GPUs"
+            )
+        if four_bit:
+            problems.append(
+                "model.quantization: 4bit under FSDP keeps the 4-bit weights in uint8 storage, which FSDP "
+                "crashes on or trains at loss 0.0 / grad-norm NaN (accelerate#3983): shard bf16 LoRA "
+                "(--set model.quantization=null --set model.dtype=bfloat16), or QLoRA on one GPU"
+            )
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and four_bit:
+        if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+            problems.append(
+                "model.quantization: 4bit under DeepSpeed ZeRO-3 fails on vision models ('Cannot copy out "
+                "of meta tensor'): use ZeRO-2 with QLoRA, or ZeRO-3 with bf16 LoRA (model.quantization=null)"
+            )
+    return problems
+
+
 def check_machine(config: Config) -> None:
     """Raise `ConfigError` listing every setting of `config` this machine cannot train with."""
-    problems = _machine_problems(config)
+    problems = _machine_problems(config) + _launch_problems(config, os.environ)
     if problems:
         raise ConfigError("this machine cannot train this config:\n  " + "\n  ".join(problems))
 

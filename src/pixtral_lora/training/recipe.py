@@ -51,6 +51,7 @@ from pixtral_lora.run.writer import (
     resume_checkpoint,
     run_directory,
 )
+from pixtral_lora.training.guards import DivergedError, divergence_guard
 from pixtral_lora.training.preflight import preflight
 
 logger = logging.getLogger(__name__)
@@ -380,6 +381,10 @@ def _train_in(
     # -- Training ----------------------------------------------------------------------------------
     identity = base_identity(config.model.name_or_path)  # once: a local base's fingerprint reads its files
     callbacks = [_metrics_callback(run_dir), _base_identity_callback(identity), *extra_callbacks]
+    guard = None
+    if config.training.stop_after_bad_logs:
+        guard = divergence_guard(config.training.stop_after_bad_logs, config.model.dtype)
+        callbacks.append(guard)
     if config.training.early_stopping_patience and eval_set is not None:
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience)
@@ -415,6 +420,8 @@ def _train_in(
             state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
             drop_metrics_after(run_dir, state.get("global_step", 0))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if guard is not None and guard.stopped:
+        raise DivergedError(guard.stopped)
 
     # -- Save --------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
