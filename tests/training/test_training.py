@@ -286,6 +286,64 @@ def test_two_process_data_parallel_on_cpu(tiny_model_dir, aid_dir, tmp_path):
     assert 0 <= evals[0]["eval_hallucination_rate"] <= 1
 
 
+@pytest.mark.slow  # trains a model twice
+def test_two_processes_train_what_one_process_trains_at_the_same_global_batch(
+    tiny_model_dir, aid_dir, tmp_path
+):
+    """1 process x batch 8 and 2 processes x batch 4 (train/cpu_ddp.yaml), seed 42, float32: the same
+    per-step losses and grad norms and the same LoRA tensors. Three full steps of the 30 training images:
+    the fourth batch is short (6), and accelerate's even_batches pads the second rank's half with samples
+    from the start of the epoch, so a last short batch is the one step that differs (README)."""
+    common = (
+        "training.max_steps=3",
+        "training.logging_steps=1",
+        "training.warmup_ratio=0.0",
+        "training.eval_steps=null",
+        "training.save_steps=3",
+        "data.validation_size=0.0",
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        str(ROOT / "configs" / "tiny.yaml"),
+        *_sets(tiny_model_dir, aid_dir, one, *common, "training.per_device_train_batch_size=8"),
+    ]
+    parallel = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "train" / "cpu_ddp.yaml"),
+        str(ROOT / "train.py"),
+        str(ROOT / "configs" / "tiny.yaml"),
+        *_sets(tiny_model_dir, aid_dir, two, *common, "training.per_device_train_batch_size=4"),
+    ]
+    for command in (single, parallel):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    def steps(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "loss" in r and "eval_loss" not in r]
+
+    assert len(json.loads((one / "split.json").read_text())["ids"]["train"]) == 30
+    assert json.loads((two / "split.json").read_text()) == json.loads((one / "split.json").read_text())
+    logged_one, logged_two = steps(one), steps(two)
+    assert [r["step"] for r in logged_one] == [r["step"] for r in logged_two] == [1, 2, 3]
+    for a, b in zip(logged_one, logged_two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    tensors_one = load_file(one / "adapter" / "adapter_model.safetensors")
+    tensors_two = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert tensors_one.keys() == tensors_two.keys() and len(tensors_one) > 0
+    assert any(
+        "lora_B" in name and tensor.abs().max() > 1e-3 for name, tensor in tensors_one.items()
+    )  # trained
+    for name, tensor in tensors_one.items():
+        torch.testing.assert_close(tensors_two[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
 @pytest.mark.slow  # trains a model
 def test_trains_and_evaluates_from_mistral_jsonl(tiny_model_dir, aid_dir, tmp_path):
     from pixtral_lora.data.loaders import export_mistral_jsonl, load_aid_folder, to_conversations
