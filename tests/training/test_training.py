@@ -180,6 +180,10 @@ def test_qlora_keeps_the_frozen_weights_in_their_loaded_dtype(tiny_model_dir, ai
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
     assert not any(p.requires_grad for p in ours.parameters())  # the base is frozen
+    # only the language model's linear layers are 4-bit: the vision tower, projector and LM head are not
+    four_bit = [name for name, p in ours.named_parameters() if type(p).__name__ == "Params4bit"]
+    assert four_bit and all(".language_model.layers." in name for name in four_bit)
+    assert any("vision_tower" in name for name, _ in ours.named_parameters())
     assert {p.dtype for p in unquantized(ours)} == {torch.bfloat16}
     assert {p.dtype for p in unquantized(peft_prepared)} == {torch.float32}
     # the 4-bit weights are the same; PEFT's preparation doubles the bytes of every other one

@@ -272,6 +272,10 @@ def usable_attention(requested: str) -> str:
     return requested
 
 
+# Modules a 4-bit load keeps in the model's dtype (any module whose name contains one of these).
+UNQUANTIZED = ("vision_tower", "multi_modal_projector", "lm_head")
+
+
 def load_model(
     model_name_or_path: str | os.PathLike,
     *,
@@ -308,7 +312,10 @@ def load_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
             # The vision tower and projector are small and sensitive; the language model is 95% of the weights.
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+            # transformers 5 matches these from the start of a module's name or as its suffix: bare
+            # "vision_tower" matched neither "model.vision_tower.transformer..." nor its layers, and
+            # the tower and projector were quantized too. A leading ".*" matches them anywhere.
+            llm_int8_skip_modules=[rf".*{name}" for name in UNQUANTIZED],
         )
     elif quantization is not None:
         raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
