@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install $(TORCH_PINS)
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps mistral-inference==1.6.0
+	# DeepSpeed (the ZeRO launch configs, rehearsed on CPU by the tests): its build imports torch
+	$(BIN)/pip install --no-build-isolation 'deepspeed==0.19.8'
 	touch $(STAMP)
 
 # Two workers (pytest-xdist), one test file each at a time: 11 minutes instead of 16 on 2 cores.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pixtral_lora.errors import UserError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -32,6 +34,20 @@ class Family:
     # name -> (config.json's architecture fields, tekken version to write; None: the packaged tekken).
     # The first is the family's flagship.
     shapes: dict[str, tuple[Callable[[], dict], str | None]] = field(default_factory=dict)
+    # The blocks FSDP shards one by one: the text decoder's layer class per text_config `model_type`,
+    # and the vision encoder's (every family here has Pixtral's vision tower)
+    decoder_layers: dict[str, str] = field(default_factory=lambda: {"mistral": "MistralDecoderLayer"})
+    vision_layer: str = "PixtralAttentionLayer"
+
+    def shard_layers(self, config: dict) -> list[str]:
+        """The transformers classes FSDP wraps for a checkpoint's config.json (decoder, then vision)."""
+        text_type = config.get("text_config", {}).get("model_type", "mistral")
+        if text_type not in self.decoder_layers:
+            raise UserError(
+                f"{self.models}: no FSDP wrapping known for a {text_type!r} text model "
+                f"(known: {', '.join(self.decoder_layers)})"
+            )
+        return [self.decoder_layers[text_type], self.vision_layer]
 
     def reference_config(self) -> dict:
         """config.json of the family's flagship checkpoint (the first of `shapes`)."""

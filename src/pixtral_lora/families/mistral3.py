@@ -118,6 +118,7 @@ MISTRAL3 = Family(
     patch_size=14,
     spatial_merge_size=2,
     max_image_size=1540,
+    decoder_layers={"mistral": "MistralDecoderLayer", "ministral3": "Ministral3DecoderLayer"},
     packaged_tekken=None,  # every Mistral3 checkpoint ships its tekken.json (its version is read from it)
     connector_lora_modules=("linear_1", "linear_2"),
     merger_lora_modules=("patch_merger.merging_layer",),

@@ -283,10 +283,13 @@ def load_model(
     dtype: str = "auto",
     device: str | None = None,
     attn_implementation: str = "sdpa",
+    quant_storage: bool = False,
 ):
     """Load a supported Mistral vision model (see `families`) from safetensors only.
 
     quantization: None, or "4bit" for bitsandbytes NF4 with double quantisation (QLoRA).
+    quant_storage: 4-bit weights packed in the model's dtype instead of uint8, which FSDP needs to
+    shard them with the other weights (QLoRA under FSDP1).
     dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16" or "float32".
     """
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
@@ -311,6 +314,7 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
+            bnb_4bit_quant_storage=torch_dtype if quant_storage else torch.uint8,
             # The vision tower and projector are small and sensitive; the language model is 95% of the weights.
             # transformers 5 matches these from the start of a module's name or as its suffix: bare
             # "vision_tower" matched neither "model.vision_tower.transformer..." nor its layers, and

@@ -27,7 +27,7 @@ from pixtral_lora.data.loaders import as_conversations
 from pixtral_lora.data.raster import band_options
 from pixtral_lora.data.splits import load_run_data
 from pixtral_lora.errors import DataError
-from pixtral_lora.families import Family, family_of
+from pixtral_lora.families import Family, config_json, family_from_config, family_of
 from pixtral_lora.model.loading import best_device, load_model, load_processor
 from pixtral_lora.model.render import IGNORE_INDEX, Renderer, RenderReport, TrainingCollator, render_dataset
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, atomic_file, write_json
@@ -53,6 +53,17 @@ from pixtral_lora.run.writer import (
 )
 from pixtral_lora.training.guards import DivergedError, divergence_guard
 from pixtral_lora.training.preflight import preflight
+from pixtral_lora.training.sharding import (
+    calibrate_alone,
+    check_sharded,
+    fsdp_launch,
+    full_state_dict,
+    parameters_sharded,
+    peak_memory_per_process,
+    prepare_sharding,
+    rehearse_on_cpu,
+    separate_storage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +119,7 @@ def load_training_model(config: Config, device: str):
         dtype=config.model.dtype,
         device=device,
         attn_implementation=config.model.attn_implementation,
+        quant_storage=fsdp_launch(),
     )
     model.config.use_cache = False
     # Not peft's prepare_model_for_kbit_training: it copies every weight that is not 4-bit (embeddings,
@@ -151,6 +163,16 @@ def _base_identity_callback(identity: dict):
                 write_json(checkpoint / BASE_MODEL_FILE, identity)
 
     return BaseIdentity()
+
+
+def _sharded_callback():
+    from transformers import TrainerCallback
+
+    class ShardedCheck(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            check_sharded(model)
+
+    return ShardedCheck()
 
 
 def _report_to(config: Config) -> list[str] | str:
@@ -256,6 +278,14 @@ def _answer_only_trainer_class():
                 self.accelerator.gather_for_metrics(accuracy).mean().item()
             )
             return (loss, outputs) if return_outputs else loss
+
+        def _save(self, output_dir=None, state_dict=None):
+            super()._save(output_dir, separate_storage(state_dict))  # checkpoints under FSDP1: every tensor
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            if rehearse_on_cpu(self.accelerator):  # train/fsdp_cpu.yaml: FSDP on CPU processes
+                self.is_fsdp_enabled = True
 
         # Set by `train` when the validation split is classified during training.
         validation_classifier = None
@@ -375,12 +405,19 @@ def _train_in(
         )
 
     # -- Model -------------------------------------------------------------------------------------
+    saved, source = config_json(config.model.name_or_path)
+    prepare_sharding(family_from_config(saved, source), saved)  # no-op unless an FSDP launch
     args = sft_config(config, run_dir, device, eval_set is not None)
     model = load_training_model(config, device)
 
     # -- Training ----------------------------------------------------------------------------------
     identity = base_identity(config.model.name_or_path)  # once: a local base's fingerprint reads its files
-    callbacks = [_metrics_callback(run_dir), _base_identity_callback(identity), *extra_callbacks]
+    callbacks = [
+        _metrics_callback(run_dir),
+        _base_identity_callback(identity),
+        _sharded_callback(),
+        *extra_callbacks,
+    ]
     guard = None
     if config.training.stop_after_bad_logs:
         guard = divergence_guard(config.training.stop_after_bad_logs, config.model.dtype)
@@ -424,13 +461,18 @@ def _train_in(
         raise DivergedError(guard.stopped)
 
     # -- Save --------------------------------------------------------------------------------------
+    sharded = parameters_sharded(trainer)
+    # FSDP / ZeRO-3: every process holds a shard; all gather the whole adapter, the main process writes it
+    state_dict = full_state_dict(trainer) if sharded else None
+    peaks = peak_memory_per_process()  # every process: a collective
     if trainer.is_world_process_zero():
         # The run directory is this training's own (locked, its config.yaml): its adapter folder is
         # always its own output, whatever wrote it last; the marker tells other commands what it is.
         with atomic_directory(
             run_dir / ADAPTER_DIR, ADAPTER_FILES, overwrite=True, kind="training adapter"
         ) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            adapter_model = trainer.accelerator.unwrap_model(trainer.model) if sharded else trainer.model
+            adapter_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(tmp)
             write_json(tmp / BASE_MODEL_FILE, identity)
         write_json(
@@ -443,6 +485,7 @@ def _train_in(
                 "metric_for_best_model": args.metric_for_best_model,
                 "train_samples": len(train_set),
                 "skipped": {name: r.summary() for name, r in reports.items()},
+                "peak_gpu_memory_gib": peaks,  # per process, allocated by torch; null without CUDA
             },
         )
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
@@ -450,7 +493,11 @@ def _train_in(
             from pixtral_lora.evaluation.calibrate import calibrate_run
 
             # calibrated confidences for eval, predict and map: T fit on validation, never on test
-            calibrate_run(run_dir, model=trainer.model, renderer=renderer)
+            # (a sharded model answers only with every process: a fresh one loads the saved adapter)
+            if sharded:
+                calibrate_alone(run_dir)
+            else:
+                calibrate_run(run_dir, model=trainer.model, renderer=renderer)
     return run_dir
 
 
