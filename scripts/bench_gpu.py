@@ -22,7 +22,10 @@
 4. Export of the merged 12B shape to Mistral's format: seconds and peak RSS (a fresh process).
 5. Each speed option (`model.attn_implementation=flash_attention_2`, `training.use_liger_kernel`)
    whose package is installed: a short QLoRA run, s/step and VRAM beside the default's; recorded as
-   skipped otherwise. Last, as the figures least needed.
+   skipped otherwise.
+6. Sharded QLoRA (`train/fsdp_qlora.yaml`, FSDP2) on 2 GPUs at Mistral Small 3.2's shape: a 1-layer
+   rehearsal, then the real depth where the disk holds its checkpoint; s/step and peak memory per GPU.
+   With one GPU it is recorded as skipped, saying so; `--tiny` runs it on 2 CPU processes.
 
 Each stage's figures (or its error and traceback) are written to the results file when it ends; a
 failed stage does not stop the ones that do not depend on it, and the exit status is then 1.
@@ -304,6 +307,60 @@ def stage_speed_options(tmp: Path, args, device: str, baseline_step_s: float | N
     return results
 
 
+SHARDED_SHAPE = "mistral-small-3.2"  # 24B: the first model that needs more than one 24-GB GPU for QLoRA
+
+
+def stage_sharded(tmp: Path, args, device: str) -> dict:
+    """FSDP2 + QLoRA (train/fsdp_qlora.yaml) on 2 GPUs at Mistral Small 3.2's shape: a 1-layer
+    rehearsal, then the real depth where the disk holds its checkpoint; step time and peak memory per
+    GPU. One GPU lent: said so, nothing run. --tiny: the same launch on 2 CPU processes (fsdp_cpu.yaml)."""
+    gpus = torch.cuda.device_count()
+    if device == "cuda" and gpus < 2:
+        return {"skipped": f"{gpus} GPU lent: FSDP + QLoRA needs 2 (the first session with more runs it)"}
+    launch_file = "fsdp_qlora.yaml" if device == "cuda" else "fsdp_cpu.yaml"
+    depths = {"one_layer": 1}
+    if device == "cuda" and not args.tiny:
+        depths["real_depth"] = None
+    figures: dict = {"launch": f"train/{launch_file}", "processes": 2, "shape": SHARDED_SHAPE}
+    for name, layers in depths.items():
+        model_dir = tmp / f"sharded-{name}"
+        free_gib = shutil.disk_usage(tmp).free / 2**30
+        if layers is None and free_gib < 1.2 * 2 * parameters(real_config(SHARDED_SHAPE)) / 2**30:
+            figures[name] = {"skipped": f"{free_gib:.0f} GiB free: the bf16 checkpoint does not fit"}
+            continue
+        write_random_checkpoint(model_dir, TinySizes() if args.tiny else None, "cpu", layers, SHARDED_SHAPE)
+        run = tmp / f"sharded-run-{name}"
+        steps = args.warmup + args.steps
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "train" / launch_file),
+            "--num_processes", "2", str(ROOT / "train.py"), str(ROOT / "configs" / MODELS[SHARDED_SHAPE][0]),
+            *[arg for value in (
+                f"model.name_or_path={model_dir}", f"data.path={tmp / 'data'}", f"training.output_dir={run}",
+                f"training.max_steps={steps}", "training.eval_steps=null", "data.validation_size=0",
+                "training.logging_steps=1", "training.save_steps=100000", "training.report_to=none",
+                *(["model.dtype=float32"] if device == "cpu" else ["model.dtype=bfloat16"]),
+            ) for arg in ("--set", value)],
+        ]  # fmt: skip
+        begun = time.perf_counter()
+        result = subprocess.run(command, cwd=ROOT, env=child_environment(), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{name}: the sharded launch failed:\n{result.stderr[-3000:]}")
+        summary = json.loads((run / "train_summary.json").read_text())
+        runtime = next(
+            r["train_runtime"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "train_runtime" in r
+        )  # fmt: skip
+        figures[name] = {
+            "layers": layers or real_config(SHARDED_SHAPE)["text_config"]["num_hidden_layers"],
+            "optimizer_steps": steps,
+            "seconds_per_optimizer_step": runtime / steps,  # warm-up included
+            "peak_gpu_memory_gib_per_process": summary["peak_gpu_memory_gib"],
+            "wall_s": time.perf_counter() - begun,
+        }
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return figures
+
+
 def stage_evaluation(run_dir: Path) -> dict:
     from pixtral_lora.evaluation.evaluate import EvalOptions, evaluate_run
 
@@ -443,7 +500,9 @@ def main() -> int:
         "dry run of every stage at full width (slow; its speed figures mean nothing)",
     )
     parser.add_argument(
-        "--skip", default="", help="comma-separated stages to skip: evaluation,logits,export,speed_options"
+        "--skip",
+        default="",
+        help="comma-separated stages to skip: evaluation,logits,export,speed_options,sharded",
     )
     parser.add_argument("--model", choices=sorted(MODELS), default="pixtral-12b", help="the shape checked")
     parser.add_argument("--out", help="results file (default: benchmarks/results-gpu-<model>.json)")
@@ -519,6 +578,9 @@ def main() -> int:
             options = results["speed_options"].values()
             if "speed_options" not in failed and any("error" in option for option in options):
                 failed.append("speed_options")
+        if "sharded" not in skip:  # after every stage that reads tmp/model: its disk goes to the 24B one
+            shutil.rmtree(tmp / "model", ignore_errors=True)
+            stage("sharded", stage_sharded, tmp, args, device)
     results["total_s"] = time.perf_counter() - started
     results["failed_stages"] = failed
     write_json(args.out, results)

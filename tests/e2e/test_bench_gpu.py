@@ -37,7 +37,12 @@ def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
     logits = figures["logits"]
     assert logits["max_abs_logit_difference"] < 1e-3 and logits["argmax_agreement"] == 1.0
     assert figures["failed_stages"] == []
-    assert set(figures["stage_seconds"]) == {"training", "evaluation", "logits", "export", "speed_options"}
+    stages = {"training", "evaluation", "logits", "export", "speed_options", "sharded"}
+    assert set(figures["stage_seconds"]) == stages
+    sharded = figures["sharded"]  # the 2-GPU FSDP + QLoRA stage, on 2 CPU processes here
+    assert sharded["launch"] == "train/fsdp_cpu.yaml" and sharded["shape"] == "mistral-small-3.2"
+    assert sharded["one_layer"]["seconds_per_optimizer_step"] > 0 and sharded["one_layer"]["layers"] == 1
+    assert sharded["one_layer"]["peak_gpu_memory_gib_per_process"] is None  # no CUDA here
     assert figures["speed_options"] == {  # CUDA-only kernels: recorded as skipped, not silently left out
         "flash_attention_2": {"skipped": "CUDA only"},
         "liger_kernel": {"skipped": "CUDA only"},
@@ -62,7 +67,9 @@ def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypa
         },
     )
     out = tmp_path / "gpu.json"
-    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", *TINY_ARGS, "--skip", "evaluation", "--out", str(out)])
+    monkeypatch.setattr(
+        sys, "argv", ["bench_gpu.py", *TINY_ARGS, "--skip", "evaluation,sharded", "--out", str(out)]
+    )
     assert bench.main() == 1
     figures = json.loads(out.read_text())
     assert figures["failed_stages"] == ["logits", "speed_options"]
@@ -88,3 +95,10 @@ def test_the_exporter_child_sees_the_callers_pythonpath(monkeypatch):
     assert bench.child_environment()["PYTHONPATH"].split(os.pathsep) == [str(ROOT / "src"), "/opt/kit"]
     monkeypatch.delenv("PYTHONPATH")
     assert bench.child_environment()["PYTHONPATH"] == str(ROOT / "src")
+
+
+def test_the_sharded_stage_says_when_one_gpu_is_lent(tmp_path, monkeypatch):
+    bench = load_bench_gpu()
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 1)
+    figures = bench.stage_sharded(tmp_path, None, "cuda")
+    assert figures == {"skipped": "1 GPU lent: FSDP + QLoRA needs 2 (the first session with more runs it)"}
