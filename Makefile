@@ -94,7 +94,7 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install --no-cache-dir $(VLLM_PINS) && \
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip install --no-cache-dir \
 		--force-reinstall $(VLLM_TORCH_PINS) && \
-	$(VLLM_VENV)/bin/pip install --no-cache-dir datasets scikit-learn matplotlib && \
+	$(VLLM_VENV)/bin/pip install --no-cache-dir datasets scikit-learn matplotlib rasterio && \
 	$(VLLM_VENV)/bin/pip install --no-cache-dir --no-deps -e . && \
 	touch $@ && \
 	echo "vLLM environment installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_VENV) | cut -f1)"

@@ -45,6 +45,10 @@ PORT = 8765
 # 8e-6 (Pixtral-12B's shape) and 9e-6 (Ministral 3's); Ministral 3's export with its YaRN block removed
 # still gave all 40 answers equal, but a gap of 7e-4, which only this bound catches.
 FLOAT32_LOGPROB_GAP = 1e-4
+MODES = ("generate", "constrained", "score")
+# score mode's probabilities, vLLM's prompt log-probabilities against transformers' forward (float32)
+SCORE_PROBABILITY_GAP = 1e-4
+VLLM_ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def run(*args: str, cwd: Path = ROOT) -> str:
@@ -77,11 +81,10 @@ def eval_answers(run_dir: Path, models: str) -> dict[str, dict[str, dict]]:
     return answers
 
 
-def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> dict[str, dict]:
-    """image id -> `pixtral-lora eval --backend vllm`'s fine-tuned prediction (its predictions.jsonl
-    row), run in vLLM's environment."""
+def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> dict[tuple[str, str], dict]:
+    """(mode, image id) -> `pixtral-lora eval --backend vllm`'s fine-tuned prediction in every mode (its
+    predictions.jsonl row), run in vLLM's environment."""
     out = run_dir / "eval-vllm-backend"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         vllm_python,
         "-m",
@@ -90,24 +93,129 @@ def vllm_eval_answers(vllm_python: str, run_dir: Path, *backend_args: str) -> di
         str(run_dir),
         "--backend",
         "vllm",
+        "--models",
+        "finetuned",
+        "--modes",
+        ",".join(MODES),
         *backend_args,
     ]
     result = subprocess.run(
-        [*command, "--out", str(out), "--overwrite"], capture_output=True, text=True, env=env
+        [*command, "--out", str(out), "--overwrite"], capture_output=True, text=True, env=VLLM_ENV
     )
     if result.returncode:
         raise SystemExit(f"failed: {shlex.join(command)}\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    return {row["id"]: row for row in rows if row["model"] == "finetuned"}
+    return {(row["mode"], row["id"]): row for row in rows}
 
 
-def answers_of(predictions: dict[str, dict]) -> dict[str, str]:
-    return {image: row["raw_answer"] for image, row in predictions.items()}
+def eval_modes(run_dir: Path) -> dict[tuple[str, str], dict]:
+    """(mode, image id) -> the transformers eval's fine-tuned prediction in every mode."""
+    out = run_dir / "eval-modes"
+    run("-m", "pixtral_lora.cli", "eval", str(run_dir), "--modes", ",".join(MODES), "--models", "finetuned",
+        "--out", str(out), "--overwrite")  # fmt: skip
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {(row["mode"], row["id"]): row for row in rows}
 
 
-def check_unreadable_counted(run_dir: Path, vllm_python: str, export: Path, expected: dict) -> list[str]:
-    """`eval --backend vllm` with one test image made unreadable (restored after): that image is
-    counted `unreadable` in its predictions and report, and every other answer equals eval's."""
+def compare_modes(
+    name: str, served: dict, expected: dict, skip: tuple[str, ...] = ()
+) -> tuple[list[str], dict]:
+    """Mismatch lines of vLLM's predictions against eval's, per mode: labels equal, score mode's
+    (calibrated) probabilities within SCORE_PROBABILITY_GAP, constrained mode never hallucinating."""
+    problems, found = [], {}
+    for mode in MODES:
+        keys = [k for k in expected if k[0] == mode and k[1] not in skip]
+        differ = [k for k in keys if served.get(k, {}).get("label") != expected[k]["label"]]
+        problems += [f"{name}, {mode}: {k[1]}: vLLM {served.get(k, {}).get('label')!r} != eval "
+                     f"{expected[k]['label']!r}" for k in differ]  # fmt: skip
+        found[mode] = {"labels_equal": len(keys) - len(differ), "images": len(keys)}
+        if mode == "score":
+            gap = max(
+                abs(served[k]["confidence"] - expected[k]["confidence"]) for k in keys if k not in differ
+            )
+            found[mode]["largest_probability_gap"] = gap
+            if gap > SCORE_PROBABILITY_GAP:
+                problems.append(
+                    f"{name}, score: a probability {gap:.2g} from eval's (> {SCORE_PROBABILITY_GAP})"
+                )
+            if {served[k]["calibrated"] for k in keys} != {expected[k]["calibrated"] for k in keys}:
+                problems.append(f"{name}, score: vLLM's calibration differs from eval's")
+        if mode == "constrained":
+            hallucinated = sum(served[k]["outcome"] == "hallucinated" for k in keys)
+            found[mode]["hallucinated"] = hallucinated
+            problems += [f"{name}, constrained: {hallucinated} hallucinated"] if hallucinated else []
+        print(f"  {name}, {mode}: {found[mode]}", flush=True)
+    return problems, found
+
+
+def vllm_command(vllm_python: str, *args: str) -> str:
+    """`pixtral-lora ARGS` in vLLM's environment, which must succeed; its stdout."""
+    result = subprocess.run([vllm_python, "-m", "pixtral_lora.cli", *args], capture_output=True, text=True,
+                            env=VLLM_ENV, cwd=ROOT)  # fmt: skip
+    if result.returncode:
+        raise SystemExit(f"failed: pixtral-lora {shlex.join(args)}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def check_predict_and_map(
+    vllm_python: str, work: Path, run_dir: Path, base: Path, lora: Path
+) -> tuple[list[str], dict]:
+    """`predict` and `map` with `--backend vllm` (base + LoRA, score mode) against the same commands on
+    transformers: the same labels, probabilities within SCORE_PROBABILITY_GAP, each row marked
+    `backend: vllm`, and a rerun that resumes with every input already done."""
+    from pixtral_lora.run.reader import Run
+
+    rows, _ = Run.open(run_dir).test_rows()
+    listing = work / "predict-inputs.txt"
+    listing.write_text("".join(f"{row['images'][0]['path']}\n" for row in rows), encoding="utf-8")
+    backend = ["--backend", "vllm", "--vllm-base", str(base), "--vllm-lora", str(lora)]
+    common = ["--run", str(run_dir), "--mode", "score"]
+    run("-m", "pixtral_lora.cli", "predict", str(listing), *common, "--out", str(work / "predict-hf.jsonl"))
+    vllm_command(
+        vllm_python, "predict", str(listing), *common, *backend, "--out", str(work / "predict-vllm.jsonl")
+    )
+    rerun = vllm_command(vllm_python, "predict", str(listing), *common, *backend, "--out",
+                         str(work / "predict-vllm.jsonl"))  # fmt: skip
+    read = lambda name: [json.loads(line) for line in (work / name).read_text(encoding="utf-8").splitlines()]  # noqa: E731
+    ours, served = read("predict-hf.jsonl"), read("predict-vllm.jsonl")
+    problems = [f"predict --backend vllm: {a['path']}: {b['label']!r} != {a['label']!r}"
+                for a, b in zip(ours, served, strict=True) if a["label"] != b["label"]]  # fmt: skip
+    gap = max(abs(a["confidence"] - b["confidence"]) for a, b in zip(ours, served, strict=True))
+    if gap > SCORE_PROBABILITY_GAP or {b["backend"] for b in served} != {"vllm"}:
+        problems.append(
+            f"predict --backend vllm: probability gap {gap:.2g}, backends { ({b['backend'] for b in served}) }"
+        )
+    if f"({len(rows)} already done)" not in rerun:
+        problems.append(f"predict --backend vllm, rerun: not every input resumed as done: {rerun.strip()}")
+    scene = work / "scene.tif"
+    run("-m", "pixtral_lora.cli", "data", "generate-scene", "--out", str(scene), "--grid", "2x2", "--tile", "64",
+        "--classes", ",".join(CLASSES))  # fmt: skip
+    tiles = ["--run", str(run_dir), "--tile", "64", "--mode", "score"]
+    run("-m", "pixtral_lora.cli", "map", str(scene), *tiles, "--out", str(work / "map-hf.geojson"))
+    vllm_command(vllm_python, "map", str(scene), *tiles, *backend, "--out", str(work / "map-vllm.geojson"))
+    labels = [
+        [f["properties"]["label"] for f in json.loads((work / name).read_text(encoding="utf-8"))["features"]]
+        for name in ("map-hf.geojson", "map-vllm.geojson")
+    ]
+    if labels[0] != labels[1]:
+        problems.append(f"map --backend vllm: tile labels {labels[1]} != map's {labels[0]}")
+    found = {
+        "predict_images": len(rows),
+        "predict_labels_equal": sum(a["label"] == b["label"] for a, b in zip(ours, served, strict=True)),
+        "predict_largest_probability_gap": gap,
+        "map_tiles": len(labels[0]),
+        "map_labels_equal": sum(a == b for a, b in zip(*labels, strict=True)),
+    }
+    print(f"  predict / map --backend vllm (base + LoRA, score): {found}", flush=True)
+    return problems, found
+
+
+def check_unreadable_counted(
+    run_dir: Path, vllm_python: str, export: Path, expected: dict
+) -> tuple[list[str], dict]:
+    """`eval --backend vllm` in every mode with one test image made unreadable (restored after): that
+    image is counted `unreadable` in each mode's predictions and report, and every other prediction
+    equals eval's (`expected`: (mode, id) -> eval's row)."""
     from pixtral_lora.run.reader import Run
 
     rows, _ = Run.open(run_dir).test_rows()
@@ -119,18 +227,18 @@ def check_unreadable_counted(run_dir: Path, vllm_python: str, export: Path, expe
     finally:
         broken.write_bytes(original)
     report = json.loads((run_dir / "eval-vllm-backend" / "report.json").read_text(encoding="utf-8"))
-    counted = report["results"]["finetuned"]["generate"]["counts"]["unreadable"]
-    unreadable = sorted(i for i, row in served.items() if row["outcome"] == "unreadable")
-    problems = (
-        []
-        if unreadable == [broken_id] and counted == 1
-        else [
-            f"eval --backend vllm: unreadable {unreadable} (report counts {counted}), expected [{broken_id!r}]"
-        ]
-    )
-    print(f"  eval --backend vllm: an unreadable image is counted: {not problems}", flush=True)
-    rest = {i: e for i, e in expected.items() if i != broken_id}
-    return problems + compare("eval --backend vllm, merged float32", answers_of(served), rest)
+    problems = []
+    for mode in MODES:
+        counted = report["results"]["finetuned"][mode]["counts"]["unreadable"]
+        unreadable = sorted(
+            i for (m, i), row in served.items() if m == mode and row["outcome"] == "unreadable"
+        )
+        if unreadable != [broken_id] or counted != 1:
+            problems.append(f"eval --backend vllm, {mode}: unreadable {unreadable} (report counts {counted}), "
+                            f"expected [{broken_id!r}]")  # fmt: skip
+    print(f"  eval --backend vllm: an unreadable image is counted in every mode: {not problems}", flush=True)
+    found, results = compare_modes("eval --backend vllm, merged float32", served, expected, skip=(broken_id,))
+    return problems + found, results
 
 
 def requests_of(run_dir: Path) -> list[tuple[str, list[dict]]]:
@@ -165,7 +273,7 @@ class Server:
         self.command, self.log = command, log
 
     def __enter__(self):
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        env = VLLM_ENV
         self.handle = open(self.log, "w")  # noqa: SIM115 (closed in __exit__)
         started = time.perf_counter()
         self.process = subprocess.Popen(
@@ -288,12 +396,22 @@ def check_mistral3(
             ):
                 served = {i: server.answer(served_model, m, max_tokens)[0] for i, m in requests}
                 problems += compare(label, served, answers)
+    results: dict = {}
+    if lora:  # eval --backend vllm in every mode: the merged export and base + LoRA
+        modes = eval_modes(run_dir)
+        for name, backend in (("merged float32", ["--merged", str(exports / "merged")]),
+                              ("base + LoRA", ["--vllm-base", str(exports / "base"), "--vllm-lora", str(exports / "lora")])):  # fmt: skip
+            served = vllm_eval_answers(vllm_python, run_dir, *backend)
+            found, results[f"vllm_backend_{name}"] = compare_modes(
+                f"{like} eval --backend vllm, {name}", served, modes
+            )
+            problems += found
     with Server(vllm_python, exports / "merged", ["--dtype", "float32"], work / f"vllm-{like}.log") as server:
         served, gap = merged_answers(
             server, str(exports / "merged"), requests, expected["finetuned"], max_tokens
         )
         problems += compare(f"{like} merged float32", served, expected["finetuned"])
-    results = {"images": len(requests), "answers_changed_by_the_adapter": changed}
+    results |= {"images": len(requests), "answers_changed_by_the_adapter": changed}
     results["merged_float32_largest_answer_logprob_gap"] = gap
     if gap > FLOAT32_LOGPROB_GAP:
         problems.append(
@@ -395,14 +513,23 @@ def main() -> int:
                     problems.append(f"merged float32: answer log-probability {worst:.2g} from eval's")
         # pixtral-lora eval --backend vllm, in vLLM's environment: a merged export, and base + LoRA
         # (one test image unreadable: counted, as the transformers path counts it)
-        problems += check_unreadable_counted(
-            text_run, args.vllm_python, exports / "text-float32", expected["text"]["finetuned"]
+        # in every mode: generate, constrained (0 hallucinated), score (probabilities to 1e-4)
+        modes = {"text": eval_modes(text_run), "vision": eval_modes(vision_run)}
+        found, results["vllm_backend_merged_float32"] = check_unreadable_counted(
+            text_run, args.vllm_python, exports / "text-float32", modes["text"]
         )
-        served = answers_of(vllm_eval_answers(args.vllm_python, vision_run, "--vllm-base", str(exports / "base"),
-                                              "--vllm-lora", str(exports / "lora-vision")))  # fmt: skip
-        problems += compare(
-            "eval --backend vllm, base + LoRA (vision tower)", served, expected["vision"]["finetuned"]
+        problems += found
+        served = vllm_eval_answers(args.vllm_python, vision_run, "--vllm-base", str(exports / "base"),
+                                   "--vllm-lora", str(exports / "lora-vision"))  # fmt: skip
+        found, results["vllm_backend_lora_vision"] = compare_modes(
+            "eval --backend vllm, base + LoRA (vision tower)", served, modes["vision"]
         )
+        problems += found
+        # predict and map on vLLM: base + the text run's LoRA, score mode with its calibration
+        found, results["vllm_predict_map"] = check_predict_and_map(
+            args.vllm_python, work, text_run, exports / "base", exports / "lora-text"
+        )
+        problems += found
         results["transformers_images_per_second"] = expected["text"]["_speed"]
         # the Mistral3 family: Mistral Small's shape (base, LoRA, merged), Ministral 3's (YaRN, llama-4
         # attention scaling: its native export, merged) whose form only vLLM here can check

@@ -132,7 +132,7 @@ def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_
     """What the vLLM backend sends, encoded by mistral_common (as vLLM does), is our prompt, token for token."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    from pixtral_lora.evaluation.vllm_backend import openai_messages
+    from pixtral_lora.classify.vllm_engine import openai_messages
 
     renderer = Renderer(processor, 64)
     rows = to_conversations(
@@ -147,7 +147,7 @@ def test_vllm_requests_encode_to_the_trained_prompt(processor, aid_dir, mistral_
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tmp_path):
-    from pixtral_lora.evaluation.vllm_backend import VllmEngine
+    from pixtral_lora.classify.vllm_engine import VllmEngine
 
     try:
         import vllm  # noqa: F401
@@ -169,7 +169,7 @@ def test_another_engine_gets_only_readable_rows_and_an_unreadable_image_is_count
     class Echo(AnswerEngine):
         seen: list[str] = []
 
-        def answers(self, renderer, rows, images, max_new_tokens):
+        def answers(self, renderer, rows, images, max_new_tokens, candidates=None):
             assert all(loaded and loaded[0].size[0] <= 64 for loaded in images)  # resized as in training
             self.seen += [row["id"] for row in rows]
             return ["Forest"] * len(rows), [None] * len(rows)
@@ -187,5 +187,38 @@ def test_another_engine_gets_only_readable_rows_and_an_unreadable_image_is_count
     assert predictions[1].outcome == "unreadable" and predictions[1].id == "broken"
     assert engine.seen == [rows[0]["id"], rows[2]["id"]]
     assert [p.label for p in predictions] == ["Forest", None, "Forest"]
-    with pytest.raises(ValueError, match="generate mode only"):
+    with pytest.raises(ValueError, match="answers in generate mode, not score"):
         predict_rows(engine, Renderer(processor, 64), rows, CLASSES, PromptConfig(), ClassifyOptions("score"))
+
+
+def test_an_engine_that_scores_gets_the_answer_tokens_and_its_scores_are_calibrated(processor, aid_dir):
+    """Score mode on another engine (vLLM): it is handed each class's answer token ids (what the
+    transformers path scores), and the loop turns its log-likelihoods into the same predictions:
+    softmax(scores / T), top 3, the temperature marked."""
+    import math
+
+    from pixtral_lora.classify.generate import AnswerEngine
+    from pixtral_lora.task.answers import answer_token_ids
+
+    renderer = Renderer(processor, 64)
+    expected = answer_token_ids(renderer.tokenizer, PromptConfig(), CLASSES)
+
+    class Scorer(AnswerEngine):
+        modes = ("score",)
+
+        def answers(self, renderer, rows, images, max_new_tokens, candidates=None):
+            raise AssertionError("score mode does not generate")
+
+        def scores(self, renderer, rows, images, candidates):
+            assert candidates == expected
+            return [{name: -float(i + k) for i, name in enumerate(candidates)} for k in range(len(rows))]
+
+    rows = list(
+        to_conversations(load_aid_folder(aid_dir).select([0, 1]), PromptConfig(), CLASSES, with_answer=False)
+    )
+    options = ClassifyOptions("score", temperature=2.0)
+    predictions, _ = predict_rows(Scorer(), renderer, rows, CLASSES, PromptConfig(), options)
+    weights = [math.exp(-i / 2.0) for i in range(len(CLASSES))]
+    assert [p.label for p in predictions] == [CLASSES[0]] * 2
+    assert predictions[0].confidence == pytest.approx(weights[0] / sum(weights))
+    assert predictions[0].calibrated and [name for name, _ in predictions[0].top] == CLASSES[:3]

@@ -131,3 +131,32 @@ def test_a_command_that_fails_before_its_first_row_leaves_no_file(
                                   outputs / "m.geojson", "--tile", 64, "--model", broken))  # fmt: skip
     assert "not a complete safetensors file" in line
     assert sorted(p.name for p in outputs.iterdir()) == []
+
+
+def test_the_vllm_backend_options_are_checked_before_anything_loads(tiny_run, aid_dir, tmp_path):
+    """`--backend vllm` needs a Mistral-format model; the two ways of giving one don't mix; the vLLM
+    flags mean nothing on transformers; vLLM is one engine, not --num-processes; and without vllm
+    installed, the first batch says so in one line. No predictions file is left behind."""
+    out = tmp_path / "p.jsonl"
+    predict = ("predict", aid_dir, "--run", tiny_run, "--out", out)
+    line = one_line_error(run_cli(*predict, "--backend", "vllm"))
+    assert "--backend vllm needs --model DIR" in line and "--vllm-lora" in line
+    line = one_line_error(run_cli(*predict, "--backend", "vllm", "--model", tmp_path, "--vllm-base", tmp_path,
+                                  "--vllm-lora", tmp_path))  # fmt: skip
+    assert "not both" in line
+    line = one_line_error(run_cli(*predict, "--vllm-lora", tmp_path))
+    assert "--vllm-base and --vllm-lora are for --backend vllm" in line
+    line = one_line_error(run_cli(*predict, "--backend", "vllm", "--model", tmp_path, "--num-processes", "2"))
+    assert "drop --num-processes" in line
+    scene = tmp_path / "s.tif"
+    made = run_cli("data", "generate-scene", "--out", scene, "--grid", "1x2")
+    assert made.returncode == 0, made.stderr[-2000:]
+    line = one_line_error(run_cli("map", scene, "--run", tiny_run, "--out", tmp_path / "m.geojson",
+                                  "--tile", "64", "--backend", "vllm"))  # fmt: skip
+    assert "--backend vllm needs --model DIR" in line
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        line = one_line_error(run_cli(*predict, "--backend", "vllm", "--model", tmp_path))
+        assert "needs vllm" in line
+    assert not out.exists()

@@ -342,6 +342,11 @@ def test_convert_script_formats(tiny_run, tiny_model_dir, tmp_path):
     written = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     source = load_file(tiny_run / "adapter" / "adapter_model.safetensors")
     assert len(written) == len(source)
+    # it records the training adapter it came from: the run's calibration applies to it as served
+    from pixtral_lora.export.vllm_adapter import source_sha256
+    from pixtral_lora.run.reader import file_sha256
+
+    assert source_sha256(tmp_path / "lora") == file_sha256(tiny_run / "adapter" / "adapter_model.safetensors")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["target_modules"] == [
         "down_proj",

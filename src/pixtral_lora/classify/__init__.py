@@ -88,13 +88,13 @@ def predict_rows(
     A row whose image cannot be decoded (or is listed in `unreadable`, id -> reason) gets the outcome
     `unreadable`; the others in its batch go on. Score mode's probabilities are softmax(scores / T)
     with a calibration's `temperature` (marked `calibrated`), else the raw softmax. `model` is a
-    transformers model, or an `AnswerEngine` (vLLM) that answers in generate mode.
+    transformers model, or an `AnswerEngine` (vLLM) in a mode it answers.
     """
     from pixtral_lora.data.images import ImageError
 
     mode, batch_size, temperature = options.mode, options.batch_size, options.temperature
-    if isinstance(model, AnswerEngine) and mode != "generate":
-        raise ValueError(f"{type(model).__name__} answers in generate mode only, not {mode}")
+    if isinstance(model, AnswerEngine) and mode not in model.modes:
+        raise ValueError(f"{type(model).__name__} answers in {', '.join(model.modes)} mode, not {mode}")
     parser = AnswerParser(class_names, strict=options.strict)
     candidates = answer_token_ids(renderer.tokenizer, prompt, class_names)
     trie = AnswerTrie(candidates) if mode == "constrained" else None
@@ -118,8 +118,13 @@ def predict_rows(
             slots[index] = Prediction(row["id"], row["label"], "", None, None, error=error)
         ready_rows = [chunk[i] for i in ready]
         if mode == "score" and ready:
-            inputs = batch_inputs(model, renderer, ready_rows, loaded)
-            for index, scores in zip(ready, score_batch(model, inputs, candidates), strict=True):
+            if isinstance(model, AnswerEngine):
+                batch_scores = model.scores(renderer, ready_rows, loaded, candidates)
+            else:
+                batch_scores = score_batch(
+                    model, batch_inputs(model, renderer, ready_rows, loaded), candidates
+                )
+            for index, scores in zip(ready, batch_scores, strict=True):
                 row = chunk[index]
                 names = list(scores)
                 values = torch.tensor(list(scores.values()), dtype=torch.float64)

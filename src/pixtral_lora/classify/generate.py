@@ -11,14 +11,28 @@ from pixtral_lora.task.answers import AnswerTrie
 
 
 class AnswerEngine(abc.ABC):
-    """Another engine (vLLM) answering the classify loop's batches in generate mode: it gets the
-    rows whose images the loop could read, and those images, already resized as in training."""
+    """Another engine (vLLM) answering the classify loop's batches in the `modes` it names: it gets
+    the rows whose images the loop could read, and those images, already resized as in training."""
+
+    modes: tuple[str, ...] = ("generate",)
 
     @abc.abstractmethod
     def answers(
-        self, renderer: Renderer, rows: list[dict], images: list[list], max_new_tokens: int
+        self,
+        renderer: Renderer,
+        rows: list[dict],
+        images: list[list],
+        max_new_tokens: int,
+        candidates: dict[str, list[int]] | None = None,
     ) -> tuple[list[str], list[float | None]]:
-        """Greedy answers of the rows, and each answer's probability where the engine gives it."""
+        """Greedy answers of the rows (only the `candidates`' token ids when given: constrained mode),
+        and each answer's probability where the engine gives it."""
+
+    def scores(
+        self, renderer: Renderer, rows: list[dict], images: list[list], candidates: dict[str, list[int]]
+    ) -> list[dict[str, float]]:
+        """Score mode: each candidate's log-likelihood (its token ids, `</s>` included) per row."""
+        raise NotImplementedError(f"{type(self).__name__} does not score")
 
 
 def _device_of(model) -> torch.device:
@@ -58,7 +72,8 @@ def generate_answers(
     if isinstance(model, AnswerEngine):
         if loaded_images is None:
             loaded_images = [renderer.load_images(row["images"]) for row in rows]
-        return model.answers(renderer, rows, loaded_images, max_new_tokens)
+        candidates = trie.sequences if trie is not None else None
+        return model.answers(renderer, rows, loaded_images, max_new_tokens, candidates)
     inputs = batch_inputs(model, renderer, rows, loaded_images)
     width = inputs["input_ids"].shape[1]
     eos = renderer.tokenizer.eos_token_id

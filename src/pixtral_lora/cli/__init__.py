@@ -43,11 +43,16 @@ def _eval(args) -> int:
             return 2
         finetuned = args.merged or (args.vllm_base, args.vllm_lora)
         models = {"finetuned": finetuned, **({"base": args.vllm_base} if args.vllm_base else {})}
+        models = {name: model for name, model in models.items() if name in args.models.split(",")}
+        if not models:
+            print(f"error: --models {args.models}: vLLM has none of them to evaluate here", file=sys.stderr)
+            return 2
         from pixtral_lora.evaluation.vllm_backend import evaluate_run_vllm
 
         out = evaluate_run_vllm(
             args.run_dir,
             models,
+            modes=tuple(args.modes.split(",")) if args.modes else None,
             limit=args.limit,
             out_dir=args.out,
             overwrite=args.overwrite,
@@ -96,6 +101,10 @@ def _predict(args) -> int:
 
     if not _score_mode_for_target(args):
         return 2
+    if args.num_processes > 1 and args.backend == "vllm":
+        print("error: --backend vllm batches inside one engine: drop --num-processes (one process per GPU "
+              "is not built for vLLM yet)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         if not args.out:
             print("error: --num-processes needs --out", file=sys.stderr)
@@ -118,6 +127,7 @@ def _predict(args) -> int:
             as_dataset=args.dataset,
             abstain_below=args.abstain_below,
             target_accuracy=args.target_accuracy,
+            backend=_backend(args, args.model),
         )
         summary = predict_archive(args.images, args.run, out, options)
         if not summary:  # a non-zero rank of a multi-process launch: rank 0 reports
@@ -172,6 +182,7 @@ def _map(args) -> int:
         min_valid=args.min_valid,
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
+        backend=_backend(args, args.model),
     )
     summary = map_scene(args.scene, args.run, args.out, options)
     print(
@@ -302,21 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="mistakes shown per model and mode in report.html",
     )
-    evaluate.add_argument(
-        "--backend",
-        choices=["transformers", "vllm"],
-        default="transformers",
-        help="vllm: fast free generation with vLLM on a GPU (pip install vllm); "
-        "--merged is then a Mistral-format export",
-    )
-    evaluate.add_argument(
-        "--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)"
-    )
-    evaluate.add_argument(
-        "--vllm-lora",
-        help="with --backend vllm and --vllm-base: the fine-tuned model is this --adapter-only export "
-        "served as LoRA on the base (what `vllm serve --enable-lora` serves)",
-    )
+    _backend_options(evaluate, "--merged")
     _abstention_options(evaluate, Probability, cli_number)
     evaluate.add_argument(
         "--force",
@@ -386,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--edges", choices=["pad", "skip"], default="pad", help="partial tiles at the edges")
     mapping.add_argument("--model", help="a merged HF checkpoint instead of base + adapter")
     mapping.add_argument("--batch-size", type=cli_number(BatchSize))
+    _backend_options(mapping, "--model")
     mapping.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a map")
     _abstention_options(mapping, Probability, cli_number)
     mapping.add_argument(
@@ -424,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"
     )
+    _backend_options(predict, "--model")
     _abstention_options(predict, Probability, cli_number)
     predict.add_argument(
         "--force",
@@ -432,6 +431,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(func=_predict)
     return parser
+
+
+def _backend_options(parser, merged_flag: str) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help=f"vllm: vLLM's engine (pip install vllm), every mode, on Mistral-format exports: {merged_flag} "
+        "a merged convert_to_mistral.py export, or --vllm-base with --vllm-lora",
+    )
+    parser.add_argument("--vllm-base", help="with --backend vllm: the base in Mistral format (dir or hub id)")
+    parser.add_argument(
+        "--vllm-lora",
+        help="with --backend vllm and --vllm-base: this --adapter-only export of the run served as LoRA on "
+        "the base (what `vllm serve --enable-lora` serves)",
+    )
+
+
+def _backend(args, merged: str | None):
+    from pixtral_lora.inference.classifier import Backend
+
+    backend = Backend(args.backend, args.vllm_base, args.vllm_lora)
+    backend.check(merged)
+    return backend
 
 
 def main(argv: list[str] | None = None) -> int:

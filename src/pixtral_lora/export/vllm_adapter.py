@@ -20,6 +20,7 @@ from pixtral_lora.export.names import current_hf_name, unpermute_rotary
 from pixtral_lora.model.loading import VLLM_LORA_RANKS
 from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, check_replaceable, write_json
 from pixtral_lora.run.layout import BASE_MODEL_FILE
+from pixtral_lora.run.reader import file_sha256
 
 # What vLLM's Mistral-format `PixtralForConditionalGeneration` (SupportsLoRA since vLLM PR #31724) loads
 # as LoRA: PEFT keys in transformers' current layout, mapped by its `hf_to_vllm_mapper`
@@ -38,6 +39,8 @@ _VLLM_LORA_KEY = re.compile(
 _VISION_ROTARY_B = re.compile(r".*\.vision_tower\..*\.attention\.[qk]_proj\.lora_B\.weight")
 SERVE_COMMAND_FILE = "vllm_serve.sh"
 ADAPTER_ONLY_KIND = "vLLM LoRA export"
+# safetensors metadata of an --adapter-only export: the sha256 of the training adapter it came from
+SOURCE_KEY = "pixtral_lora_source_adapter_sha256"
 
 
 def _vision_heads(adapter: Path, model: str | None) -> int:
@@ -69,6 +72,12 @@ def serve_command(adapter_dir: Path, rank: int, touches_tower: bool, name: str =
         f"--lora-modules {name}={adapter_dir.resolve()}",
     ]
     return " \\\n    ".join(flags)
+
+
+def source_sha256(lora_dir: str | Path) -> str | None:
+    """sha256 of the training adapter an --adapter-only export was made from (None: not recorded)."""
+    with safe_open(Path(lora_dir) / "adapter_model.safetensors", framework="pt") as handle:
+        return (handle.metadata() or {}).get(SOURCE_KEY)
 
 
 def export_adapter_only(
@@ -108,7 +117,9 @@ def export_adapter_only(
     touches_tower = any(".multi_modal_projector." in k or ".vision_tower." in k for k in tensors)
     out = Path(out)
     with atomic_directory(out, ADAPTER_FILES, overwrite, kind=ADAPTER_ONLY_KIND, inputs=inputs) as tmp:
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        # the run adapter it came from: its calibration applies to this export as served (`source_sha256`)
+        source = {SOURCE_KEY: file_sha256(adapter / "adapter_model.safetensors")}
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **source})
         write_json(tmp / "adapter_config.json", config)
         (tmp / SERVE_COMMAND_FILE).write_text(
             "#!/bin/sh\n# vLLM applies all of this adapter only with these flags (the projector and vision\n"

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pixtral_lora.data.images import ImageError
 from pixtral_lora.data.sources import Item, list_images
 from pixtral_lora.errors import DataError
+from pixtral_lora.inference.classifier import Backend
 from pixtral_lora.outputs import atomic_file, check_replaceable_file, drop_torn_tail, locks_its_output
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class PredictionRow:
     sha256: str | None
     mode: str
     model: str
+    backend: str  # transformers or vllm: what answered (`model` names the weights)
     warning: str | None  # what --force let through, on every row it concerns
 
 
@@ -198,7 +200,12 @@ def _journals(out: Path) -> list[Path]:
 
 
 def _rows_of(
-    predictions, hashes: dict[str, str | None], mode: str, model: str, warning: str | None = None
+    predictions,
+    hashes: dict[str, str | None],
+    mode: str,
+    model: str,
+    warning: str | None = None,
+    backend: str = "transformers",
 ) -> list[dict]:
     return [
         dataclasses.asdict(
@@ -214,6 +221,7 @@ def _rows_of(
                 sha256=hashes.get(p.id),
                 mode=mode,
                 model=model,
+                backend=backend,
                 warning=warning,
             )
         )
@@ -233,6 +241,7 @@ class PredictOptions:
     as_dataset: bool = False  # SOURCE is an HF dataset (a saved one, or a Hub id)
     abstain_below: float | None = None
     target_accuracy: float | None = None
+    backend: Backend = Backend()  # transformers, or vLLM on Mistral-format exports
 
 
 @locks_its_output
@@ -253,7 +262,13 @@ def predict_archive(
         raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
     check_replaceable_file(out, is_predictions_file, overwrite)
     classify = RunClassifier(
-        run_dir, options.model_path, None, options.abstain_below, options.target_accuracy, options.force
+        run_dir,
+        options.model_path,
+        None,
+        options.abstain_below,
+        options.target_accuracy,
+        options.force,
+        options.backend,
     )
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -313,7 +328,7 @@ def predict_archive(
                 rows.append(classify.row(item.key, ref))
             if rows:
                 predictions = classify(rows, mode, batch_size)
-                writer.write(_rows_of(predictions, hashes, mode, model, warning))
+                writer.write(_rows_of(predictions, hashes, mode, model, warning, options.backend.name))
             progress.update(len(batch))
     finally:
         progress.close()

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from pixtral_lora.data.raster import band_options, read_rgb
 from pixtral_lora.errors import DataError
+from pixtral_lora.inference.classifier import Backend
 from pixtral_lora.outputs import (
     PNG_SOFTWARE,
     atomic_file,
@@ -166,6 +167,7 @@ class MapOptions:
     min_valid: float = MIN_VALID_SHARE
     abstain_below: float | None = None
     target_accuracy: float | None = None
+    backend: Backend = Backend()  # transformers, or vLLM on Mistral-format exports
 
 
 @locks_its_output
@@ -202,7 +204,13 @@ def map_scene(
     check_replaceable_file(out, _is_mappable, overwrite)
     check_replaceable_file(png, is_our_png, overwrite)
     classify = RunClassifier(
-        run_dir, options.model_path, resize_to, options.abstain_below, options.target_accuracy, options.force
+        run_dir,
+        options.model_path,
+        resize_to,
+        options.abstain_below,
+        options.target_accuracy,
+        options.force,
+        options.backend,
     )
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")

@@ -1,0 +1,154 @@
+"""vLLM as the classify loop's engine (pip install vllm): every mode, on a Mistral-format export.
+
+- `generate`: greedy chat completions, the prompt sent as OpenAI messages (`openai_messages`).
+- `constrained`: the same, through a logits processor (`classify/vllm_constrain.py`) that walks the
+  answer trie the transformers path walks: only a valid answer can come out.
+- `score`: each class's answer appended to the image prompt's token ids, and vLLM's prompt
+  log-probabilities summed over the answer's tokens (its `</s>` included): the log-likelihood
+  `classify/score.py` computes with transformers.
+
+Probabilities are those of the processed logits (`logprobs_mode="processed_logprobs"`): under the
+constraint, renormalised over the allowed tokens, as transformers' `generate` scores them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pixtral_lora.classify.generate import AnswerEngine
+from pixtral_lora.errors import UserError
+from pixtral_lora.model.loading import VLLM_LORA_RANKS
+from pixtral_lora.model.render import Renderer, prompt_messages
+
+# The logits processor vLLM's engine process imports (FQCN: module:class).
+CONSTRAIN_PROCESSOR = "pixtral_lora.classify.vllm_constrain:AnswerTrieProcessor"
+# SamplingParams.extra_args keys the processor reads.
+ANSWERS_KEY = "pixtral_lora_answers"
+EOS_KEY = "pixtral_lora_eos"
+
+
+def openai_messages(row: dict, images: list) -> list[dict]:
+    """A conversation row as OpenAI chat messages, what vLLM's chat API takes.
+
+    `images` are the row's images resized exactly as in training (`Renderer.load_images`), inlined
+    as lossless PNG data URIs, so vLLM (which encodes with mistral_common under
+    `--tokenizer-mode mistral`) sees the prompt the model was trained on; `tests/classify/test_evaluation.py`
+    checks the token ids against our renderer's.
+    """
+    from pixtral_lora.data.images import encode_data_uri
+
+    images = iter(images)
+    out = []
+    for message in prompt_messages(row):
+        content = [
+            {"type": "image_url", "image_url": {"url": encode_data_uri(next(images), fmt="PNG")}}
+            if chunk["type"] == "image"
+            else {"type": "text", "text": chunk["text"]}
+            for chunk in message["content"]
+        ]
+        if message["role"] != "user":
+            content = "".join(chunk["text"] for chunk in content)
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _probability(logprob: float | None) -> float | None:
+    return math.exp(logprob) if logprob is not None and math.isfinite(logprob) else None
+
+
+class VllmEngine(AnswerEngine):
+    """Answers from vLLM serving a Mistral-format checkpoint (convert_to_mistral.py's output), with
+    `lora_dir` (an --adapter-only export) applied as LoRA when given, all of it (projector and vision
+    tower included). One engine answers one mode; the classify loop hands it the rows it could read."""
+
+    modes = ("generate", "constrained", "score")
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_images: int,
+        dtype: str = "auto",
+        lora_dir: str | Path | None = None,
+        mode: str = "generate",
+    ):
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.inputs import TokensPrompt
+        except ImportError as err:
+            raise UserError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
+        if mode not in self.modes:
+            raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
+        engine: dict = {"logprobs_mode": "processed_logprobs"}
+        if mode == "constrained":
+            engine["logits_processors"] = [CONSTRAIN_PROCESSOR]
+        self._request = None
+        if lora_dir is not None:
+            from vllm.lora.request import LoRARequest
+
+            rank = json.loads((Path(lora_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+            engine |= {
+                "enable_lora": True,
+                "enable_tower_connector_lora": True,  # else the projector's and tower's LoRA is dropped
+                "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank),
+            }
+            self._request = LoRARequest("adapter", 1, str(Path(lora_dir).resolve()))
+        self.mode = mode
+        self._llm = LLM(
+            model=str(model_dir),
+            tokenizer_mode="mistral",
+            config_format="mistral",
+            load_format="mistral",
+            dtype=dtype,  # the run's: vLLM on a CPU would otherwise run a float32 model in bfloat16
+            limit_mm_per_prompt={"image": max(max_images, 1)},
+            **engine,
+        )
+        self._sampling, self._tokens_prompt = SamplingParams, TokensPrompt
+
+    def answers(
+        self,
+        renderer: Renderer,
+        rows: list[dict],
+        images: list[list],
+        max_new_tokens: int,
+        candidates: dict[str, list[int]] | None = None,
+    ) -> tuple[list[str], list[float | None]]:
+        if (candidates is not None) != (self.mode == "constrained"):
+            raise ValueError(f"this engine was started for {self.mode} mode")
+        extra = None
+        if candidates is not None:
+            extra = {ANSWERS_KEY: candidates, EOS_KEY: renderer.tokenizer.eos_token_id}
+        params = self._sampling(temperature=0.0, max_tokens=max_new_tokens, logprobs=0, extra_args=extra)
+        messages = [openai_messages(row, loaded) for row, loaded in zip(rows, images, strict=True)]
+        outputs = self._llm.chat(messages, params, use_tqdm=False, lora_request=self._request)
+        return (
+            [output.outputs[0].text for output in outputs],
+            [_probability(output.outputs[0].cumulative_logprob) for output in outputs],
+        )
+
+    def scores(
+        self, renderer: Renderer, rows: list[dict], images: list[list], candidates: dict[str, list[int]]
+    ) -> list[dict[str, float]]:
+        if self.mode != "score":
+            raise ValueError(f"this engine was started for {self.mode} mode")
+        prompts = []
+        for row, loaded in zip(rows, images, strict=True):
+            ids = renderer.prompt_ids(prompt_messages(row), loaded)[0]  # mistral_common's tokens (tested)
+            prompts += [
+                self._tokens_prompt(prompt_token_ids=[*ids, *answer], multi_modal_data={"image": loaded})
+                for answer in candidates.values()
+            ]
+        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outputs = iter(self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._request))
+        scored = []
+        for _ in rows:
+            row_scores = {}
+            for name, answer in candidates.items():
+                output = next(outputs)
+                positions = output.prompt_logprobs[-len(answer) :]
+                row_scores[name] = sum(
+                    logprobs[token].logprob for logprobs, token in zip(positions, answer, strict=True)
+                )
+            scored.append(row_scores)
+        return scored
