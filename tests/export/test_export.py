@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -418,3 +419,31 @@ def test_large_exports_are_sharded_with_an_index(tiny_model_dir, exported, tiny_
     assert joined.keys() == single.keys() == index["weight_map"].keys()
     assert all(torch.equal(joined[k], single[k]) for k in single)
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in single.values())
+
+
+def test_serve_command_serves_several_adapters_under_versioned_names(tiny_run, tmp_path):
+    """`pixtral-lora serve-command` for two --adapter-only exports: one vllm serve line, each adapter
+    named NAME-<its training adapter's sha256, 8 hex> (a retrained adapter gets a new name), room for
+    both in a batch; what is not an --adapter-only export, or adapters of different bases, refused."""
+    from pixtral_lora.run.reader import file_sha256
+
+    lora = tmp_path / "runs" / "aid" / "lora"
+    exported = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "convert_to_mistral.py"), "--adapter", str(tiny_run / "adapter"),
+         "--adapter-only", "--out", str(lora)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    version = file_sha256(tiny_run / "adapter" / "adapter_model.safetensors")[:8]
+    other = tmp_path / "other"
+    shutil.copytree(lora, other)
+    result = run_cli("serve-command", lora, f"v2={other}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"--lora-modules aid-{version}={lora.resolve()} v2-{version}={other.resolve()}" in result.stdout
+    assert "--max-loras 2" in result.stdout and "--enable-tower-connector-lora" in result.stdout
+    assert "two adapters named 'aid'" in one_line_error(run_cli("serve-command", lora, lora))
+    assert "not an --adapter-only export" in one_line_error(
+        run_cli("serve-command", lora, tiny_run / "adapter")
+    )
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "elsewhere"}))
+    assert "different bases" in one_line_error(run_cli("serve-command", lora, f"v2={other}"))

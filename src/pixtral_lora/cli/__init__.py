@@ -1,4 +1,4 @@
-"""`pixtral-lora` command line: tiny-model, dequantize, data {generate,generate-scene,validate,audit,preview,export}, eval, calibrate, compare, predict, map."""
+"""`pixtral-lora` command line: tiny-model, dequantize, data {generate,generate-scene,validate,audit,preview,export}, eval, calibrate, compare, predict, map, serve-command."""
 
 from __future__ import annotations
 
@@ -150,6 +150,22 @@ def _predict(args) -> int:
     )
     for path in summary["unreadable"][:10]:
         print(f"unreadable: {path}", file=sys.stderr)
+    return 0
+
+
+def _serve_command(args) -> int:
+    from pixtral_lora.export.vllm_adapter import serve_many
+
+    adapters = {}
+    for given in args.adapters:
+        name, _, path = given.rpartition("=")
+        folder = Path(path)
+        name = name or (folder.resolve().parent.name if folder.name in ("lora", "adapter") else folder.name)
+        if name in adapters:
+            print(f"error: two adapters named {name!r}: name them, NAME=DIR", file=sys.stderr)
+            return 2
+        adapters[name] = folder
+    print(serve_many(adapters))
     return 0
 
 
@@ -392,6 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the run although its base, config.yaml or held-out images changed since training (a warning goes into the outputs)",
     )
     mapping.set_defaults(func=_map)
+
+    serving = commands.add_parser(
+        "serve-command",
+        help="the vllm serve command for several --adapter-only exports on one base, each under a versioned name",
+    )
+    serving.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="[NAME=]DIR",
+        help="an --adapter-only export (NAME: default its run's folder name); served as NAME-<8 hex of its adapter>",
+    )
+    serving.set_defaults(func=_serve_command)
 
     predict = commands.add_parser("predict", help="classify new images with a trained run (resumable)")
     predict.add_argument(

@@ -18,7 +18,7 @@ from pixtral_lora.export.checkpoint import ExportError, resolve_checkpoint
 from pixtral_lora.export.lora import LoraDeltas
 from pixtral_lora.export.names import current_hf_name, unpermute_rotary
 from pixtral_lora.model.loading import VLLM_LORA_RANKS
-from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, check_replaceable, write_json
+from pixtral_lora.outputs import ADAPTER_FILES, atomic_directory, check_replaceable, read_marker, write_json
 from pixtral_lora.run.layout import BASE_MODEL_FILE
 from pixtral_lora.run.reader import file_sha256
 
@@ -70,6 +70,56 @@ def serve_command(adapter_dir: Path, rank: int, touches_tower: bool, name: str =
         *(["--enable-tower-connector-lora"] if touches_tower else []),
         f"--max-lora-rank {allowed}",
         f"--lora-modules {name}={adapter_dir.resolve()}",
+    ]
+    return " \\\n    ".join(flags)
+
+
+def served_name(name: str, lora_dir: str | Path) -> str:
+    """NAME-<8 hex of the training adapter's sha256>: a retrained adapter is served under a new name,
+    so vLLM never answers with the cache of the old one it keeps under the same name (vllm#44939)."""
+    version = source_sha256(lora_dir) or file_sha256(Path(lora_dir) / "adapter_model.safetensors")
+    return f"{name}-{version[:8]}"
+
+
+def serve_many(adapters: dict[str, str | Path]) -> str:
+    """One `vllm serve` command for several --adapter-only exports (name -> dir) on one base: each
+    served under its versioned name (`served_name`), every flag any of them needs, the largest rank,
+    and room for all of them in a batch (`--max-loras`)."""
+    bases, ranks, tower = set(), [], False
+    modules = []
+    for name, lora_dir in adapters.items():
+        lora_dir = Path(lora_dir)
+        marker = read_marker(lora_dir)
+        if (
+            not (lora_dir / "adapter_config.json").is_file()
+            or (marker or {}).get("kind") != ADAPTER_ONLY_KIND
+        ):
+            raise ExportError(
+                f"{lora_dir}: not an --adapter-only export (make one with convert_to_mistral.py --adapter "
+                "RUN/adapter --adapter-only --out DIR)"
+            )
+        config = json.loads((lora_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        bases.add(config.get("base_model_name_or_path"))
+        ranks.append(config["r"])
+        tower |= "--enable-tower-connector-lora" in (lora_dir / SERVE_COMMAND_FILE).read_text(
+            encoding="utf-8"
+        )
+        modules.append(f"{served_name(name, lora_dir)}={lora_dir.resolve()}")
+    if len(bases) > 1:
+        raise ExportError(f"these adapters were trained on different bases ({', '.join(map(str, sorted(bases)))}): "
+                          "one server serves one base")  # fmt: skip
+    allowed = next((r for r in VLLM_LORA_RANKS if r >= max(ranks)), None)
+    if allowed is None:
+        raise ExportError(
+            f"LoRA rank {max(ranks)} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})"
+        )
+    flags = [
+        "vllm serve BASE_MISTRAL_DIR --tokenizer-mode mistral --config-format mistral --load-format mistral",
+        "--enable-lora",
+        *(["--enable-tower-connector-lora"] if tower else []),
+        f"--max-lora-rank {allowed}",
+        f"--max-loras {len(modules)}",
+        "--lora-modules " + " ".join(modules),
     ]
     return " \\\n    ".join(flags)
 
