@@ -116,6 +116,14 @@ def eval_modes(run_dir: Path) -> dict[tuple[str, str], dict]:
     return {(row["mode"], row["id"]): row for row in rows}
 
 
+def speeds(run_dir: Path, report: str) -> dict[str, float]:
+    """Images/s per mode of the fine-tuned model in an eval report under `run_dir` (the same images)."""
+    results = json.loads((run_dir / report / "report.json").read_text(encoding="utf-8"))["results"][
+        "finetuned"
+    ]
+    return {mode: round(results[mode]["images_per_second"], 2) for mode in MODES}
+
+
 def compare_modes(
     name: str, served: dict, expected: dict, skip: tuple[str, ...] = ()
 ) -> tuple[list[str], dict]:
@@ -531,12 +539,20 @@ def main() -> int:
             text_run, args.vllm_python, exports / "text-float32", modes["text"]
         )
         problems += found
+        results["images_per_second_text_run"] = {
+            "transformers": speeds(text_run, "eval-modes"),
+            "vllm_merged_float32": speeds(text_run, "eval-vllm-backend"),
+        }
         served = vllm_eval_answers(args.vllm_python, vision_run, "--vllm-base", str(exports / "base"),
                                    "--vllm-lora", str(exports / "lora-vision"))  # fmt: skip
         found, results["vllm_backend_lora_vision"] = compare_modes(
             "eval --backend vllm, base + LoRA (vision tower)", served, modes["vision"]
         )
         problems += found
+        results["images_per_second_vision_run"] = {
+            "transformers": speeds(vision_run, "eval-modes"),
+            "vllm_base_lora": speeds(vision_run, "eval-vllm-backend"),
+        }
         # predict and map on vLLM: base + the text run's LoRA, score mode with its calibration
         found, results["vllm_predict_map"] = check_predict_and_map(
             args.vllm_python, work, text_run, exports / "base", exports / "lora-text"
