@@ -102,10 +102,13 @@ def _predict(args) -> int:
     if not _score_mode_for_target(args):
         return 2
     if args.num_processes > 1 and args.backend == "vllm":
-        print("error: --backend vllm batches inside one engine: drop --num-processes (one process per GPU "
-              "is not built for vLLM yet)", file=sys.stderr)  # fmt: skip
+        print("error: --backend vllm batches inside one engine: drop --num-processes (vLLM replicas, one "
+              "per GPU on Ray, are not built yet)", file=sys.stderr)  # fmt: skip
         return 2
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+    if args.ray_address and not args.out:
+        print("error: --ray-address needs --out (the job writes a resumable file)", file=sys.stderr)
+        return 2
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.ray_address:
         if not args.out:
             print("error: --num-processes needs --out", file=sys.stderr)
             return 2
@@ -128,6 +131,8 @@ def _predict(args) -> int:
             abstain_below=args.abstain_below,
             target_accuracy=args.target_accuracy,
             backend=_backend(args, args.model),
+            ray_address=args.ray_address,
+            replicas=args.num_processes,
         )
         summary = predict_archive(args.images, args.run, out, options)
         if not summary:  # a non-zero rank of a multi-process launch: rank 0 reports
@@ -445,7 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes",
         type=cli_number(Annotated[int, Field(ge=1, le=256)]),
         default=1,
-        help="split the inputs over N local processes (gloo on CPU)",
+        help="split the inputs over N local processes (gloo on CPU); with --ray-address: N Ray replicas",
+    )
+    predict.add_argument(
+        "--ray-address",
+        help="run as a Ray Data job: local (a cluster started in this process), auto or HOST:PORT (join one)",
     )
     predict.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not a predictions file"

@@ -229,6 +229,35 @@ def _rows_of(
     ]
 
 
+def predict_batch(
+    classify,
+    batch: list[Item],
+    done_sha: dict[str, str | None],
+    mode: str,
+    batch_size: int,
+    model: str,
+    warning,
+) -> tuple[list[dict], int]:
+    """The rows of a batch of inputs, less those already predicted with the same content (path +
+    sha256 of the bytes read here), and how many those were."""
+    rows, hashes, skipped = [], {}, 0
+    for item in batch:
+        try:
+            data = item.read()
+            hashes[item.key] = hashlib.sha256(data).hexdigest()
+            ref = {"path": item.key, "bytes": data}  # the bytes, read once; the path names them
+        except ImageError:
+            hashes[item.key], ref = None, {"path": item.key, "bytes": None}
+        if item.key in done_sha and done_sha[item.key] == hashes[item.key]:
+            skipped += 1
+            continue
+        rows.append(classify.row(item.key, ref))
+    if not rows:
+        return [], skipped
+    predictions = classify(rows, mode, batch_size)
+    return _rows_of(predictions, hashes, mode, model, warning, classify.backend.name), skipped
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
     """How `predict_archive` classifies, built once by `pixtral-lora predict`."""
@@ -242,6 +271,8 @@ class PredictOptions:
     abstain_below: float | None = None
     target_accuracy: float | None = None
     backend: Backend = Backend()  # transformers, or vLLM on Mistral-format exports
+    ray_address: str | None = None  # a Ray Data job: "local" (a cluster in-process), "auto" or HOST:PORT
+    replicas: int = 1  # with ray_address: engines (Ray actors), each holding one model
 
 
 @locks_its_output
@@ -302,7 +333,15 @@ def predict_archive(
         import torch.distributed as dist
 
         dist.barrier()  # process 0 has cleared what --overwrite replaces before anyone appends
-    done = {row["path"]: row for row in previous}
+    done_sha = {row["path"]: row.get("sha256") for row in previous}
+    if options.ray_address is not None:
+        from pixtral_lora.inference.ray_job import predict_on_ray
+
+        journal = _Appender(_journal(out, 0, 1))
+        skipped, elapsed = predict_on_ray(
+            classify, items, done_sha, journal, predict_batch, options, model, warning
+        )
+        return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
     mine = items[rank::world]
     logger.info("process %d of %d: %d of %d inputs", rank, world, len(mine), len(items))
     direct = world == 1 and out.suffix in (".jsonl", ".csv")
@@ -313,22 +352,10 @@ def predict_archive(
     progress = tqdm(total=len(mine), desc=f"predicting ({mode})", unit="img", disable=None)
     try:
         for begin in range(0, len(mine), batch_size):
-            batch, rows, hashes = mine[begin : begin + batch_size], [], {}
-            for item in batch:
-                try:
-                    data = item.read()
-                    hashes[item.key] = hashlib.sha256(data).hexdigest()
-                    ref = {"path": item.key, "bytes": data}  # the bytes, read once; the path names them
-                except ImageError:
-                    hashes[item.key], ref = None, {"path": item.key, "bytes": None}
-                earlier = done.get(item.key)
-                if earlier is not None and earlier.get("sha256") == hashes[item.key]:
-                    skipped += 1
-                    continue
-                rows.append(classify.row(item.key, ref))
-            if rows:
-                predictions = classify(rows, mode, batch_size)
-                writer.write(_rows_of(predictions, hashes, mode, model, warning, options.backend.name))
+            batch = mine[begin : begin + batch_size]
+            rows, batch_skipped = predict_batch(classify, batch, done_sha, mode, batch_size, model, warning)
+            writer.write(rows)
+            skipped += batch_skipped
             progress.update(len(batch))
     finally:
         progress.close()

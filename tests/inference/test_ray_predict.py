@@ -1,0 +1,130 @@
+"""`predict --ray-address local --num-processes 2`: a Ray Data job on a local cluster (127.0.0.1) with
+2 replicas over 2,000 inputs; a replica SIGKILLed mid-run and the job still finishes; the driver
+SIGKILLed and the command rerun resumes; each time every input exactly once, in input order, with the
+rows one process writes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SYNTH_CLASSES
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+INPUTS = 2000
+
+
+@pytest.fixture()
+def archive(aid_dir, tmp_path):
+    """2,000 tiles: the synthetic scenes copied under new names."""
+    root = tmp_path / "tiles"
+    root.mkdir()
+    scenes = sorted(aid_dir.rglob("*.jpg"))
+    for i in range(INPUTS):
+        shutil.copyfile(scenes[i % len(scenes)], root / f"{i:05d}.jpg")
+    return root
+
+
+def _command(archive: Path, run: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pixtral_lora.cli", "predict", str(archive), "--run", str(run), "--out", str(out),
+            "--mode", "score", "--batch-size", "32", "--ray-address", "local", "--num-processes", "2"]  # fmt: skip
+
+
+def _journal_rows(out: Path) -> int:
+    journals = list(out.parent.glob(f".{out.name}.journal-*"))
+    return sum(path.read_text().count("\n") for path in journals)
+
+
+def _replicas() -> list[int]:
+    found = subprocess.run(
+        ["pgrep", "-f", r"MapWorker\(MapBatches\(_Replica\)\)"], capture_output=True, text=True
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _wait_for(condition, what: str, process, seconds: float = 600) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, f"the job ended (exit {process.poll()}) before {what}"
+        assert time.time() < deadline, f"no {what} in {seconds} s"
+        time.sleep(0.05)
+
+
+def _stop_cluster(process) -> None:
+    """What a killed driver's local cluster left running (its session's processes)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_a_ray_job_survives_a_killed_replica_and_a_killed_driver_with_every_input_once(
+    tiny_run, archive, tmp_path
+):
+    inputs = sorted(str(p) for p in archive.glob("*.jpg"))
+    # one process, the reference rows for the first 64 inputs
+    listing = tmp_path / "first.txt"
+    listing.write_text("".join(f"{path}\n" for path in inputs[:64]))
+    reference = tmp_path / "one-process.jsonl"
+    done = subprocess.run([sys.executable, "-m", "pixtral_lora.cli", "predict", str(listing), "--run", str(tiny_run),
+                           "--out", str(reference), "--mode", "score"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # 1. a replica SIGKILLed mid-run: Ray restarts it and reruns its batch; the job finishes
+    out = tmp_path / "ray.jsonl"
+    log = tmp_path / "job.log"
+    with open(log, "w") as output:
+        job = subprocess.Popen(_command(archive, tiny_run, out), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+        try:
+            _wait_for(
+                lambda: _journal_rows(out) >= 64 and len(_replicas()) == 2, "64 rows from 2 replicas", job
+            )
+            os.kill(_replicas()[0], signal.SIGKILL)
+            at_kill = _journal_rows(out)
+            job.wait(timeout=900)
+        finally:
+            _stop_cluster(job)
+    stdout = log.read_text()
+    assert job.returncode == 0, stdout[-3000:]
+    assert at_kill < INPUTS, "the replica was killed after the job was done"
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == inputs  # every input exactly once, in input order
+    assert f"{INPUTS} inputs (0 already done)" in stdout
+    one = {r["path"]: r for r in _rows(reference)}
+    for row in rows[:64]:  # what one process writes, the backend named
+        assert row["label"] == one[row["path"]]["label"] and row["backend"] == "transformers"
+        assert row["confidence"] == pytest.approx(one[row["path"]]["confidence"], abs=1e-5)
+    assert all(r["label"] in SYNTH_CLASSES for r in rows)
+
+    # 2. the driver SIGKILLed mid-run: the rerun skips what its journal holds, and finishes
+    out = tmp_path / "resumed.jsonl"
+    job = subprocess.Popen(_command(archive, tiny_run, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(lambda: _journal_rows(out) >= 256, "256 rows", job)
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    finally:
+        _stop_cluster(job)
+    written = _journal_rows(out)
+    assert written < INPUTS, "the driver was killed after the job was done"
+    rerun = subprocess.run(
+        _command(archive, tiny_run, out), capture_output=True, text=True, cwd=ROOT, timeout=900
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    skipped = int(rerun.stdout.split(" inputs (")[1].split(" already done")[0])
+    assert skipped >= written - 32  # a line cut by the kill is redone
+    assert [r["path"] for r in _rows(out)] == inputs
+    assert not list(tmp_path.glob(".resumed.jsonl.journal-*"))  # merged and removed
