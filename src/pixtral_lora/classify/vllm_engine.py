@@ -5,7 +5,8 @@
   answer trie the transformers path walks: only a valid answer can come out.
 - `score`: each class's answer appended to the image prompt's token ids, and vLLM's prompt
   log-probabilities summed over the answer's tokens (its `</s>` included): the log-likelihood
-  `classify/score.py` computes with transformers.
+  `classify/score.py` computes with transformers. The image prefix is computed once per image, the
+  other classes read it from vLLM's prefix cache.
 
 Probabilities are those of the processed logits (`logprobs_mode="processed_logprobs"`): under the
 constraint, renormalised over the allowed tokens, as transformers' `generate` scores them.
@@ -83,6 +84,8 @@ class VllmEngine(AnswerEngine):
         engine: dict = {"logprobs_mode": "processed_logprobs"}
         if mode == "constrained":
             engine["logits_processors"] = [CONSTRAIN_PROCESSOR]
+        if mode == "score":
+            engine["enable_prefix_caching"] = True  # an image's prefix, computed once for its classes
         self._request = None
         if lora_dir is not None:
             from vllm.lora.request import LoRARequest
@@ -132,23 +135,52 @@ class VllmEngine(AnswerEngine):
     ) -> list[dict[str, float]]:
         if self.mode != "score":
             raise ValueError(f"this engine was started for {self.mode} mode")
+        answers = list(candidates.values())
         prompts = []
         for row, loaded in zip(rows, images, strict=True):
             ids = renderer.prompt_ids(prompt_messages(row), loaded)[0]  # mistral_common's tokens (tested)
-            prompts += [
-                self._tokens_prompt(prompt_token_ids=[*ids, *answer], multi_modal_data={"image": loaded})
-                for answer in candidates.values()
-            ]
-        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        outputs = iter(self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._request))
+            prompts.append(
+                [
+                    self._tokens_prompt(prompt_token_ids=[*ids, *a], multi_modal_data={"image": loaded})
+                    for a in answers
+                ]
+            )
+        # The first class of each image computes its whole prompt into the prefix cache; the others
+        # then read the image prefix from it. vLLM skips reading the cache for prompt log-probabilities
+        # by default; read anyway, a cached position's log-probability is not computed, so a request
+        # whose cache reached into its answer is run again without it. (detokenize=False: vLLM 0.32
+        # fails decoding the log-probabilities of cached positions.)
+        computed = self._prompt_logprobs([p[0] for p in prompts], read_cache=False)
+        rest = self._prompt_logprobs([q for p in prompts for q in p[1:]], read_cache=True)
+        by_row = [
+            [computed[i], *rest[i * (len(answers) - 1) : (i + 1) * (len(answers) - 1)]]
+            for i in range(len(rows))
+        ]
+        again = [(i, c) for i, outputs in enumerate(by_row) for c, out in enumerate(outputs)
+                 if len(out.prompt_token_ids) - (out.num_cached_tokens or 0) < len(answers[c])]  # fmt: skip
+        for (i, c), out in zip(
+            again, self._prompt_logprobs([prompts[i][c] for i, c in again], False), strict=True
+        ):
+            by_row[i][c] = out
         scored = []
-        for _ in rows:
+        for outputs in by_row:
             row_scores = {}
-            for name, answer in candidates.items():
-                output = next(outputs)
+            for (name, answer), output in zip(candidates.items(), outputs, strict=True):
                 positions = output.prompt_logprobs[-len(answer) :]
                 row_scores[name] = sum(
                     logprobs[token].logprob for logprobs, token in zip(positions, answer, strict=True)
                 )
             scored.append(row_scores)
         return scored
+
+    def _prompt_logprobs(self, prompts: list, read_cache: bool) -> list:
+        if not prompts:
+            return []
+        params = self._sampling(
+            temperature=0.0,
+            max_tokens=1,
+            prompt_logprobs=0,
+            skip_reading_prefix_cache=not read_cache,
+            detokenize=False,
+        )
+        return self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._request)
