@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,18 @@ def speeds(run_dir: Path, report: str) -> dict[str, float]:
         "finetuned"
     ]
     return {mode: round(results[mode]["images_per_second"], 2) for mode in MODES}
+
+
+def uncalibrated(run_dir: Path, work: Path) -> Path:
+    """A copy of the run without its calibration: what transformers gives for the merged weights,
+    whose probabilities are raw (a merged export has no calibration of its own)."""
+    from pixtral_lora.run.layout import CALIBRATION_FILE
+
+    copy = work / f"{run_dir.name}-uncalibrated"
+    shutil.copytree(
+        run_dir, copy, ignore=shutil.ignore_patterns(CALIBRATION_FILE, "eval*"), dirs_exist_ok=True
+    )
+    return copy
 
 
 def compare_modes(
@@ -408,11 +421,12 @@ def check_mistral3(
     results: dict = {}
     if lora:  # eval --backend vllm in every mode: the merged export and base + LoRA
         modes = eval_modes(run_dir)
+        raw = eval_modes(uncalibrated(run_dir, work))  # the merged export's probabilities are raw
         for name, backend in (("merged float32", ["--merged", str(exports / "merged")]),
                               ("base + LoRA", ["--vllm-base", str(exports / "base"), "--vllm-lora", str(exports / "lora")])):  # fmt: skip
             served = vllm_eval_answers(vllm_python, run_dir, *backend)
             found, results[f"vllm_backend_{name}"] = compare_modes(
-                f"{like} eval --backend vllm, {name}", served, modes
+                f"{like} eval --backend vllm, {name}", served, raw if name.startswith("merged") else modes
             )
             problems += found
     with Server(vllm_python, exports / "merged", ["--dtype", "float32"], work / f"vllm-{like}.log") as server:
@@ -536,7 +550,7 @@ def main() -> int:
         # in every mode: generate, constrained (0 hallucinated), score (probabilities to 1e-4)
         modes = {"text": eval_modes(text_run), "vision": eval_modes(vision_run)}
         found, results["vllm_backend_merged_float32"] = check_unreadable_counted(
-            text_run, args.vllm_python, exports / "text-float32", modes["text"]
+            text_run, args.vllm_python, exports / "text-float32", eval_modes(uncalibrated(text_run, work))
         )
         problems += found
         results["images_per_second_text_run"] = {
