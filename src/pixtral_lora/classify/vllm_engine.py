@@ -62,7 +62,8 @@ def _probability(logprob: float | None) -> float | None:
 class VllmEngine(AnswerEngine):
     """Answers from vLLM serving a Mistral-format checkpoint (convert_to_mistral.py's output), with
     `lora_dir` (an --adapter-only export) applied as LoRA when given, all of it (projector and vision
-    tower included). One engine answers one mode; the classify loop hands it the rows it could read."""
+    tower included). One engine answers every mode (the constraint applies only to requests that
+    carry the answers); the classify loop hands it the rows it could read."""
 
     modes = ("generate", "constrained", "score")
 
@@ -72,20 +73,17 @@ class VllmEngine(AnswerEngine):
         max_images: int,
         dtype: str = "auto",
         lora_dir: str | Path | None = None,
-        mode: str = "generate",
     ):
         try:
             from vllm import LLM, SamplingParams
             from vllm.inputs import TokensPrompt
         except ImportError as err:
             raise UserError("the vLLM backend needs vllm (pip install vllm) and a CUDA GPU") from err
-        if mode not in self.modes:
-            raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
-        engine: dict = {"logprobs_mode": "processed_logprobs"}
-        if mode == "constrained":
-            engine["logits_processors"] = [CONSTRAIN_PROCESSOR]
-        if mode == "score":
-            engine["enable_prefix_caching"] = True  # an image's prefix, computed once for its classes
+        engine: dict = {
+            "logprobs_mode": "processed_logprobs",
+            "logits_processors": [CONSTRAIN_PROCESSOR],  # constrained mode's requests only
+            "enable_prefix_caching": True,  # score mode: an image's prefix, computed once for its classes
+        }
         self._request = None
         if lora_dir is not None:
             from vllm.lora.request import LoRARequest
@@ -97,7 +95,6 @@ class VllmEngine(AnswerEngine):
                 "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank),
             }
             self._request = LoRARequest("adapter", 1, str(Path(lora_dir).resolve()))
-        self.mode = mode
         self._llm = LLM(
             model=str(model_dir),
             tokenizer_mode="mistral",
@@ -117,8 +114,6 @@ class VllmEngine(AnswerEngine):
         max_new_tokens: int,
         candidates: dict[str, list[int]] | None = None,
     ) -> tuple[list[str], list[float | None]]:
-        if (candidates is not None) != (self.mode == "constrained"):
-            raise ValueError(f"this engine was started for {self.mode} mode")
         extra = None
         if candidates is not None:
             extra = {ANSWERS_KEY: candidates, EOS_KEY: renderer.tokenizer.eos_token_id}
@@ -133,8 +128,6 @@ class VllmEngine(AnswerEngine):
     def scores(
         self, renderer: Renderer, rows: list[dict], images: list[list], candidates: dict[str, list[int]]
     ) -> list[dict[str, float]]:
-        if self.mode != "score":
-            raise ValueError(f"this engine was started for {self.mode} mode")
         answers = list(candidates.values())
         prompts = []
         for row, loaded in zip(rows, images, strict=True):

@@ -1,6 +1,6 @@
 """`pixtral-lora eval --backend vllm` (pip install vllm): the run's held-out split through vLLM's engine.
 
-Every mode (`classify/vllm_engine.py`), on a Mistral-format export, with the same prompts, parser,
+Every mode from one engine (`classify/vllm_engine.py`), on a Mistral-format export, with the same prompts, parser,
 calibration and reports as the transformers path.
 """
 
@@ -46,7 +46,7 @@ def evaluate_run_vllm(
     """Evaluation of a run's held-out split with vLLM in `modes` (default: the config's eval.modes);
     models: name -> Mistral-format dir, or (base dir, --adapter-only LoRA dir) to evaluate the adapter
     as vLLM serves it. The rows go through the classify loop the transformers path runs, so an
-    unreadable image is counted, not fatal. One engine per model and mode."""
+    unreadable image is counted, not fatal. One engine per model answers every mode."""
     from pixtral_lora.evaluation.reports import EVAL_KIND
     from pixtral_lora.outputs import EVAL_REPORT_FILES, check_replaceable
 
@@ -62,8 +62,8 @@ def evaluate_run_vllm(
         base, lora_dir = model_dir if isinstance(model_dir, tuple) else (model_dir, None)
         temperature = _temperature(run, name, lora_dir)
         results[name] = {}
+        engine = VllmEngine(base, max_images, config.model.dtype, lora_dir)
         for mode in modes or config.eval.modes:
-            engine = VllmEngine(base, max_images, config.model.dtype, lora_dir, mode)
             options = ClassifyOptions.for_run(
                 config,
                 mode,
@@ -74,10 +74,10 @@ def evaluate_run_vllm(
             preds, speed = predict_rows(
                 engine, renderer, rows, class_names, config.prompt, options, unreadable
             )
-            del engine
             report = summarise(preds, class_names, temperature if mode == "score" else None)
             results[name][mode] = {"report": report, "images_per_second": speed}
             predictions[(name, mode)] = preds
+        del engine
     facts = run_facts(run_dir, config) | ({"warnings": "; ".join(run.warnings)} if run.warnings else {})
     facts["backend"] = "vllm"
     write_report(out, results, class_names, predictions, overwrite, facts=facts, warnings=run.warnings)

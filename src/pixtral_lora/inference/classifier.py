@@ -67,7 +67,6 @@ class RunClassifier:
         self._messages = messages_to_json(self.config.prompt.messages(self.class_names))
         self._model_path, self._resize_to = model_path, resize_to
         self._model = self._renderer = None
-        self._model_mode: str | None = None
         self.temperature: float | None = None
         raw = model_path  # what the abstention check treats as uncalibrated (None: the run's adapter)
         if model_path is None and backend.lora is not None:
@@ -110,25 +109,19 @@ class RunClassifier:
         """A row to classify: the run's prompt and one image (`{"path": ..., "bytes": ...}`)."""
         return {"id": key, "messages": self._messages, "images": [image], "label": ""}
 
-    def _load(self, mode: str) -> None:
-        if self.backend.name == "vllm" and self._model_mode not in (None, mode):
-            self._model = None  # a vLLM engine is started for one mode
-        if self._model is None:
-            self._model = self._engine(mode)
-            self._model_mode = mode
+    def _load(self) -> None:
+        if self._model is None and self.backend.name == "transformers":
+            self._model = self.run.model("finetuned", self._model_path)
+        elif self._model is None:
+            from pixtral_lora.classify.vllm_engine import VllmEngine
+
+            model = self._model_path or self.backend.base
+            self._model = VllmEngine(model, 1, self.config.model.dtype, self.backend.lora)
         if self._renderer is None:
             self._renderer = self.run.renderer(self._resize_to)
 
-    def _engine(self, mode: str):
-        if self.backend.name == "transformers":
-            return self.run.model("finetuned", self._model_path)
-        from pixtral_lora.classify.vllm_engine import VllmEngine
-
-        model = self._model_path or self.backend.base
-        return VllmEngine(model, 1, self.config.model.dtype, self.backend.lora, mode)
-
     def __call__(self, rows: list[dict], mode: str, batch_size: int | None = None) -> list[Prediction]:
-        self._load(mode)
+        self._load()
         options = classify.ClassifyOptions.for_run(
             self.config,
             mode,
