@@ -14,7 +14,7 @@ from conftest import ROOT
 
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 
-# Flags of the programs our messages send users to, not ours (vllm serve, accelerate launch, pip).
+# Flags of the programs our messages send users to, not ours (vllm serve, ray start, accelerate launch, pip).
 OTHER_PROGRAMS = {
     "tokenizer-mode",
     "config-format",
@@ -23,6 +23,9 @@ OTHER_PROGRAMS = {
     "max-lora-rank",
     "lora-modules",
     "enable-tower-connector-lora",
+    "max-loras",
+    "head",  # ray start
+    "address",
 }
 OPTION_LINE = re.compile(r"^\s+(?:-\w[ ,]+)?--")  # an option's own line in --help, not its prose
 
