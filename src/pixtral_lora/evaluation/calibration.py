@@ -224,6 +224,21 @@ def run_temperature(run) -> tuple[float | None, str]:
     return temperature, f"calibrated with T={temperature:.3f} ({path})"
 
 
+def is_export_of(run, lora_dir) -> bool:
+    """Whether an --adapter-only export was made from the run's own adapter (the sha256 it records)."""
+    from pixtral_lora.export.vllm_adapter import source_sha256
+
+    return source_sha256(lora_dir) == run.adapter_sha256()
+
+
+def lora_export_temperature(run, lora_dir) -> tuple[float | None, str]:
+    """`run_temperature` for an --adapter-only export served by vLLM: the run's calibration applies
+    only to an export of the run's own adapter."""
+    if not is_export_of(run, lora_dir):
+        return None, f"{lora_dir} is not an export of {run.run_dir}'s adapter: raw probabilities"
+    return run_temperature(run)
+
+
 def check_calibration(run) -> float:
     """The run's temperature, or a one-line `RunDirError` when it has none that fits its adapter."""
     temperature, note = run_temperature(run)

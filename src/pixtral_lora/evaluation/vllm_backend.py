@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pixtral_lora.classify import ClassifyOptions, predict_rows
 from pixtral_lora.classify.vllm_engine import VllmEngine
-from pixtral_lora.evaluation.calibration import run_temperature
+from pixtral_lora.evaluation.calibration import lora_export_temperature
 from pixtral_lora.evaluation.evaluate import run_facts
 from pixtral_lora.evaluation.metrics import summarise
 from pixtral_lora.evaluation.reports import write_report
@@ -22,14 +22,9 @@ logger = logging.getLogger(__name__)
 
 def _temperature(run: Run, name: str, lora_dir: str | Path | None) -> float | None:
     """The run's calibration applies to an --adapter-only export of the run's own adapter only."""
-    from pixtral_lora.export.vllm_adapter import source_sha256
-
     if name != "finetuned" or lora_dir is None:
         return None  # the base, or a merged export: raw probabilities, as in the transformers path
-    if source_sha256(lora_dir) != run.adapter_sha256():
-        logger.info("%s is not an export of %s's adapter: raw probabilities", lora_dir, run.run_dir)
-        return None
-    temperature, note = run_temperature(run)
+    temperature, note = lora_export_temperature(run, lora_dir)
     logger.info("%s", note)
     return temperature
 

@@ -9,7 +9,13 @@ from pathlib import Path
 from pixtral_lora import classify
 from pixtral_lora.classify.prediction import Prediction
 from pixtral_lora.errors import UserError
-from pixtral_lora.evaluation.calibration import abstain, abstention_threshold, run_temperature
+from pixtral_lora.evaluation.calibration import (
+    abstain,
+    abstention_threshold,
+    is_export_of,
+    lora_export_temperature,
+    run_temperature,
+)
 from pixtral_lora.run.reader import Run, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -69,27 +75,18 @@ class RunClassifier:
         self._model = self._renderer = None
         self.temperature: float | None = None
         raw = model_path  # what the abstention check treats as uncalibrated (None: the run's adapter)
-        if model_path is None and backend.lora is not None:
-            raw = self._lora_calibration()
-        elif model_path is None:  # a calibration belongs to the adapter; a merged checkpoint is raw
-            self.temperature, note = run_temperature(self.run)
+        if model_path is None:  # a calibration belongs to the adapter; a merged checkpoint is raw
+            if backend.lora is None:
+                self.temperature, note = run_temperature(self.run)
+            else:
+                self.temperature, note = lora_export_temperature(self.run, backend.lora)
+                raw = None if is_export_of(self.run, backend.lora) else backend.lora
             logger.info("%s", note)
         self.abstain_below, self.abstention = abstention_threshold(
             self.run, abstain_below, target_accuracy, raw
         )
         if self.abstention:
             logger.info("%s", self.abstention)
-
-    def _lora_calibration(self) -> str | None:
-        """The run's temperature applies to an --adapter-only export of its own adapter; None when it does."""
-        from pixtral_lora.export.vllm_adapter import source_sha256
-
-        if source_sha256(self.backend.lora) == self.run.adapter_sha256():
-            self.temperature, note = run_temperature(self.run)
-            logger.info("%s", note)
-            return None
-        logger.info("%s is not an export of %s's adapter: raw probabilities", self.backend.lora, self.run_dir)
-        return self.backend.lora
 
     def identity(self) -> str:
         """What the answers come from (`Run.model_identity`; on vLLM the export's weights, marked so):

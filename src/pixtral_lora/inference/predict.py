@@ -292,7 +292,8 @@ def predict_archive(
     if out.suffix not in SUFFIXES:
         raise DataError(f"--out {out}: use a .jsonl, .csv or .parquet file name")
     check_replaceable_file(out, is_predictions_file, overwrite)
-    classify = RunClassifier(
+    # what builds the classifier: here, and in each Ray replica
+    classifier_args = (
         run_dir,
         options.model_path,
         None,
@@ -301,6 +302,7 @@ def predict_archive(
         options.force,
         options.backend,
     )
+    classify = RunClassifier(*classifier_args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         import torch.distributed as dist
@@ -339,7 +341,7 @@ def predict_archive(
 
         journal = _Appender(_journal(out, 0, 1))
         skipped, elapsed = predict_on_ray(
-            classify, items, done_sha, journal, predict_batch, options, model, warning
+            classify, classifier_args, items, done_sha, journal, predict_batch, options, model, warning
         )
         return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
     mine = items[rank::world]

@@ -92,9 +92,18 @@ def _connect(address: str, replicas: int) -> None:
 
 
 def predict_on_ray(
-    classify, items: list, done_sha: dict, writer, predict_batch, options, model: str, warning
+    classify,
+    classifier_args: tuple,
+    items: list,
+    done_sha: dict,
+    writer,
+    predict_batch,
+    options,
+    model: str,
+    warning,
 ) -> tuple[int, float]:
-    """Every input of `items` predicted by `options.replicas` Ray actors (each batch through
+    """Every input of `items` predicted by `options.replicas` Ray actors, each building its own
+    `RunClassifier(*classifier_args)` (each batch through
     `predict_batch`, predict's own) into `writer` (FILE's journal); the number skipped as done, and
     the seconds it took. `predict_archive` then writes FILE."""
     import json
@@ -103,15 +112,6 @@ def predict_on_ray(
 
     batch_size = options.batch_size or classify.config.eval.batch_size
     _connect(options.ray_address, options.replicas)
-    classifier_args = (
-        classify.run_dir,
-        options.model_path,
-        None,
-        options.abstain_below,
-        options.target_accuracy,
-        options.force,
-        options.backend,
-    )
     dataset = ray.data.from_items(
         [{"item": item} for item in items], override_num_blocks=max(1, len(items) // batch_size)
     )
