@@ -1,7 +1,7 @@
 """`predict --ray-address local --num-processes 2`: a Ray Data job on a local cluster (127.0.0.1) with
-2 replicas over 2,000 inputs; a replica SIGKILLed mid-run and the job still finishes; the driver
-SIGKILLed and the command rerun resumes; each time every input exactly once, in input order, with the
-rows one process writes."""
+2 replicas over 2,000 inputs (relative paths, read by the replicas too); the driver SIGKILLed mid-run
+and the command rerun resumes; in that rerun a replica SIGKILLed mid-run and the job still finishes;
+every input exactly once, in input order, with the rows one process writes."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SYNTH_CLASSES
+from conftest import SYNTH_CLASSES
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -32,8 +32,9 @@ def archive(aid_dir, tmp_path):
     return root
 
 
-def _command(archive: Path, run: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pixtral_lora.cli", "predict", str(archive), "--run", str(run), "--out", str(out),
+def _command(run: Path, out: str) -> list[str]:
+    """The job, run in the archive's parent with relative paths: a replica reads them from there too."""
+    return [sys.executable, "-m", "pixtral_lora.cli", "predict", "tiles", "--run", str(run), "--out", out,
             "--mode", "score", "--batch-size", "32", "--ray-address", "local", "--num-processes", "2"]  # fmt: skip
 
 
@@ -69,48 +70,20 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def test_a_ray_job_survives_a_killed_replica_and_a_killed_driver_with_every_input_once(
+def test_a_ray_job_resumes_after_a_killed_driver_and_survives_a_killed_replica_with_every_input_once(
     tiny_run, archive, tmp_path
 ):
-    inputs = sorted(str(p) for p in archive.glob("*.jpg"))
+    inputs = sorted(f"tiles/{p.name}" for p in archive.glob("*.jpg"))
     # one process, the reference rows for the first 64 inputs
-    listing = tmp_path / "first.txt"
-    listing.write_text("".join(f"{path}\n" for path in inputs[:64]))
-    reference = tmp_path / "one-process.jsonl"
-    done = subprocess.run([sys.executable, "-m", "pixtral_lora.cli", "predict", str(listing), "--run", str(tiny_run),
-                           "--out", str(reference), "--mode", "score"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    (tmp_path / "first.txt").write_text("".join(f"{path}\n" for path in inputs[:64]))
+    done = subprocess.run([sys.executable, "-m", "pixtral_lora.cli", "predict", "first.txt", "--run", str(tiny_run),
+                           "--out", "one-process.jsonl", "--mode", "score"], capture_output=True, text=True,
+                          cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
-    # 1. a replica SIGKILLed mid-run: Ray restarts it and reruns its batch; the job finishes
+    # 1. the driver SIGKILLed mid-run: its journal keeps what was written
     out = tmp_path / "ray.jsonl"
-    log = tmp_path / "job.log"
-    with open(log, "w") as output:
-        job = subprocess.Popen(_command(archive, tiny_run, out), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
-        try:
-            _wait_for(
-                lambda: _journal_rows(out) >= 64 and len(_replicas()) == 2, "64 rows from 2 replicas", job
-            )
-            os.kill(_replicas()[0], signal.SIGKILL)
-            at_kill = _journal_rows(out)
-            job.wait(timeout=900)
-        finally:
-            _stop_cluster(job)
-    stdout = log.read_text()
-    assert job.returncode == 0, stdout[-3000:]
-    assert at_kill < INPUTS, "the replica was killed after the job was done"
-    rows = _rows(out)
-    assert [r["path"] for r in rows] == inputs  # every input exactly once, in input order
-    assert f"{INPUTS} inputs (0 already done)" in stdout
-    one = {r["path"]: r for r in _rows(reference)}
-    for row in rows[:64]:  # what one process writes, the backend named
-        assert row["label"] == one[row["path"]]["label"] and row["backend"] == "transformers"
-        assert row["confidence"] == pytest.approx(one[row["path"]]["confidence"], abs=1e-5)
-    assert all(r["label"] in SYNTH_CLASSES for r in rows)
-
-    # 2. the driver SIGKILLed mid-run: the rerun skips what its journal holds, and finishes
-    out = tmp_path / "resumed.jsonl"
-    job = subprocess.Popen(_command(archive, tiny_run, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+    job = subprocess.Popen(_command(tiny_run, out.name), cwd=tmp_path, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         _wait_for(lambda: _journal_rows(out) >= 256, "256 rows", job)
@@ -120,11 +93,33 @@ def test_a_ray_job_survives_a_killed_replica_and_a_killed_driver_with_every_inpu
         _stop_cluster(job)
     written = _journal_rows(out)
     assert written < INPUTS, "the driver was killed after the job was done"
-    rerun = subprocess.run(
-        _command(archive, tiny_run, out), capture_output=True, text=True, cwd=ROOT, timeout=900
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    skipped = int(rerun.stdout.split(" inputs (")[1].split(" already done")[0])
+
+    # 2. the command rerun resumes; a replica SIGKILLed mid-run is restarted, its batch run again
+    log = tmp_path / "job.log"
+    with open(log, "w") as output:
+        job = subprocess.Popen(_command(tiny_run, out.name), cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+        try:
+            _wait_for(
+                lambda: _journal_rows(out) >= written + 64 and len(_replicas()) == 2,
+                "64 more rows from 2 replicas",
+                job,
+            )
+            os.kill(_replicas()[0], signal.SIGKILL)
+            at_kill = _journal_rows(out)
+            job.wait(timeout=900)
+        finally:
+            _stop_cluster(job)
+    stdout = log.read_text()
+    assert job.returncode == 0, stdout[-3000:]
+    assert at_kill < INPUTS, "the replica was killed after the job was done"
+    skipped = int(stdout.split(f"{INPUTS} inputs (")[1].split(" already done")[0])
     assert skipped >= written - 32  # a line cut by the kill is redone
-    assert [r["path"] for r in _rows(out)] == inputs
-    assert not list(tmp_path.glob(".resumed.jsonl.journal-*"))  # merged and removed
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == inputs  # every input exactly once, in input order
+    assert not list(tmp_path.glob(".ray.jsonl.journal-*"))  # merged and removed
+    one = {r["path"]: r for r in _rows(tmp_path / "one-process.jsonl")}
+    for row in rows[:64]:  # what one process writes, the backend named
+        assert row["label"] == one[row["path"]]["label"] and row["backend"] == "transformers"
+        assert row["confidence"] == pytest.approx(one[row["path"]]["confidence"], abs=1e-5)
+    assert all(r["label"] in SYNTH_CLASSES for r in rows)

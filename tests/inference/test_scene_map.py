@@ -140,3 +140,49 @@ def test_a_map_killed_while_writing_its_journal_loses_only_that_tile(tiny_run, m
     monkeypatch.setattr(classify, "predict_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     summary = map_scene(scene, tiny_run, tmp_path / "m.geojson", MapOptions(tile=64, batch_size=4))
     assert sum(calls) == 20 - 7 - 4 and summary["classified"] == 20
+
+
+def test_map_on_ray_gives_the_tiles_map_gives_in_one_process(tiny_run, mosaic, tmp_path):
+    """`map --ray-address local --num-processes 2` (the scene named relative to the working directory,
+    one tile blank): the same features, empty tile included, as `map` in one process."""
+    import subprocess
+    import sys
+
+    import rasterio
+
+    from pixtral_lora.data.raster import write_geotiff
+
+    pytest.importorskip("ray")
+    with rasterio.open(mosaic[0]) as source:
+        pixels, crs, transform = source.read(), source.crs, source.transform
+    pixels[:, :64, :64] = 0  # tile 0,0: no data
+    write_geotiff(tmp_path / "scene.tif", pixels, crs=crs, transform=transform)
+    command = [
+        sys.executable,
+        "-m",
+        "pixtral_lora.cli",
+        "map",
+        "scene.tif",
+        "--run",
+        str(tiny_run),
+        "--tile",
+        "64",
+    ]
+    refused = subprocess.run([*command, "--out", "x.geojson", "--num-processes", "2"], capture_output=True,
+                             text=True, cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2 and "add --ray-address" in refused.stderr
+    maps = {}
+    for name, extra in (
+        ("one", []),
+        ("ray", ["--ray-address", "local", "--num-processes", "2", "--batch-size", "4"]),
+    ):
+        done = subprocess.run([*command, "--out", f"{name}.geojson", *extra], capture_output=True, text=True,
+                              cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "19 tiles of 64 px classified (1 empty" in done.stdout
+        maps[name] = json.loads((tmp_path / f"{name}.geojson").read_text())["features"]
+    assert [f["geometry"] for f in maps["ray"]] == [f["geometry"] for f in maps["one"]]
+    for ours, theirs in zip(maps["one"], maps["ray"], strict=True):
+        assert theirs["properties"]["label"] == ours["properties"]["label"]
+        assert theirs["properties"]["confidence"] == pytest.approx(ours["properties"]["confidence"], abs=1e-5)
+    assert not list(tmp_path.glob(".ray.geojson.journal*"))

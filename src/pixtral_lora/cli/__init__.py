@@ -101,9 +101,9 @@ def _predict(args) -> int:
 
     if not _score_mode_for_target(args):
         return 2
-    if args.num_processes > 1 and args.backend == "vllm":
-        print("error: --backend vllm batches inside one engine: drop --num-processes (vLLM replicas, one "
-              "per GPU on Ray, are not built yet)", file=sys.stderr)  # fmt: skip
+    if args.num_processes > 1 and args.backend == "vllm" and not args.ray_address:
+        print("error: --backend vllm batches inside one engine: drop --num-processes, or add --ray-address "
+              "local|auto|HOST:PORT for N vLLM replicas on Ray", file=sys.stderr)  # fmt: skip
         return 2
     if args.ray_address and not args.out:
         print("error: --ray-address needs --out (the job writes a resumable file)", file=sys.stderr)
@@ -187,6 +187,10 @@ def _map(args) -> int:
 
     if not _score_mode_for_target(args):
         return 2
+    if args.num_processes > 1 and not args.ray_address:
+        print("error: map runs in one process: add --ray-address local|auto|HOST:PORT for --num-processes "
+              f"{args.num_processes} Ray replicas", file=sys.stderr)  # fmt: skip
+        return 2
     options = MapOptions(
         tile=args.tile,
         stride=args.stride,
@@ -204,6 +208,8 @@ def _map(args) -> int:
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
         backend=_backend(args, args.model),
+        ray_address=args.ray_address,
+        replicas=args.num_processes,
     )
     summary = map_scene(args.scene, args.run, args.out, options)
     print(
@@ -404,6 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--edges", choices=["pad", "skip"], default="pad", help="partial tiles at the edges")
     mapping.add_argument("--model", help="a merged HF checkpoint instead of base + adapter")
     mapping.add_argument("--batch-size", type=cli_number(BatchSize))
+    mapping.add_argument(
+        "--num-processes",
+        type=cli_number(Annotated[int, Field(ge=1, le=256)]),
+        default=1,
+        help="with --ray-address: N Ray replicas, each holding one model",
+    )
+    mapping.add_argument(
+        "--ray-address",
+        help="run as a Ray Data job: local (a cluster started in this process), auto or HOST:PORT (join one)",
+    )
     _backend_options(mapping, "--model")
     mapping.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a map")
     _abstention_options(mapping, Probability, cli_number)

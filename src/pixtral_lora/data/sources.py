@@ -104,7 +104,8 @@ class Item:
 
 
 def _file_item(path: Path) -> Item:
-    return Item(str(path), lambda: read_image_bytes(path))
+    where = path.absolute()  # read from the same file in a process with another working directory (Ray)
+    return Item(str(path), lambda: read_image_bytes(where))
 
 
 def list_images(source: str, as_dataset: bool = False) -> list[Item]:

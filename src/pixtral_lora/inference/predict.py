@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -337,11 +338,15 @@ def predict_archive(
         dist.barrier()  # process 0 has cleared what --overwrite replaces before anyone appends
     done_sha = {row["path"]: row.get("sha256") for row in previous}
     if options.ray_address is not None:
-        from pixtral_lora.inference.ray_job import predict_on_ray
+        from pixtral_lora.inference.ray_job import RayOptions, run_on_ray
 
-        journal = _Appender(_journal(out, 0, 1))
-        skipped, elapsed = predict_on_ray(
-            classify, classifier_args, items, done_sha, journal, predict_batch, options, model, warning
+        batch_size = batch_size or classify.config.eval.batch_size
+        work = functools.partial(
+            predict_batch, done_sha=done_sha, mode=mode, batch_size=batch_size, model=model, warning=warning
+        )
+        ray_options = RayOptions(options.ray_address, options.replicas, batch_size)
+        skipped, elapsed = run_on_ray(
+            classifier_args, items, work, _Appender(_journal(out, 0, 1)), ray_options, f"predicting ({mode})"
         )
         return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
     mine = items[rank::world]

@@ -1,14 +1,15 @@
-"""`predict --ray-address ADDRESS --num-processes N`: the inputs as a Ray Data job over N replicas.
+"""`predict`/`map --ray-address ADDRESS --num-processes N`: the inputs as a Ray Data job over N replicas.
 
-The inputs are a Ray dataset; `map_batches` runs them through N actors, each holding one engine
-(`RunClassifier`: transformers here, the same class every process of `predict` uses), and the
-driver writes each batch of rows to its journal as it comes back. What makes it exactly once:
+The inputs (predict's images, map's tile windows) are a Ray dataset; `map_batches` runs them
+through N actors, each holding one engine (`RunClassifier`, the same class every process of
+`predict` and `map` uses: transformers or a vLLM engine, by `--backend`), and the driver writes
+each batch of rows to its journal as it comes back. What makes it exactly once:
 
 - an actor that dies (a SIGKILLed process) is restarted by Ray and its unfinished batch run again;
   a batch's rows reach the driver once, from the attempt that finished;
-- a driver that dies leaves its journal: the rerun skips every input already written with the same
-  content (path + sha256, as without Ray), and the final file holds each input once, in input order
-  (`predict._finalise`).
+- a driver that dies leaves its journal: the rerun skips every input already written (predict:
+  path + sha256, as without Ray; map: the tile's key), and the final file holds each input once, in
+  input order.
 
 `ray.data.llm`'s vLLM processor is not used: it builds its own prompts from OpenAI messages and has
 no score mode, and its API has moved between Ray releases (ray#53873, ray#64275, ray#57978); an
@@ -19,6 +20,8 @@ ADDRESS: `local` starts a cluster in this process; `auto` or HOST:PORT joins a r
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 
@@ -27,45 +30,25 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray job runs."""
+
+    address: str  # "local" (a cluster in this process), "auto" or HOST:PORT
+    replicas: int  # actors, each holding one engine
+    batch_size: int  # inputs per batch (one call of `work`)
+
+
 class _Replica:
-    """One engine: a `RunClassifier` of the run, loaded once per actor."""
+    """One engine: a `RunClassifier` of the run, loaded once per actor, and the work done per batch."""
 
-    def __init__(
-        self,
-        classifier_args: tuple,
-        predict_batch,
-        done_sha: dict,
-        mode: str,
-        batch_size: int,
-        model: str,
-        warning,
-    ):
-        import ray
-
+    def __init__(self, classifier_args: tuple, work):
         from pixtral_lora.inference.classifier import RunClassifier
 
-        self.classify = RunClassifier(*classifier_args)
-        done_sha = ray.get(done_sha) if isinstance(done_sha, ray.ObjectRef) else done_sha  # put once, shared
-        self.predict_batch, self.done_sha, self.mode, self.batch_size = (
-            predict_batch,
-            done_sha,
-            mode,
-            batch_size,
-        )
-        self.model, self.warning = model, warning
+        self.classify, self.work = RunClassifier(*classifier_args), work
 
     def __call__(self, batch: dict) -> dict:
-        import json
-
-        rows, skipped = self.predict_batch(
-            self.classify,
-            list(batch["item"]),
-            self.done_sha,
-            self.mode,
-            self.batch_size,
-            self.model,
-            self.warning,
-        )
+        rows, skipped = self.work(self.classify, list(batch["item"]))
         # one output row per batch: the rows as JSON (column types stay plain), and the skipped count
         return {
             "rows": [json.dumps(rows, ensure_ascii=False)],
@@ -91,52 +74,38 @@ def _connect(address: str, replicas: int) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
-def predict_on_ray(
-    classify,
-    classifier_args: tuple,
-    items: list,
-    done_sha: dict,
-    writer,
-    predict_batch,
-    options,
-    model: str,
-    warning,
+def run_on_ray(
+    classifier_args: tuple, items: list, work, writer, options: RayOptions, desc: str
 ) -> tuple[int, float]:
-    """Every input of `items` predicted by `options.replicas` Ray actors, each building its own
-    `RunClassifier(*classifier_args)` (each batch through
-    `predict_batch`, predict's own) into `writer` (FILE's journal); the number skipped as done, and
-    the seconds it took. `predict_archive` then writes FILE."""
-    import json
-
+    """Every input of `items` through `options.replicas` Ray actors, each building its own
+    `RunClassifier(*classifier_args)` and calling `work(classify, batch) -> (rows, skipped)` per
+    batch; each batch's rows go to `writer.write` as they come back (then `writer.close()`). The
+    number skipped (as already done) and the seconds it took."""
     import ray
 
-    batch_size = options.batch_size or classify.config.eval.batch_size
-    _connect(options.ray_address, options.replicas)
+    _connect(options.address, options.replicas)
     dataset = ray.data.from_items(
-        [{"item": item} for item in items], override_num_blocks=max(1, len(items) // batch_size)
+        [{"item": item} for item in items], override_num_blocks=max(1, len(items) // options.batch_size)
     )
+    # a GPU each where the cluster has them (Ray sets CUDA_VISIBLE_DEVICES per actor), else a CPU each
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     results = dataset.map_batches(
         _Replica,
-        fn_constructor_args=(
-            classifier_args,
-            predict_batch,
-            ray.put(done_sha),
-            options.mode,
-            batch_size,
-            model,
-            warning,
-        ),
-        batch_size=batch_size,
-        concurrency=options.replicas,
-        num_cpus=1,
+        fn_constructor_args=(classifier_args, work),
+        batch_size=options.batch_size,
+        # a fixed pool, one batch at a time per replica: the batches spread over every replica. Ray
+        # Data's actor pool restarts an actor that dies and retries its batch (max_restarts and
+        # max_task_retries -1 by default; tests/inference/test_ray_predict.py kills one)
+        compute=ray.data.ActorPoolStrategy(size=options.replicas, max_tasks_in_flight_per_actor=1),
+        num_cpus=0 if gpus else 1,
+        num_gpus=gpus,
         batch_format="default",
-        max_restarts=-1,  # an actor that dies is started again, its batch retried
-        max_task_retries=-1,
     )
     skipped = 0
     started = time.perf_counter()
-    progress = tqdm(total=len(items), desc=f"predicting ({options.mode}, Ray, {options.replicas} replicas)",
-                    unit="img", disable=None)  # fmt: skip
+    progress = tqdm(
+        total=len(items), desc=f"{desc} (Ray, {options.replicas} replicas)", unit="input", disable=None
+    )
     try:
         for batch in results.iter_rows():
             writer.write(json.loads(batch["rows"]))

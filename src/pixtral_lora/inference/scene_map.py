@@ -168,6 +168,8 @@ class MapOptions:
     abstain_below: float | None = None
     target_accuracy: float | None = None
     backend: Backend = Backend()  # transformers, or vLLM on Mistral-format exports
+    ray_address: str | None = None  # a Ray Data job: "local" (a cluster in-process), "auto" or HOST:PORT
+    replicas: int = 1  # with ray_address: engines (Ray actors), each holding one model
 
 
 @locks_its_output
@@ -203,7 +205,7 @@ def map_scene(
     png = out.with_suffix(".png")
     check_replaceable_file(out, _is_mappable, overwrite)
     check_replaceable_file(png, is_our_png, overwrite)
-    classify = RunClassifier(
+    classifier_args = (  # what builds the classifier: here, and in each Ray replica
         run_dir,
         options.model_path,
         resize_to,
@@ -212,6 +214,7 @@ def map_scene(
         options.force,
         options.backend,
     )
+    classify = RunClassifier(*classifier_args)
     if not scene.is_file():
         raise DataError(f"{scene}: no such scene file")
     bands = band_options(classify.config.data)
@@ -251,36 +254,19 @@ def map_scene(
                 if not done:
                     log.write(json.dumps({"identity": identity}) + "\n")
                 pending = [w for w in windows if f"{w[0]},{w[1]}" not in done]
-                for begin in tqdm(
-                    range(0, len(pending), batch_size), desc="mapping", unit="batch", disable=None
-                ):
-                    rows, meta = [], {}
-                    for row, col, window, partial in pending[begin : begin + batch_size]:
-                        key = f"{row},{col}"
-                        read = _read_tile(dataset, bands, scene, window, partial, min_valid)
-                        if read is None:
-                            done[key] = {"empty": True}
-                            log.write(json.dumps({"key": key, "empty": True}) + "\n")
-                            continue
-                        png_bytes, valid_window = read
-                        rows.append(classify.row(key, {"path": None, "bytes": png_bytes}))
-                        meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
-                    if rows:
-                        for p in classify(rows, mode, batch_size):
-                            record = {
-                                "key": p.id,
-                                **meta[p.id],
-                                "label": p.label,
-                                "confidence": p.confidence,
-                                "calibrated": p.calibrated,
-                                "abstained": p.abstained,
-                                "top3": p.top3(),
-                                "raw_answer": p.raw_answer,
-                            }
-                            done[p.id] = record
-                            log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    os.fsync(log.fileno())
+                writer = _JournalWriter(log, done)
+                work = _TileWork(str(scene.absolute()), bands, min_valid, mode, batch_size)
+                if options.ray_address is not None:
+                    from pixtral_lora.inference.ray_job import RayOptions, run_on_ray
+
+                    ray_options = RayOptions(options.ray_address, options.replicas, batch_size)
+                    run_on_ray(classifier_args, pending, work, writer, ray_options, f"mapping ({mode})")
+                else:
+                    work.dataset = dataset  # this process's open raster
+                    for begin in tqdm(
+                        range(0, len(pending), batch_size), desc="mapping", unit="batch", disable=None
+                    ):
+                        writer.write(work(classify, pending[begin : begin + batch_size])[0])
         except BaseException:
             if not done:  # nothing classified yet: no journal of a header alone is left behind
                 journal.unlink(missing_ok=True)
@@ -309,6 +295,67 @@ def map_scene(
         "per_label": labels,
         "legend": legend,
     }
+
+
+@dataclasses.dataclass
+class _TileWork:
+    """What `map` does per batch of tile windows, in this process or a Ray replica: read each tile
+    (GDAL), classify those with enough valid pixels; the journal records, and 0 skipped."""
+
+    scene: str  # absolute: a replica may run in another working directory
+    bands: object
+    min_valid: float
+    mode: str
+    batch_size: int
+    dataset: object = None  # the open raster; a replica opens its own at its first batch
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "dataset": None}  # an open raster does not travel
+
+    def __call__(self, classify, windows: list) -> tuple[list[dict], int]:
+        if self.dataset is None:
+            import rasterio
+
+            self.dataset = rasterio.open(self.scene)
+        records, rows, meta = [], [], {}
+        for row, col, window, partial in windows:
+            key = f"{row},{col}"
+            read = _read_tile(self.dataset, self.bands, Path(self.scene), window, partial, self.min_valid)
+            if read is None:
+                records.append({"key": key, "empty": True})
+                continue
+            png_bytes, valid_window = read
+            rows.append(classify.row(key, {"path": None, "bytes": png_bytes}))
+            meta[key] = {"row": row, "col": col, "window": valid_window}  # the valid pixels
+        for p in classify(rows, self.mode, self.batch_size) if rows else []:
+            records.append({
+                "key": p.id,
+                **meta[p.id],
+                "label": p.label,
+                "confidence": p.confidence,
+                "calibrated": p.calibrated,
+                "abstained": p.abstained,
+                "top3": p.top3(),
+                "raw_answer": p.raw_answer,
+            })  # fmt: skip
+        return records, 0
+
+
+class _JournalWriter:
+    """Appends a batch's records to map's journal, synced, and keeps them in `done`."""
+
+    def __init__(self, log, done: dict):
+        self.log, self.done = log, done
+
+    def write(self, records: list[dict]) -> None:
+        for record in records:
+            self.done[record["key"]] = record
+            self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        os.fsync(self.log.fileno())
+
+    def close(self) -> None:
+        """The journal stays open: `map_scene`'s own block closes it."""
 
 
 def _read_tile(dataset, bands, scene: Path, window, partial: bool, min_valid: float) -> tuple | None:
