@@ -20,6 +20,9 @@
    Mistral's reference code (`mistral_inference`, with xformers when installed, else plain PyTorch
    attention) against the HF model, after the same export.
 4. Export of the merged 12B shape to Mistral's format: seconds and peak RSS (a fresh process).
+   Then that export on vLLM (`scripts/bench_gpu_vllm.py`, in `--vllm-python`): images/s per mode on
+   `--eval-images` images, one warm engine (targets: 12B generate >= 50 images/s per H100, score >=
+   0.8x generate); recorded as skipped, saying so, where vLLM is not installed.
 5. Each speed option (`model.attn_implementation=flash_attention_2`, `training.use_liger_kernel`)
    whose package is installed: a short QLoRA run, s/step and VRAM beside the default's; recorded as
    skipped otherwise.
@@ -70,6 +73,9 @@ from pixtral_lora.data.synth import SCENES, draw_scene  # noqa: E402
 from pixtral_lora.families import by_shape, shape_names  # noqa: E402
 from pixtral_lora.model.tiny import TinySizes, build_processor, model_config, write_tekken  # noqa: E402
 from pixtral_lora.outputs import write_json  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_gpu_vllm import stage_vllm  # noqa: E402
 
 # --model (a family's released shape, `families`): its training config and results file
 MODELS = {
@@ -502,8 +508,9 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated stages to skip: evaluation,logits,export,speed_options,sharded",
+        help="comma-separated stages to skip: evaluation,logits,export,vllm,speed_options,sharded",
     )
+    parser.add_argument("--vllm-python", help="the Python with vLLM for the vllm stage (default: this one)")
     parser.add_argument("--model", choices=sorted(MODELS), default="pixtral-12b", help="the shape checked")
     parser.add_argument("--out", help="results file (default: benchmarks/results-gpu-<model>.json)")
     args = parser.parse_args()
@@ -570,6 +577,12 @@ def main() -> int:
                 shutil.rmtree(tmp / folder, ignore_errors=True)  # export stage needs the disk
         if "export" not in skip and trained:
             stage("export", stage_export, tmp / "model", trained["run"], tmp / "mistral")
+        if "vllm" not in skip and "export" in results and "export" not in failed:  # the export served
+            if device == "cuda":
+                torch.cuda.empty_cache()  # vLLM sizes its cache by the memory free
+            stage("vllm", stage_vllm, args.vllm_python, trained["run"], tmp / "mistral", tmp / "data",
+                  args.eval_images, child_environment())  # fmt: skip
+        if "export" not in skip and trained:
             for path in (tmp / "mistral").glob("*.safetensors"):
                 path.unlink()  # the disk of a GPU machine holds one 12B copy beside the base, not two
         if "speed_options" not in skip and trained:  # last: the least needed figures

@@ -37,12 +37,16 @@ def test_bench_gpu_tiny_runs_every_stage_and_writes_its_figures(tmp_path):
     logits = figures["logits"]
     assert logits["max_abs_logit_difference"] < 1e-3 and logits["argmax_agreement"] == 1.0
     assert figures["failed_stages"] == []
-    stages = {"training", "evaluation", "logits", "export", "speed_options", "sharded"}
+    stages = {"training", "evaluation", "logits", "export", "vllm", "speed_options", "sharded"}
     assert set(figures["stage_seconds"]) == stages
     sharded = figures["sharded"]  # the 2-GPU FSDP + QLoRA stage, on 2 CPU processes here
     assert sharded["launch"] == "train/fsdp_cpu.yaml" and sharded["shape"] == "mistral-small-3.2"
     assert sharded["one_layer"]["seconds_per_optimizer_step"] > 0 and sharded["one_layer"]["layers"] == 1
     assert sharded["one_layer"]["peak_gpu_memory_gib_per_process"] is None  # no CUDA here
+    if "skipped" in figures["vllm"]:  # no vLLM in this environment: said, not silently left out
+        assert "vLLM is not installed" in figures["vllm"]["skipped"]
+    else:
+        assert all(figures["vllm"][mode]["images_per_s"] > 0 for mode in ("generate", "constrained", "score"))
     assert figures["speed_options"] == {  # CUDA-only kernels: recorded as skipped, not silently left out
         "flash_attention_2": {"skipped": "CUDA only"},
         "liger_kernel": {"skipped": "CUDA only"},
