@@ -189,3 +189,52 @@ def one_line_error(result) -> str:
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, result.stderr[-2000:]
     return errors[0]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of `pid`: its process id and command line (a Ray worker's title)."""
+    parents, titles = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            titles[int(entry.name)] = (
+                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    family, grown = {pid}, True
+    while grown:
+        children = {child for child, parent in parents.items() if parent in family} - family
+        family |= children
+        grown = bool(children)
+    return {p: titles.get(p, "") for p in sorted(family - {pid})}
+
+
+def ray_replicas(pid: int) -> list[int]:
+    """The Ray replicas (`MapWorker(MapBatches(_Replica))` actors) of the job whose driver is `pid`:
+    among its descendants only, so that jobs of parallel tests are told apart."""
+    return [p for p, title in descendants(pid).items() if "MapWorker(MapBatches(_Replica))" in title]
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (not gone, not a zombie)."""
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
+def hub_like_dataset(aid_dir):
+    """The synthetic scenes as a `datasets.Dataset` with image bytes and a ClassLabel, as the Hub stores them."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    images, labels = [], []
+    for index, name in enumerate(SYNTH_CLASSES):
+        for path in sorted((aid_dir / name).iterdir()):
+            images.append({"bytes": path.read_bytes(), "path": path.name})
+            labels.append(index)
+    features = Features({"image": Image(), "label": ClassLabel(names=SYNTH_CLASSES)})
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)

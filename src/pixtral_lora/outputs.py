@@ -424,8 +424,8 @@ def output_lock(out: str | Path) -> Iterator[Path]:
 
 
 def locks_its_output(function):
-    """Decorator: the call holds `output_lock` on its `out` argument (in process 0 of a launch only:
-    the other processes of a multi-process command write beside it, under the same lock)."""
+    """Decorator: the call holds `output_lock` on its `out` argument (a Ray job's replicas write
+    nothing: its driver, holding the lock, writes for them)."""
     import functools
     import inspect
 
@@ -433,8 +433,6 @@ def locks_its_output(function):
 
     @functools.wraps(function)
     def locked(*args, **kwargs):
-        if int(os.environ.get("RANK", "0")) != 0:
-            return function(*args, **kwargs)
         with output_lock(signature.bind(*args, **kwargs).arguments["out"]):
             return function(*args, **kwargs)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTH_CLASSES, tiny_config
+from conftest import SYNTH_CLASSES, hub_like_dataset, tiny_config
 from PIL import Image
 
 from pixtral_lora.errors import DataError
@@ -14,21 +14,8 @@ from pixtral_lora.errors import DataError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _hub_like_dataset(aid_dir):
-    """The synthetic scenes as a `datasets.Dataset` with image bytes and a ClassLabel, as the Hub stores them."""
-    from datasets import ClassLabel, Dataset, Features, Image
-
-    images, labels = [], []
-    for index, name in enumerate(SYNTH_CLASSES):
-        for path in sorted((aid_dir / name).iterdir()):
-            images.append({"bytes": path.read_bytes(), "path": path.name})
-            labels.append(index)
-    features = Features({"image": Image(), "label": ClassLabel(names=SYNTH_CLASSES)})
-    return Dataset.from_dict({"image": images, "label": labels}, features=features)
-
-
 def _hub_splits(aid_dir):
-    dataset = _hub_like_dataset(aid_dir)
+    dataset = hub_like_dataset(aid_dir)
     parts = dataset.train_test_split(test_size=0.25, seed=0, stratify_by_column="label")
     return parts["train"], parts["test"]
 
@@ -105,7 +92,7 @@ def test_validate_and_preview_read_hf_sources_and_name_split_and_row(aid_dir, tm
     from pixtral_lora.cli import main
     from pixtral_lora.data.validate import validate
 
-    dataset = _hub_like_dataset(aid_dir)
+    dataset = hub_like_dataset(aid_dir)
     rows = dataset.to_dict()
     rows["image"][5] = {"bytes": b"not an image", "path": "broken.jpg"}
     broken = type(dataset).from_dict(rows, features=dataset.features)
@@ -271,7 +258,7 @@ def test_rendering_an_hf_source_again_is_read_from_the_datasets_cache(
     from pixtral_lora.model.render import Renderer, render_dataset
     from pixtral_lora.task.prompt import PromptConfig
 
-    _hub_like_dataset(aid_dir).to_parquet(tmp_path / "scenes.parquet")
+    hub_like_dataset(aid_dir).to_parquet(tmp_path / "scenes.parquet")
 
     def rendered():
         splits, names = load_hf_splits(str(tmp_path / "scenes.parquet"))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES
+from conftest import SYNTH_CLASSES, hub_like_dataset
 
 from pixtral_lora.cli import main
 
@@ -59,19 +59,27 @@ def test_predict_resumes_after_a_kill_and_ends_with_every_input_once(tiny_run, a
         assert row["top3"][0] == [row["label"], pytest.approx(row["confidence"], abs=1e-6)]
 
 
-def test_two_processes_split_the_inputs_and_merge_in_input_order(tiny_run, archive, tmp_path):
+def test_two_processes_are_a_local_ray_job_whose_rows_merge_in_input_order(tiny_run, archive, tmp_path):
+    pytest.importorskip("ray")
     out = tmp_path / "predictions.csv"
     command = [sys.executable, "-m", "pixtral_lora.cli", "predict", str(archive), "--run", str(tiny_run)]
-    command += ["--out", str(out), "--num-processes", "2", "--mode", "generate"]
+    command += ["--out", str(out), "--num-processes", "2", "--mode", "generate", "--batch-size", "8"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "process 0 of 2: 20 of 40" in result.stderr and "process 1 of 2: 20 of 40" in result.stderr
+    assert "Started a local Ray instance" in result.stderr  # --num-processes alone: a cluster on this machine
     import csv
 
     rows = list(csv.DictReader(out.open()))
     assert [r["path"] for r in rows] == _inputs(archive)
     assert not list(tmp_path.glob(".predictions.csv.journal-*"))  # merged and removed
     assert "40 inputs" in result.stdout
+    one = tmp_path / "one.csv"
+    done = subprocess.run([*command[:7], "--out", str(one), "--mode", "generate"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(r["path"], r["label"]) for r in csv.DictReader(one.open())] == [
+        (r["path"], r["label"]) for r in rows
+    ]
 
 
 def test_lists_globs_and_datasets_are_sources_and_parquet_an_output(tiny_run, archive, aid_dir, tmp_path):
@@ -98,9 +106,7 @@ def test_lists_globs_and_datasets_are_sources_and_parquet_an_output(tiny_run, ar
         == 0
     )
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 10
-    from test_sources import _hub_like_dataset
-
-    _hub_like_dataset(aid_dir).to_parquet(tmp_path / "scenes.parquet")
+    hub_like_dataset(aid_dir).to_parquet(tmp_path / "scenes.parquet")
     assert (
         main(
             [
@@ -127,11 +133,29 @@ def test_a_second_predict_on_the_same_output_fails_at_once(tiny_run, archive, tm
     assert "being written by another command" in capsys.readouterr().err and not out.exists()
 
 
-def test_num_processes_from_python_relaunches_the_same_command(tiny_run, aid_dir, tmp_path):
+def test_num_processes_without_ray_installed_is_one_line_naming_the_extra(tiny_run, aid_dir, tmp_path):
+    import os
+
+    blocked = tmp_path / "no-ray" / "ray"  # an import of ray that fails, as where it is not installed
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")])),
+    }
     out = tmp_path / "p.jsonl"
-    source = aid_dir / "Port"
-    assert (
-        main(["predict", str(source), "--run", str(tiny_run), "--out", str(out), "--num-processes", "2"]) == 0
-    )
-    rows = [json.loads(line)["path"] for line in out.read_text().splitlines()]
-    assert rows == sorted(str(p) for p in source.iterdir())
+    command = [
+        sys.executable,
+        "-m",
+        "pixtral_lora.cli",
+        "predict",
+        str(aid_dir / "Port"),
+        "--run",
+        str(tiny_run),
+    ]
+    result = subprocess.run([*command, "--out", str(out), "--num-processes", "2"], capture_output=True, text=True,
+                            env=env, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "pip install 'pixtral-lora[ray]'" in result.stderr and not out.exists()
+    one = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-2000:]  # one process needs no Ray

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES, one_line_error, run_cli, set_args
+from conftest import SYNTH_CLASSES, alive, descendants, one_line_error, ray_replicas, run_cli, set_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,20 +111,10 @@ def test_no_lock_is_left_and_an_unwritable_location_is_one_line(tiny_run, tiles,
     assert "a-file" in line
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def test_sigterm_to_a_multi_process_predict_stops_every_worker(tiny_run, aid_dir, tmp_path):
+def test_sigterm_to_a_multi_process_predict_stops_its_ray_cluster_and_every_replica(
+    tiny_run, aid_dir, tmp_path
+):
+    pytest.importorskip("ray")
     archive = tmp_path / "archive"
     for copy in range(4):
         shutil.copytree(aid_dir, archive / f"part-{copy}")
@@ -132,31 +122,29 @@ def test_sigterm_to_a_multi_process_predict_stops_every_worker(tiny_run, aid_dir
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pixtral_lora.cli", "predict", str(archive), "--run", str(tiny_run)]
     command += ["--out", str(out), "--num-processes", "2", "--batch-size", "2"]
-    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 300
-    workers: list[int] = []
-    while time.time() < deadline and launcher.poll() is None:
-        workers = _children(launcher.pid)
+    replicas: list[int] = []
+    while time.time() < deadline and driver.poll() is None:
+        replicas = ray_replicas(driver.pid)
         journals = list(tmp_path.glob(".p.jsonl.journal-*"))
-        if len(workers) == 2 and journals and any(j.stat().st_size for j in journals):
+        if len(replicas) == 2 and journals and any(j.stat().st_size for j in journals):
             break
         time.sleep(0.1)
-    assert launcher.poll() is None and len(workers) == 2, "the launch ended before it could be stopped"
-    launcher.send_signal(signal.SIGTERM)
-    launcher.wait(timeout=120)
-    assert launcher.returncode != 0
-    time.sleep(0.5)
-    alive = [
-        pid
-        for pid in workers
-        if Path(f"/proc/{pid}").exists()
-        and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    ]
-    assert alive == []
-    # the output is free again: a rerun resumes from the journals and finishes
+    assert driver.poll() is None and len(replicas) == 2, "the job ended before it could be stopped"
+    cluster = descendants(driver.pid)  # the local cluster: Ray's own processes and the replicas
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=120)
+    assert driver.returncode != 0
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in cluster) and time.time() < deadline:
+        time.sleep(0.2)
+    assert [title for pid, title in cluster.items() if alive(pid)] == []
+    # the output is free again: a rerun resumes from the journal and finishes
     rerun = run_cli("predict", archive, "--run", tiny_run, "--out", out, "--num-processes", "2", env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert len(_rows(out)) == 160
+    assert len(_rows(out)) == 160 and "(0 already done)" not in rerun.stdout
 
 
 @pytest.mark.slow  # trains a model

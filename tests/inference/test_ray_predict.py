@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH_CLASSES
+from conftest import SYNTH_CLASSES, alive, ray_replicas
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -41,13 +41,6 @@ def _command(run: Path, out: str) -> list[str]:
 def _journal_rows(out: Path) -> int:
     journals = list(out.parent.glob(f".{out.name}.journal-*"))
     return sum(path.read_text().count("\n") for path in journals)
-
-
-def _replicas() -> list[int]:
-    found = subprocess.run(
-        ["pgrep", "-f", r"MapWorker\(MapBatches\(_Replica\)\)"], capture_output=True, text=True
-    )
-    return [int(pid) for pid in found.stdout.split()]
 
 
 def _wait_for(condition, what: str, process, seconds: float = 600) -> None:
@@ -86,12 +79,18 @@ def test_a_ray_job_resumes_after_a_killed_driver_and_survives_a_killed_replica_w
     job = subprocess.Popen(_command(tiny_run, out.name), cwd=tmp_path, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
-        _wait_for(lambda: _journal_rows(out) >= 256, "256 rows", job)
+        _wait_for(lambda: _journal_rows(out) >= 256 and len(ray_replicas(job.pid)) == 2, "256 rows", job)
+        replicas = ray_replicas(job.pid)
         job.send_signal(signal.SIGKILL)
         job.wait()
+        written = _journal_rows(out)
+        # the replicas do not outlive their driver (Ray's kernel fate-sharing): gone within seconds
+        deadline = time.time() + 30
+        while any(alive(pid) for pid in replicas) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in replicas), "a replica outlived its SIGKILLed driver by 30 s"
     finally:
         _stop_cluster(job)
-    written = _journal_rows(out)
     assert written < INPUTS, "the driver was killed after the job was done"
 
     # 2. the command rerun resumes; a replica SIGKILLed mid-run is restarted, its batch run again
@@ -101,11 +100,11 @@ def test_a_ray_job_resumes_after_a_killed_driver_and_survives_a_killed_replica_w
                                start_new_session=True)  # fmt: skip
         try:
             _wait_for(
-                lambda: _journal_rows(out) >= written + 64 and len(_replicas()) == 2,
+                lambda: _journal_rows(out) >= written + 64 and len(ray_replicas(job.pid)) == 2,
                 "64 more rows from 2 replicas",
                 job,
             )
-            os.kill(_replicas()[0], signal.SIGKILL)
+            os.kill(ray_replicas(job.pid)[0], signal.SIGKILL)
             at_kill = _journal_rows(out)
             job.wait(timeout=900)
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -97,28 +96,19 @@ def _calibrate(args) -> int:
 def _predict(args) -> int:
     import tempfile
 
-    from pixtral_lora.inference.predict import PredictOptions, launch_processes, predict_archive
+    from pixtral_lora.inference.predict import PredictOptions, predict_archive
 
     if not _score_mode_for_target(args):
         return 2
-    if args.num_processes > 1 and args.backend == "vllm" and not args.ray_address:
-        print("error: --backend vllm batches inside one engine: drop --num-processes, or add --ray-address "
-              "local|auto|HOST:PORT for N vLLM replicas on Ray", file=sys.stderr)  # fmt: skip
+    ray_address = _ray_address(args)
+    if ray_address is False:
         return 2
-    if args.ray_address and not args.out:
-        print("error: --ray-address needs --out (the job writes a resumable file)", file=sys.stderr)
+    if ray_address and not args.out:
+        print(
+            "error: --num-processes/--ray-address need --out (the job writes a resumable file)",
+            file=sys.stderr,
+        )
         return 2
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.ray_address:
-        if not args.out:
-            print("error: --num-processes needs --out", file=sys.stderr)
-            return 2
-        argv, skip = [], False
-        for arg in args.argv:  # the same command for every process, less --num-processes N
-            if skip or arg.startswith("--num-processes"):
-                skip = arg == "--num-processes"
-                continue
-            argv.append(arg)
-        return launch_processes(argv, args.num_processes)
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or str(Path(scratch) / "predictions.jsonl")
         options = PredictOptions(
@@ -131,7 +121,7 @@ def _predict(args) -> int:
             abstain_below=args.abstain_below,
             target_accuracy=args.target_accuracy,
             backend=_backend(args, args.model),
-            ray_address=args.ray_address,
+            ray_address=ray_address,
             replicas=args.num_processes,
         )
         summary = predict_archive(args.images, args.run, out, options)
@@ -182,14 +172,28 @@ def _score_mode_for_target(args) -> bool:
     return True
 
 
+def _ray_address(args) -> str | None | bool:
+    """Where predict/map's Ray job runs: `--ray-address`, or with `--num-processes N` alone a local
+    cluster; None for one process. False (said in one line) when Ray is not installed."""
+    address = args.ray_address or ("local" if args.num_processes > 1 else None)
+    if address is None:
+        return None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print(f"error: --num-processes {args.num_processes} runs {args.num_processes} replicas as a Ray job: "
+              "pip install 'pixtral-lora[ray]' (Ray is not installed)", file=sys.stderr)  # fmt: skip
+        return False
+    return address
+
+
 def _map(args) -> int:
     from pixtral_lora.inference.scene_map import MapOptions, map_scene
 
     if not _score_mode_for_target(args):
         return 2
-    if args.num_processes > 1 and not args.ray_address:
-        print("error: map runs in one process: add --ray-address local|auto|HOST:PORT for --num-processes "
-              f"{args.num_processes} Ray replicas", file=sys.stderr)  # fmt: skip
+    ray_address = _ray_address(args)
+    if ray_address is False:
         return 2
     options = MapOptions(
         tile=args.tile,
@@ -208,7 +212,7 @@ def _map(args) -> int:
         abstain_below=args.abstain_below,
         target_accuracy=args.target_accuracy,
         backend=_backend(args, args.model),
-        ray_address=args.ray_address,
+        ray_address=ray_address,
         replicas=args.num_processes,
     )
     summary = map_scene(args.scene, args.run, args.out, options)
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes",
         type=cli_number(Annotated[int, Field(ge=1, le=256)]),
         default=1,
-        help="with --ray-address: N Ray replicas, each holding one model",
+        help="N replicas, each holding one model, as a Ray Data job (on a local cluster unless --ray-address)",
     )
     mapping.add_argument(
         "--ray-address",
@@ -466,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes",
         type=cli_number(Annotated[int, Field(ge=1, le=256)]),
         default=1,
-        help="split the inputs over N local processes (gloo on CPU); with --ray-address: N Ray replicas",
+        help="N replicas, each holding one model, as a Ray Data job (on a local cluster unless --ray-address)",
     )
     predict.add_argument(
         "--ray-address",
@@ -515,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
     from pixtral_lora.errors import user_errors
 
     args = build_parser().parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --num-processes re-runs
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

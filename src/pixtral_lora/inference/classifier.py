@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class Backend:
             )
         if self.name == "vllm" and model_path and (self.base or self.lora):
             raise UserError("--backend vllm: give --model (merged) or --vllm-base with --vllm-lora, not both")
+        if self.name == "vllm" and importlib.util.find_spec("vllm") is None:  # before a model or Ray starts
+            raise UserError(
+                "the vLLM backend needs vllm (pip install vllm) and a CUDA GPU, or vLLM's CPU build"
+            )
 
 
 class RunClassifier:

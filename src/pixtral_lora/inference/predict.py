@@ -4,16 +4,14 @@
   .txt/.csv list of paths, an hf://OWNER/NAME id or a .parquet file; with `--dataset`, a folder is
   read as an HF dataset instead (Parquet files, save_to_disk, imagefolder).
 - Streams: images are read a batch at a time; results are written as they come (flushed per batch)
-  to FILE (.jsonl or .csv, appended) or, for .parquet and for several processes, to hidden journals
-  beside it; at the end FILE is rewritten once, atomically, with every input exactly once in input
-  order.
+  to FILE (.jsonl or .csv, appended) or, for .parquet and for a Ray job, to a hidden journal beside
+  it; at the end FILE is rewritten once, atomically, with every input exactly once in input order.
 - Resumable: a rerun after a kill skips every input already predicted with the same content (path +
   sha256 of its bytes), whether in FILE or in a journal, by the same model (every row names it: the
   adapter's sha256 on its base, or the merged checkpoint) in the same mode. FILE written by another
   model or mode is refused in one line (`--overwrite` starts it afresh).
-- Data parallel: `--num-processes N` (or `accelerate launch -m pixtral_lora.cli predict ...`) splits the
-  inputs deterministically (input i goes to process i mod N); each writes its journal, and process 0
-  merges after a barrier.
+- Past one process: `--num-processes N` runs N replicas as a Ray Data job (`ray_job`; a local
+  cluster, or `--ray-address` to join one), each holding one engine; the driver writes the rows.
 - An unreadable file is a row with outcome `unreadable` and an `error`, never fatal.
 """
 
@@ -26,9 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -187,12 +182,13 @@ class _Appender:
             self.handle.close()
 
 
-def _journal(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f".{out.name}.journal-{rank}of{world}.jsonl")
+def _journal(out: Path) -> Path:
+    return out.with_name(f".{out.name}.journal-0of1.jsonl")
 
 
 def _journals(out: Path) -> list[Path]:
-    """The journals beside FILE, of this launch and of earlier ones (any process count)."""
+    """The journals beside FILE: this command's, and those of earlier multi-process versions (N of
+    them, `journal-KofN`), which a rerun reads too."""
     return sorted(out.parent.glob(f".{out.name}.journal-*of*.jsonl"))
 
 
@@ -282,9 +278,8 @@ def predict_archive(
 ) -> dict:
     """Classify every input of SOURCE with a run's model into FILE; returns the summary.
 
-    Under a multi-process launch (WORLD_SIZE > 1) this process handles its share, and process 0
-    merges. Process 0 holds a lock on FILE: a second command on it fails at once. See the module
-    docstring.
+    With `options.ray_address` the inputs go through Ray replicas (`ray_job`). A lock on FILE
+    keeps a second command off it. See the module docstring.
     """
     from pixtral_lora.inference.classifier import RunClassifier
 
@@ -304,12 +299,6 @@ def predict_archive(
         options.backend,
     )
     classify = RunClassifier(*classifier_args)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # a gloo group only for the final barrier (any device)
-            dist.init_process_group("gloo")
     items = list_images(source, options.as_dataset)
     if not items:
         raise DataError(f"{source}: no images found")
@@ -326,40 +315,32 @@ def predict_archive(
             f"mode {other.get('mode') or 'unrecorded'}; this is model {model}, mode {mode}): they cannot be "
             "resumed; choose another --out or pass --overwrite to start it afresh"
         )
-    if rank == 0 and out.exists() and (not ours or other is not None):
+    if out.exists() and (not ours or other is not None):
         out.unlink()  # --overwrite: start afresh
     if other is not None:
-        for journal in _journals(out) if rank == 0 else []:
+        for journal in _journals(out):
             journal.unlink(missing_ok=True)
         previous = []
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # process 0 has cleared what --overwrite replaces before anyone appends
     done_sha = {row["path"]: row.get("sha256") for row in previous}
+    batch_size = batch_size or classify.config.eval.batch_size
     if options.ray_address is not None:
         from pixtral_lora.inference.ray_job import RayOptions, run_on_ray
 
-        batch_size = batch_size or classify.config.eval.batch_size
         work = functools.partial(
             predict_batch, done_sha=done_sha, mode=mode, batch_size=batch_size, model=model, warning=warning
         )
         ray_options = RayOptions(options.ray_address, options.replicas, batch_size)
         skipped, elapsed = run_on_ray(
-            classifier_args, items, work, _Appender(_journal(out, 0, 1)), ray_options, f"predicting ({mode})"
+            classifier_args, items, work, _Appender(_journal(out)), ray_options, f"predicting ({mode})"
         )
         return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
-    mine = items[rank::world]
-    logger.info("process %d of %d: %d of %d inputs", rank, world, len(mine), len(items))
-    direct = world == 1 and out.suffix in (".jsonl", ".csv")
-    writer = _Appender(out if direct else _journal(out, rank, world))
-    batch_size = batch_size or classify.config.eval.batch_size
+    writer = _Appender(out if out.suffix in (".jsonl", ".csv") else _journal(out))
     skipped = 0
     started = time.perf_counter()
-    progress = tqdm(total=len(mine), desc=f"predicting ({mode})", unit="img", disable=None)
+    progress = tqdm(total=len(items), desc=f"predicting ({mode})", unit="img", disable=None)
     try:
-        for begin in range(0, len(mine), batch_size):
-            batch = mine[begin : begin + batch_size]
+        for begin in range(0, len(items), batch_size):
+            batch = items[begin : begin + batch_size]
             rows, batch_skipped = predict_batch(classify, batch, done_sha, mode, batch_size, model, warning)
             writer.write(rows)
             skipped += batch_skipped
@@ -369,14 +350,7 @@ def predict_archive(
         writer.close()
     elapsed = time.perf_counter() - started
     if skipped:
-        logger.info("process %d: %d inputs already predicted (same path and content), skipped", rank, skipped)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every journal is complete before process 0 merges them
-        dist.destroy_process_group()
-    if rank != 0:
-        return {}
+        logger.info("%d inputs already predicted (same path and content), skipped", skipped)
     return _finalise(out, items, overwrite, len(items) / elapsed if elapsed > 0 else 0.0, skipped)
 
 
@@ -410,60 +384,3 @@ def _finalise(out: Path, items: list[Item], overwrite: bool, images_per_second: 
         "abstained": sum(1 for row in rows if row["outcome"] == "abstained"),
         "images_per_second": images_per_second,
     }
-
-
-def launch_processes(argv: list[str], num_processes: int) -> int:
-    """Run `pixtral-lora predict` in `num_processes` local processes (gloo on CPU) and wait for them.
-
-    A SIGTERM or SIGINT to this launcher is passed on to every process (none is left running with
-    the output's lock), and when one process fails the others are stopped: they would wait for it
-    at the final barrier forever.
-    """
-    import signal
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    children: list[subprocess.Popen] = []
-
-    def stop(signum, _frame) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for rank in range(num_processes):
-            env = {
-                **os.environ,
-                "WORLD_SIZE": str(num_processes),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(num_processes),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            }
-            # one share of the cores each: N processes with all cores' threads each would oversubscribe
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-            children.append(subprocess.Popen([sys.executable, "-m", "pixtral_lora.cli", *argv], env=env))
-        while any(child.poll() is None for child in children):
-            failed = [child for child in children if child.poll()]
-            if failed:
-                for child in children:
-                    if child.poll() is None:
-                        child.terminate()
-                for child in children:
-                    child.wait()
-                break
-            time.sleep(0.2)
-        codes = [child.returncode for child in children]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return next((code for code in codes if code), 0)

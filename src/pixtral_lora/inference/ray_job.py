@@ -1,4 +1,4 @@
-"""`predict`/`map --ray-address ADDRESS --num-processes N`: the inputs as a Ray Data job over N replicas.
+"""`predict`/`map --num-processes N [--ray-address ADDRESS]`: the inputs as a Ray Data job over N replicas.
 
 The inputs (predict's images, map's tile windows) are a Ray dataset; `map_batches` runs them
 through N actors, each holding one engine (`RunClassifier`, the same class every process of
@@ -14,8 +14,9 @@ each batch of rows to its journal as it comes back. What makes it exactly once:
 `ray.data.llm`'s vLLM processor is not used: it builds its own prompts from OpenAI messages and has
 no score mode, and its API has moved between Ray releases (ray#53873, ray#64275, ray#57978); an
 actor class holding our engine keeps the rows, modes and calibration of the one-process path.
-ADDRESS: `local` starts a cluster in this process; `auto` or HOST:PORT joins a running one
-(`ray start --head`, then `ray start --address HEAD:6379` on the other machines).
+ADDRESS: `local` (the default) starts a cluster in this process, stopped when the job ends; `auto`
+or HOST:PORT joins a running one (`ray start --head`, then `ray start --address HEAD:6379` on the
+other machines). This replaced predict's own launcher of N processes over gloo.
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ class _Replica:
         }
 
 
-def _connect(address: str, replicas: int) -> None:
+def _connect(address: str, replicas: int) -> bool:
+    """Ray connected; True when this call started it (and the job's end shuts it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address == "local":
         # on this machine's loopback only: nothing listens on another interface
         ray.init(
@@ -72,6 +74,7 @@ def _connect(address: str, replicas: int) -> None:
         )
     else:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    return True
 
 
 def run_on_ray(
@@ -83,7 +86,19 @@ def run_on_ray(
     number skipped (as already done) and the seconds it took."""
     import ray
 
-    _connect(options.address, options.replicas)
+    started_ray = _connect(options.address, options.replicas)
+    try:
+        return _run(classifier_args, items, work, writer, options, desc)
+    finally:
+        if started_ray:  # a local cluster stops with its job; a joined one only loses this driver
+            ray.shutdown()
+
+
+def _run(
+    classifier_args: tuple, items: list, work, writer, options: RayOptions, desc: str
+) -> tuple[int, float]:
+    import ray
+
     dataset = ray.data.from_items(
         [{"item": item} for item in items], override_num_blocks=max(1, len(items) // options.batch_size)
     )
