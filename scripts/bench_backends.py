@@ -4,17 +4,18 @@ and Ray with 1 vs 2 replicas.
     python scripts/bench_backends.py --vllm-python .venv-vllm/bin/python \
         [--out benchmarks/results-backends-cpu.json]                        (part of `make bench`)
 
-Every figure is a `pixtral-lora predict` command as a user types it (transformers: the run's
-adapter; vLLM: the run's merged float32 Mistral-format export, `--backend vllm --model DIR`, in vLLM's
-own virtualenv). Each setting runs twice, on a few images and on many: images/s is the extra images
-over the extra seconds, so the engine's start (vLLM's engine, Ray's cluster and replicas, a model
-load) cancels out; the start is reported apart. Figures are from one run on one machine: compare
-ratios within it.
+Per mode, each engine as `predict` runs it (`scripts/bench_engine.py`: transformers on the run's
+adapter; vLLM on the run's merged float32 Mistral-format export, what `predict --backend vllm --model
+DIR` serves, in vLLM's own virtualenv), warm, on the same images; the engine's start is reported
+apart. Ray: the `pixtral-lora predict --num-processes N` command as a user types it, run twice, on a
+few images and on many: images/s is the extra images over the extra seconds, so the cluster's and
+the replicas' start cancels out. Figures are from one run on one machine: compare ratios within it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -69,8 +70,8 @@ def main() -> int:
     )
     parser.add_argument("--vllm-python", required=True, help="the python of vLLM's virtualenv (.venv-vllm)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results-backends-cpu.json"))
-    parser.add_argument("--few", type=int, default=8, help="images of the short run of each setting")
-    parser.add_argument("--many", type=int, default=96, help="images of the long run of each setting")
+    parser.add_argument("--few", type=int, default=8, help="images of the short run of each Ray setting")
+    parser.add_argument("--many", type=int, default=200, help="images timed per mode on each engine")
     parser.add_argument(
         "--ray-many", type=int, default=800, help="images of the long run of the Ray settings"
     )
@@ -94,21 +95,30 @@ def main() -> int:
         run(py, "-m", "pixtral_lora.cli", "data", "generate", "--out", str(images), "--per-class", str(per_class),
             "--size", "64", "--classes", ",".join(CLASSES), "--seed", "7")  # fmt: skip
         found = sorted(images.rglob("*.jpg"))
-        few, many = (
-            listing(work / "few.txt", found[: args.few]),
-            listing(work / "many.txt", found[: args.many]),
-        )
-        counts = (args.few, args.many)
         common = ["--run", str(work / "run")]
         engines: dict = {}
-        for mode in MODES:
-            print(f"predict, {mode}: transformers, then vLLM", flush=True)
-            hf = throughput(py, few, many, counts, work / f"hf-{mode}", [*common, "--mode", mode])
-            vllm = throughput(args.vllm_python, few, many, counts, work / f"vllm-{mode}",
-                              [*common, "--mode", mode, "--backend", "vllm", "--model", str(merged)], VLLM_ENV)  # fmt: skip
-            ratio = vllm["images_per_second"] / hf["images_per_second"] if hf["images_per_second"] else None
-            engines[mode] = {"transformers": hf, "vllm_merged_float32": vllm, "vllm_over_transformers": ratio}
-        results["predict_per_mode"] = engines
+        for backend, python, extra, env in (
+            ("transformers", py, [], None),
+            ("vllm", args.vllm_python, ["--backend", "vllm", "--model", str(merged)], VLLM_ENV),
+        ):
+            print(f"every mode on one warm {backend} engine", flush=True)
+            out = work / f"engine-{backend}.json"
+            listing(work / "engine-images.txt", found[: args.many])
+            run(python, str(ROOT / "scripts" / "bench_engine.py"), *common, *extra, "--images",
+                str(work / "engine-images.txt"), "--count", str(args.many), "--out", str(out), env=env)  # fmt: skip
+            engines[backend] = json.loads(out.read_text(encoding="utf-8"))
+        results["engines_per_mode"] = {
+            mode: {
+                "transformers_images_per_s": engines["transformers"][mode]["images_per_s"],
+                "vllm_merged_float32_images_per_s": engines["vllm"][mode]["images_per_s"],
+                "vllm_over_transformers": engines["vllm"][mode]["images_per_s"]
+                / engines["transformers"][mode]["images_per_s"],
+            }
+            for mode in MODES
+        }
+        results["engine_start_s"] = {b: engines[b]["engine_start_s"] for b in engines}
+        results["versions"] = {b: engines[b]["version"] for b in engines}
+        few = listing(work / "few.txt", found[: args.few])
         ray_many = listing(work / "ray-many.txt", found[: args.ray_many])
         replicas = {}
         for count in (1, 2):

@@ -81,7 +81,9 @@ def main() -> int:
     parser.add_argument(
         "--model", help="vllm: the run's merged Mistral-format export (transformers: the run's adapter)"
     )
-    parser.add_argument("--images", required=True, help="the images: anything predict reads (a folder, a glob, a .txt list)")
+    parser.add_argument(
+        "--images", required=True, help="the images: anything predict reads (a folder, a glob, a .txt list)"
+    )
     parser.add_argument("--count", type=int, default=256, help="images timed per mode")
     parser.add_argument("--out", required=True, help="where the figures go (JSON)")
     args = parser.parse_args()

@@ -20,7 +20,7 @@
    Mistral's reference code (`mistral_inference`, with xformers when installed, else plain PyTorch
    attention) against the HF model, after the same export.
 4. Export of the merged 12B shape to Mistral's format: seconds and peak RSS (a fresh process).
-   Then that export on vLLM (`scripts/bench_gpu_vllm.py`, in `--vllm-python`): images/s per mode on
+   Then that export on vLLM (`scripts/bench_engine.py`, in `--vllm-python`): images/s per mode on
    `--eval-images` images, one warm engine (targets: 12B generate >= 50 images/s per H100, score >=
    0.8x generate); recorded as skipped, saying so, where vLLM is not installed.
 5. Each speed option (`model.attn_implementation=flash_attention_2`, `training.use_liger_kernel`)
@@ -75,7 +75,7 @@ from pixtral_lora.model.tiny import TinySizes, build_processor, model_config, wr
 from pixtral_lora.outputs import write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_gpu_vllm import stage_vllm  # noqa: E402
+from bench_engine import stage_vllm  # noqa: E402
 
 # --model (a family's released shape, `families`): its training config and results file
 MODELS = {

@@ -587,20 +587,20 @@ def main() -> int:
         )
         problems += found
         results["transformers_images_per_second"] = expected["text"]["_speed"]
-        # the GPU check's vLLM stage (scripts/bench_gpu_vllm.py) on the merged float32 export: one warm
+        # the GPU check's vLLM stage (scripts/bench_engine.py) on the merged float32 export: one warm
         # engine, images/s per mode; here it proves the stage's code, the GPU gives the figures
         stage = subprocess.run(
-            [args.vllm_python, str(ROOT / "scripts" / "bench_gpu_vllm.py"), "--run", str(text_run), "--model",
+            [args.vllm_python, str(ROOT / "scripts" / "bench_engine.py"), "--run", str(text_run), "--backend", "vllm", "--model",
              str(exports / "text-float32"), "--images", str(data), "--count", "40", "--out",
              str(work / "vllm-stage.json")], capture_output=True, text=True, env=VLLM_ENV, cwd=ROOT,
         )  # fmt: skip
         if stage.returncode:
-            problems.append(f"scripts/bench_gpu_vllm.py failed: {stage.stderr[-2000:]}")
+            problems.append(f"scripts/bench_engine.py failed: {stage.stderr[-2000:]}")
         else:
             figures = json.loads((work / "vllm-stage.json").read_text(encoding="utf-8"))
             results["vllm_warm_engine_images_per_second"] = {m: figures[m]["images_per_s"] for m in MODES}
             if any(figures[m]["labelled"] != 40 for m in MODES):
-                problems.append(f"scripts/bench_gpu_vllm.py: not every image labelled: {figures}")
+                problems.append(f"scripts/bench_engine.py: not every image labelled: {figures}")
         # the Mistral3 family: Mistral Small's shape (base, LoRA, merged), Ministral 3's (YaRN, llama-4
         # attention scaling: its native export, merged) whose form only vLLM here can check
         for like, lora in (("mistral-small-3.2", True), ("ministral-3-8b", False)):
